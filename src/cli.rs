@@ -1,0 +1,142 @@
+//! The command line: clap definitions, and one library call per subcommand.
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Settings, Sources};
+use crate::status::StatusReport;
+use crate::store::{Enqueued, NewMessage, SqliteStore};
+
+#[derive(Debug, Parser)]
+#[command(name = "mews-outbox", version, about = "Delivers outbox rows to the Mews Connector API")]
+pub struct Cli {
+    /// TOML configuration file, layered over the embedded defaults.
+    #[arg(long, global = true, env = "MEWS_OUTBOX_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the delivery daemon until SIGTERM or SIGINT.
+    Run,
+    /// Insert one message into the outbox and print its row id.
+    Enqueue {
+        /// Mews message thread (a UUID).
+        #[arg(long)]
+        thread: uuid::Uuid,
+        /// Message text.
+        #[arg(long)]
+        text: String,
+        /// Idempotency key: enqueueing the same key twice inserts one row.
+        #[arg(long)]
+        identifier: Option<String>,
+        /// Account (configured under [accounts.<name>]).
+        #[arg(long, default_value = "default")]
+        account: String,
+    },
+    /// Show counts per status and account, ages, the next retry and the last error.
+    Status {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create the database if needed and apply pending migrations.
+    Migrate,
+    /// Validate the configuration and print it with tokens redacted.
+    CheckConfig,
+}
+
+impl Cli {
+    pub fn sources(&self) -> Sources {
+        Sources {
+            file: self.config.clone(),
+            env: None,
+        }
+    }
+}
+
+/// Runs one subcommand with loaded settings.
+pub async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
+    match command {
+        Command::Run => {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            crate::daemon::run(settings, shutdown).await?;
+        }
+        Command::Enqueue {
+            thread,
+            text,
+            identifier,
+            account,
+        } => {
+            if !settings.accounts.contains_key(&account) {
+                bail!(
+                    "account {account:?} is not configured (configured: {}); add [accounts.{account}] with its access_token",
+                    settings.accounts.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+            }
+            let store = open(&settings).await?;
+            let message = NewMessage {
+                message_thread_id: thread.hyphenated().to_string(),
+                text,
+                identifier,
+                account,
+            };
+            match store.enqueue(&message).await? {
+                Enqueued::Inserted(id) => println!("{id}"),
+                Enqueued::AlreadyThere(id) => {
+                    eprintln!("a row with this identifier exists already; nothing inserted");
+                    println!("{id}");
+                }
+            }
+        }
+        Command::Status { json } => {
+            let store = open(&settings).await?;
+            let now = SystemTime::now();
+            let report = StatusReport::new(store.status(now).await?, now);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{}", report.render_text(now));
+            }
+        }
+        Command::Migrate => {
+            let store = open(&settings).await?;
+            println!("migrations applied to {}", store.path().display());
+        }
+        Command::CheckConfig => {
+            println!("configuration is valid\n{settings:#?}");
+        }
+    }
+    Ok(())
+}
+
+async fn open(settings: &Settings) -> anyhow::Result<SqliteStore> {
+    SqliteStore::open(&settings.database.path, settings.database.busy_timeout)
+        .await
+        .with_context(|| format!("cannot open {}", settings.database.path.display()))
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the daemon with SIGKILL");
+        return;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "shutdown requested");
+    shutdown.cancel();
+}

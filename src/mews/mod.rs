@@ -1,0 +1,401 @@
+//! The Mews Connector API client: sends `messages/add` and turns whatever
+//! comes back (or does not) into one [`Outcome`]. This is the only place that
+//! knows what an HTTP status means.
+
+pub mod wire;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use secrecy::{ExposeSecret, SecretString};
+use url::Url;
+
+use crate::config::MewsSettings;
+use crate::retry::parse_retry_after;
+pub use wire::{AddedMessage, OutgoingMessage, Sender};
+
+/// Largest response body read; a 1000-message reply echoes every text.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
+/// What a `messages/add` request came to, for the whole batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// 200 with a readable body: the messages Mews created, by `Identifier`.
+    /// `unlabelled` counts items without an Identifier or repeating one.
+    Accepted {
+        by_identifier: HashMap<String, AddedMessage>,
+        unlabelled: usize,
+    },
+    /// 400 or 403: Mews refused something in the request; not retryable as is.
+    Rejected { error: String },
+    /// 413: the body is too large for Mews.
+    TooLarge { error: String },
+    /// 401: tokens invalid or lacking permission; nothing wrong with the messages.
+    Unauthorized { error: String },
+    /// 404: wrong address (base_url); nothing wrong with the messages.
+    NotFound { error: String },
+    /// 429: too many requests for this AccessToken.
+    Throttled {
+        error: String,
+        retry_after: Option<Duration>,
+    },
+    /// 408, 5xx, an unexpected status, a transport failure or an unreadable
+    /// 200: worth retrying. `maybe_stored` when Mews may have created the
+    /// messages anyway (the request reached it); `smaller` when a smaller
+    /// batch may succeed (408, client timeout).
+    Transient {
+        error: String,
+        retry_after: Option<Duration>,
+        maybe_stored: bool,
+        smaller: bool,
+    },
+}
+
+impl Outcome {
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outcome::Accepted { .. } => "accepted",
+            Outcome::Rejected { .. } => "rejected",
+            Outcome::TooLarge { .. } => "too_large",
+            Outcome::Unauthorized { .. } => "unauthorized",
+            Outcome::NotFound { .. } => "not_found",
+            Outcome::Throttled { .. } => "throttled",
+            Outcome::Transient { .. } => "transient",
+        }
+    }
+}
+
+/// One request's result and what to log about it.
+#[derive(Debug)]
+pub struct Reply {
+    pub http_status: Option<u16>,
+    /// Mews's `Request-Id` header, when a response arrived.
+    pub request_id: Option<String>,
+    pub elapsed: Duration,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot build the HTTP client: {0}")]
+    Build(#[source] reqwest::Error),
+    #[error("mews.base_url cannot be joined with an API path: {0}")]
+    Url(#[source] url::ParseError),
+}
+
+/// A Connector API client for one base URL and ClientToken.
+#[derive(Debug, Clone)]
+pub struct MewsClient {
+    http: reqwest::Client,
+    add_url: Url,
+    configuration_url: Url,
+    client_token: SecretString,
+    client: String,
+    request_timeout: Duration,
+}
+
+impl MewsClient {
+    pub fn new(settings: &MewsSettings) -> Result<MewsClient, ClientError> {
+        let http = reqwest::Client::builder()
+            .user_agent(settings.client.clone())
+            .connect_timeout(settings.request_timeout.min(Duration::from_secs(10)))
+            .build()
+            .map_err(ClientError::Build)?;
+        let base = settings.base_url.as_str().trim_end_matches('/').to_owned() + "/";
+        let base = Url::parse(&base).map_err(ClientError::Url)?;
+        let join = |path: &str| base.join(path).map_err(ClientError::Url);
+        Ok(MewsClient {
+            http,
+            add_url: join("api/connector/v1/messages/add")?,
+            configuration_url: join("api/connector/v1/configuration/get")?,
+            client_token: settings.client_token.clone(),
+            client: settings.client.clone(),
+            request_timeout: settings.request_timeout,
+        })
+    }
+
+    /// Posts one batch to `messages/add`. Never fails: every failure is an [`Outcome`].
+    pub async fn add_messages(
+        &self,
+        access_token: &SecretString,
+        messages: &[OutgoingMessage<'_>],
+    ) -> Reply {
+        let body = wire::AddMessagesRequest {
+            client_token: self.client_token.expose_secret(),
+            access_token: access_token.expose_secret(),
+            client: &self.client,
+            messages,
+        };
+        self.post(&self.add_url, &body).await
+    }
+
+    /// Calls `configuration/get`: a harmless request that proves the tokens work.
+    pub async fn check_tokens(&self, access_token: &SecretString) -> Reply {
+        let body = serde_json::json!({
+            "ClientToken": self.client_token.expose_secret(),
+            "AccessToken": access_token.expose_secret(),
+            "Client": self.client,
+        });
+        self.post(&self.configuration_url, &body).await
+    }
+
+    async fn post(&self, url: &Url, body: &impl serde::Serialize) -> Reply {
+        let started = Instant::now();
+        let sent = self
+            .http
+            .post(url.clone())
+            .timeout(self.request_timeout)
+            .json(body)
+            .send()
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            Err(e) => {
+                return Reply {
+                    http_status: None,
+                    request_id: None,
+                    elapsed: started.elapsed(),
+                    outcome: transport_failure(&e, self.request_timeout),
+                };
+            }
+        };
+        let status = response.status().as_u16();
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let request_id = header("request-id");
+        let retry_after = header("retry-after");
+        let outcome = match read_capped(response).await {
+            Ok(body) => classify(status, retry_after.as_deref(), &body, SystemTime::now()),
+            Err(e) => Outcome::Transient {
+                error: format!("HTTP {status} but the response body could not be read: {e}"),
+                retry_after: None,
+                maybe_stored: true,
+                smaller: e.is_timeout(),
+            },
+        };
+        Reply {
+            http_status: Some(status),
+            request_id,
+            elapsed: started.elapsed(),
+            outcome,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("{0}")]
+    Http(#[from] reqwest::Error),
+    #[error("larger than {MAX_RESPONSE_BYTES} bytes")]
+    TooLarge,
+}
+
+impl BodyError {
+    fn is_timeout(&self) -> bool {
+        matches!(self, BodyError::Http(e) if e.is_timeout())
+    }
+}
+
+async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, BodyError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(BodyError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// A request that got no response. Only a failure to connect proves that Mews
+/// never saw it.
+fn transport_failure(e: &reqwest::Error, timeout: Duration) -> Outcome {
+    let cause = std::error::Error::source(e)
+        .map(|s| format!(": {s}"))
+        .unwrap_or_default();
+    if e.is_timeout() {
+        Outcome::Transient {
+            error: format!("no response within {}", humantime::format_duration(timeout)),
+            retry_after: None,
+            maybe_stored: true,
+            smaller: true,
+        }
+    } else if e.is_connect() {
+        Outcome::Transient {
+            error: format!("cannot connect to Mews{cause}"),
+            retry_after: None,
+            maybe_stored: false,
+            smaller: false,
+        }
+    } else {
+        Outcome::Transient {
+            error: format!("connection failed after the request was sent{cause}"),
+            retry_after: None,
+            maybe_stored: true,
+            smaller: false,
+        }
+    }
+}
+
+/// Maps a response to an [`Outcome`]. Pure: the status, the `Retry-After`
+/// header, the body and the current time are all it looks at.
+pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8], now: SystemTime) -> Outcome {
+    let retry_after = retry_after.and_then(|v| parse_retry_after(v, now));
+    if status == 200 {
+        return match serde_json::from_slice::<wire::AddMessagesResponse>(body) {
+            Ok(response) => {
+                let mut by_identifier = HashMap::with_capacity(response.messages.len());
+                let mut unlabelled = 0;
+                for item in response.messages {
+                    match item.identifier {
+                        Some(id) if !by_identifier.contains_key(&id) => {
+                            by_identifier.insert(id, item.message);
+                        }
+                        _ => unlabelled += 1,
+                    }
+                }
+                Outcome::Accepted {
+                    by_identifier,
+                    unlabelled,
+                }
+            }
+            Err(e) => Outcome::Transient {
+                error: format!(
+                    "HTTP 200 with an unreadable body ({e}): {}",
+                    snippet(body)
+                ),
+                retry_after,
+                maybe_stored: true,
+                smaller: false,
+            },
+        };
+    }
+    let error = describe_error(status, body);
+    match status {
+        400 | 403 => Outcome::Rejected { error },
+        401 => Outcome::Unauthorized { error },
+        404 => Outcome::NotFound { error },
+        413 => Outcome::TooLarge { error },
+        429 => Outcome::Throttled { error, retry_after },
+        408 => Outcome::Transient {
+            error,
+            retry_after,
+            maybe_stored: true,
+            smaller: true,
+        },
+        _ => Outcome::Transient {
+            error,
+            retry_after,
+            maybe_stored: status >= 500 || (200..300).contains(&status),
+            smaller: false,
+        },
+    }
+}
+
+/// "HTTP 403: <Mews's Message> (RequestId <id>)", or a snippet of a body
+/// that is not Mews's error shape.
+fn describe_error(status: u16, body: &[u8]) -> String {
+    match serde_json::from_slice::<wire::ApiError>(body) {
+        Ok(wire::ApiError {
+            message: Some(message),
+            request_id,
+        }) => match request_id {
+            Some(id) => format!("HTTP {status}: {message} (RequestId {id})"),
+            None => format!("HTTP {status}: {message}"),
+        },
+        _ if body.is_empty() => format!("HTTP {status} with an empty body"),
+        _ => format!("HTTP {status}: {}", snippet(body)),
+    }
+}
+
+/// The start of a body, printable and short, for an error message.
+fn snippet(body: &[u8]) -> String {
+    const MAX: usize = 200;
+    let text = String::from_utf8_lossy(&body[..body.len().min(MAX)]);
+    let mut s: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if body.len() > MAX {
+        s.push('…');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(status: u16, retry_after: Option<&str>, body: &str) -> Outcome {
+        classify(status, retry_after, body.as_bytes(), SystemTime::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn a_200_is_mapped_by_identifier_not_position() {
+        let body = r#"{"Messages":[
+            {"Identifier":"2","Message":{"Id":"b","Sender":"Application","CreatedUtc":"2026-01-01T00:00:01Z"}},
+            {"Identifier":"1","Message":{"Id":"a","Sender":{"Discriminator":"Application","Value":null},"CreatedUtc":"2026-01-01T00:00:00Z"}},
+            {"Identifier":"999","Message":{"Id":"x","Sender":"Application","CreatedUtc":"2026-01-01T00:00:00Z"}}]}"#;
+        let Outcome::Accepted {
+            by_identifier,
+            unlabelled,
+        } = at(200, None, body)
+        else {
+            panic!("not accepted")
+        };
+        assert_eq!(by_identifier["1"].id, "a");
+        assert_eq!(by_identifier["2"].id, "b");
+        assert_eq!(by_identifier["999"].id, "x", "the caller knows it never sent 999");
+        assert_eq!(unlabelled, 0);
+    }
+
+    #[test]
+    fn an_unreadable_200_may_have_been_stored() {
+        for body in ["<html>oops</html>", "{\"Messages\":[{", "{\"Messages\":42}", ""] {
+            assert!(
+                matches!(at(200, None, body), Outcome::Transient { maybe_stored: true, .. }),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn errors_carry_mews_message_and_request_id() {
+        let body = r#"{"Message":"Invalid MessageThreadId","RequestId":"r-1","Details":null}"#;
+        assert_eq!(
+            at(400, None, body),
+            Outcome::Rejected {
+                error: "HTTP 400: Invalid MessageThreadId (RequestId r-1)".into()
+            }
+        );
+        assert!(matches!(at(403, None, body), Outcome::Rejected { .. }));
+        assert!(matches!(at(401, None, body), Outcome::Unauthorized { .. }));
+        assert!(matches!(at(404, None, ""), Outcome::NotFound { .. }));
+        assert!(matches!(at(413, None, ""), Outcome::TooLarge { .. }));
+    }
+
+    #[test]
+    fn throttling_and_server_errors_keep_retry_after() {
+        assert_eq!(
+            at(429, Some("12"), ""),
+            Outcome::Throttled {
+                error: "HTTP 429 with an empty body".into(),
+                retry_after: Some(Duration::from_secs(12))
+            }
+        );
+        assert!(matches!(
+            at(503, Some("3"), "busy"),
+            Outcome::Transient { retry_after: Some(d), maybe_stored: true, smaller: false, .. } if d == Duration::from_secs(3)
+        ));
+        assert!(matches!(
+            at(408, None, ""),
+            Outcome::Transient { smaller: true, .. }
+        ));
+    }
+}

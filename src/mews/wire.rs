@@ -1,0 +1,126 @@
+//! JSON shapes of the Connector API calls we make, as documented.
+
+use serde::{Deserialize, Serialize};
+
+/// Body of `messages/add`.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct AddMessagesRequest<'a> {
+    pub client_token: &'a str,
+    pub access_token: &'a str,
+    pub client: &'a str,
+    pub messages: &'a [OutgoingMessage<'a>],
+}
+
+/// One message to add; `identifier` is unique within the request.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct OutgoingMessage<'a> {
+    pub message_thread_id: &'a str,
+    pub text: &'a str,
+    pub identifier: String,
+}
+
+/// Success body of `messages/add`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct AddMessagesResponse {
+    pub messages: Vec<AddedMessageResult>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct AddedMessageResult {
+    pub identifier: Option<String>,
+    pub message: AddedMessage,
+}
+
+/// A message as Mews stored it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct AddedMessage {
+    pub id: String,
+    #[serde(default)]
+    pub message_thread_id: Option<String>,
+    #[serde(default)]
+    pub text: Option<String>,
+    pub sender: Sender,
+    pub created_utc: String,
+}
+
+/// `Sender` is `{"Discriminator":"Application","Value":null}` in the current
+/// documentation and a plain `"Application"` in older renderings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Sender {
+    Plain(String),
+    Tagged {
+        #[serde(rename = "Discriminator")]
+        discriminator: String,
+        #[serde(rename = "Value", default)]
+        value: Option<serde_json::Value>,
+    },
+}
+
+impl Sender {
+    /// The sender kind, e.g. `Application`.
+    pub fn kind(&self) -> &str {
+        match self {
+            Sender::Plain(kind) => kind,
+            Sender::Tagged { discriminator, .. } => discriminator,
+        }
+    }
+}
+
+/// Error body: `{"Message": ..., "RequestId": ..., "Details": ...}`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ApiError {
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub request_id: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_sender_forms_are_accepted() {
+        let tagged: AddedMessage = serde_json::from_str(
+            r#"{"Id":"a","Sender":{"Discriminator":"Application","Value":null},"CreatedUtc":"2022-03-09T13:19:46Z"}"#,
+        )
+        .unwrap();
+        let plain: AddedMessage = serde_json::from_str(
+            r#"{"Id":"a","Sender":"Application","CreatedUtc":"2022-03-09T13:19:46Z"}"#,
+        )
+        .unwrap();
+        assert_eq!(tagged.sender.kind(), "Application");
+        assert_eq!(plain.sender.kind(), "Application");
+    }
+
+    #[test]
+    fn the_request_body_is_the_documented_one() {
+        let messages = [OutgoingMessage {
+            message_thread_id: "7f9325f6-ef44-4911-89a8-ae51010a5aa4",
+            text: "Hello",
+            identifier: "42".into(),
+        }];
+        let body = serde_json::to_value(AddMessagesRequest {
+            client_token: "c",
+            access_token: "a",
+            client: "mews-outbox 0.1.0",
+            messages: &messages,
+        })
+        .unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "ClientToken": "c", "AccessToken": "a", "Client": "mews-outbox 0.1.0",
+                "Messages": [{"MessageThreadId": "7f9325f6-ef44-4911-89a8-ae51010a5aa4",
+                              "Text": "Hello", "Identifier": "42"}]
+            })
+        );
+    }
+}

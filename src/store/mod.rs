@@ -1,0 +1,190 @@
+//! The outbox store: the only place with SQL. [`Outbox`] is the small
+//! interface the delivery loop needs; [`sqlite::SqliteStore`] implements it.
+//! A PostgreSQL store (several daemons claiming with `FOR UPDATE SKIP
+//! LOCKED`, leases instead of start-up recovery) would implement the same trait.
+
+pub mod sqlite;
+
+use std::future::Future;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+pub use sqlite::SqliteStore;
+
+/// Where a row stands. Backed in SQL by a CHECK on `outbox.status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Waiting to be claimed (new, or scheduled for a retry).
+    Pending,
+    /// Claimed by the daemon; a request carrying it may be in flight.
+    Sending,
+    /// Mews returned an Id for it.
+    Delivered,
+    /// Given up on; `last_error` says why. Only an operator revives it.
+    Dead,
+}
+
+impl Status {
+    pub const ALL: [Status; 4] = [
+        Status::Pending,
+        Status::Sending,
+        Status::Delivered,
+        Status::Dead,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Sending => "sending",
+            Status::Delivered => "delivered",
+            Status::Dead => "dead",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|status| status.as_str() == s)
+    }
+}
+
+/// A row leased to the delivery loop.
+#[derive(Debug, Clone)]
+pub struct ClaimedRow {
+    pub id: i64,
+    pub message_thread_id: String,
+    /// `Err` when a producer stored bytes that are not UTF-8 (through a cast).
+    pub text: Result<String, std::string::FromUtf8Error>,
+    /// Attempts before this one.
+    pub attempts: u32,
+}
+
+/// What to store for one claimed row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowOutcome {
+    Delivered {
+        mews_message_id: String,
+        mews_created_utc: String,
+        mews_sender: String,
+    },
+    /// Back to `pending` until `at`. `attempt` when this counts as an attempt.
+    Retry {
+        at: SystemTime,
+        error: String,
+        attempt: bool,
+    },
+    Dead { error: String },
+    /// Back to `pending`, due now, untouched (shutdown, account paused).
+    Release,
+}
+
+/// A new message, as `enqueue` inserts it.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub message_thread_id: String,
+    pub text: String,
+    pub identifier: Option<String>,
+    pub account: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    Inserted(i64),
+    /// A row with the same `identifier` already existed: nothing was inserted.
+    AlreadyThere(i64),
+}
+
+/// An account's remembered pause: no request before `until`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccountPause {
+    pub account: String,
+    pub until: SystemTime,
+    pub reason: String,
+    /// Consecutive pauses, for exponential growth.
+    pub streak: u32,
+}
+
+/// Counts and ages per account, for `status` and the logs.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AccountStatus {
+    pub account: String,
+    pub pending: u64,
+    pub sending: u64,
+    pub delivered: u64,
+    pub dead: u64,
+    pub oldest_pending_created_at: Option<String>,
+    pub next_retry_at: Option<String>,
+    pub last_error: Option<String>,
+    pub paused_until: Option<String>,
+    pub pause_reason: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("cannot apply the outbox migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A producer-facing constraint refused the row.
+    #[error("refused by the outbox table: {0}")]
+    Refused(String),
+    #[error(
+        "another mews-outbox daemon is already running on {database} (it holds {lock}); stop it first"
+    )]
+    AlreadyRunning { database: String, lock: String },
+    #[error("cannot open the lock file {path}: {source}")]
+    Lock {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the delivery loop needs from a store. Every method is one short
+/// statement or transaction; none is held across an HTTP request.
+pub trait Outbox: Clone + Send + Sync + 'static {
+    /// Leases up to `limit` due `pending` rows of `account` as `sending`: the
+    /// oldest due first, at most one per thread, and only rows with no earlier
+    /// unfinished (`pending`/`sending`) row in their thread.
+    fn claim(
+        &self,
+        account: &str,
+        now: SystemTime,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<ClaimedRow>, StoreError>> + Send;
+
+    /// When the next row of `account` that is not blocked by its thread
+    /// becomes due, if any is scheduled after `now`.
+    fn next_due(
+        &self,
+        account: &str,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<Option<SystemTime>, StoreError>> + Send;
+
+    /// Stores the outcomes of claimed rows in one transaction.
+    fn record(
+        &self,
+        outcomes: &[(i64, RowOutcome)],
+        now: SystemTime,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Remembered pauses of all accounts.
+    fn pauses(&self) -> impl Future<Output = Result<Vec<AccountPause>, StoreError>> + Send;
+
+    fn save_pause(
+        &self,
+        pause: &AccountPause,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    fn clear_pause(&self, account: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// `2026-11-28T07:21:07.123Z`: the timestamp format of every time column.
+pub fn timestamp(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Reads a time column back; `None` for anything that is not one.
+pub fn parse_timestamp(s: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339_weak(s.trim_end_matches('Z')).ok()
+}

@@ -1,0 +1,623 @@
+//! The SQLite outbox: WAL mode so producers in other processes insert while
+//! the daemon works; set-based claims and updates (one statement per batch).
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, SystemTime};
+
+use serde_json::json;
+use sqlx::sqlite::{
+    SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+use sqlx::{ConnectOptions, Connection, Row, SqliteConnection, SqlitePool};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    AccountPause, AccountStatus, ClaimedRow, Enqueued, NewMessage, Outbox, RowOutcome, Status,
+    StoreError, parse_timestamp, timestamp,
+};
+
+/// The daemon's migration bookkeeping lives in its own table, so an
+/// application's own sqlx migrations (`_sqlx_migrations`) in the same
+/// database file never collide with ours.
+pub const MIGRATIONS_TABLE: &str = "_mews_outbox_migrations";
+
+/// Pool size: SQLite has one writer at a time; a few connections let reads
+/// (status, next_due) proceed beside a write.
+const POOL_CONNECTIONS: u32 = 4;
+
+/// Handle to an outbox database. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    options: SqliteConnectOptions,
+    path: PathBuf,
+}
+
+/// Proof that this process is the one daemon working on a database file;
+/// released when dropped (or when the process dies).
+#[derive(Debug)]
+pub struct DaemonLock {
+    _file: File,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database and applies pending migrations.
+    pub async fn open(path: &Path, busy_timeout: Duration) -> Result<SqliteStore, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            // Only takes effect on a new file: lets housekeeping give pages back.
+            .auto_vacuum(SqliteAutoVacuum::Incremental)
+            .journal_mode(SqliteJournalMode::Wal)
+            // In WAL mode NORMAL survives a process crash; a power loss may
+            // roll back the last commits (a `delivered` mark may be redone:
+            // a possible duplicate, never a lost row).
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(busy_timeout);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(POOL_CONNECTIONS)
+            .connect_with(options.clone())
+            .await?;
+        let store = SqliteStore {
+            pool,
+            options,
+            path: path.to_owned(),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut migrator = sqlx::migrate!("./migrations");
+        migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+        migrator.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Takes the per-database daemon lock (an advisory lock on
+    /// `<database>.lock`), refusing when another daemon holds it.
+    pub fn lock_for_daemon(&self) -> Result<DaemonLock, StoreError> {
+        let mut lock_path = self.path.clone().into_os_string();
+        lock_path.push(".lock");
+        let lock_path = PathBuf::from(lock_path);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| StoreError::Lock {
+                path: lock_path.display().to_string(),
+                source,
+            })?;
+        match file.try_lock() {
+            Ok(()) => Ok(DaemonLock { _file: file }),
+            Err(TryLockError::WouldBlock) => Err(StoreError::AlreadyRunning {
+                database: self.path.display().to_string(),
+                lock: lock_path.display().to_string(),
+            }),
+            Err(TryLockError::Error(source)) => Err(StoreError::Lock {
+                path: lock_path.display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Puts rows left `sending` by a previous daemon back to `pending`. Only
+    /// safe while holding the [`DaemonLock`]. Returns how many.
+    pub async fn recover_abandoned(&self) -> Result<u64, StoreError> {
+        let done = sqlx::query("UPDATE outbox SET status = 'pending' WHERE status = 'sending'")
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Inserts one message the way a producer would.
+    pub async fn enqueue(&self, message: &NewMessage) -> Result<Enqueued, StoreError> {
+        let inserted = sqlx::query_scalar::<_, i64>(
+            "INSERT INTO outbox (message_thread_id, text, identifier, account)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (identifier) DO NOTHING
+             RETURNING id",
+        )
+        .bind(&message.message_thread_id)
+        .bind(&message.text)
+        .bind(&message.identifier)
+        .bind(&message.account)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(refused)?;
+        if let Some(id) = inserted {
+            return Ok(Enqueued::Inserted(id));
+        }
+        let existing = sqlx::query_scalar::<_, i64>("SELECT id FROM outbox WHERE identifier = ?1")
+            .bind(&message.identifier)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Enqueued::AlreadyThere(existing))
+    }
+
+    /// Counts, ages and pauses per account (every account with rows or a pause).
+    pub async fn status(&self, now: SystemTime) -> Result<Vec<AccountStatus>, StoreError> {
+        let mut accounts = BTreeMap::<String, AccountStatus>::new();
+        let counts = sqlx::query(
+            "SELECT account, status, count(*) AS n FROM outbox GROUP BY account, status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for row in counts {
+            let a = account_entry(&mut accounts, row.try_get("account")?);
+            let n = u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0);
+            match Status::parse(row.try_get("status")?) {
+                Some(Status::Pending) => a.pending = n,
+                Some(Status::Sending) => a.sending = n,
+                Some(Status::Delivered) => a.delivered = n,
+                Some(Status::Dead) => a.dead = n,
+                None => {}
+            }
+        }
+        let pending = sqlx::query(
+            "SELECT account,
+                    min(created_at) AS oldest,
+                    min(CASE WHEN next_attempt_at > ?1 THEN next_attempt_at END) AS next_retry
+             FROM outbox WHERE status = 'pending' GROUP BY account",
+        )
+        .bind(timestamp(now))
+        .fetch_all(&self.pool)
+        .await?;
+        for row in pending {
+            let a = account_entry(&mut accounts, row.try_get("account")?);
+            a.oldest_pending_created_at = row.try_get("oldest")?;
+            a.next_retry_at = row.try_get("next_retry")?;
+        }
+        let errors = sqlx::query(
+            "SELECT account, last_error FROM (
+                 SELECT account, last_error,
+                        row_number() OVER (PARTITION BY account ORDER BY id DESC) AS newest
+                 FROM outbox
+                 WHERE status IN ('pending', 'dead') AND last_error IS NOT NULL)
+             WHERE newest = 1",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for row in errors {
+            account_entry(&mut accounts, row.try_get("account")?).last_error =
+                row.try_get("last_error")?;
+        }
+        for pause in self.pauses().await? {
+            if pause.until > now {
+                let a = account_entry(&mut accounts, pause.account);
+                a.paused_until = Some(timestamp(pause.until));
+                a.pause_reason = Some(pause.reason);
+            }
+        }
+        Ok(accounts.into_values().collect())
+    }
+
+    /// Accounts that have `pending` rows but are not in `configured`, with
+    /// their counts; their rows get a `last_error` saying so.
+    pub async fn flag_unknown_accounts(
+        &self,
+        configured: &[&str],
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let configured = serde_json::to_string(configured).unwrap_or_else(|_| "[]".into());
+        let rows = sqlx::query(
+            "SELECT account, count(*) AS n FROM outbox
+             WHERE status = 'pending' AND account NOT IN (SELECT value FROM json_each(?1))
+             GROUP BY account",
+        )
+        .bind(&configured)
+        .fetch_all(&self.pool)
+        .await?;
+        sqlx::query(
+            "UPDATE outbox SET last_error = 'account ' || account || ' is not configured: add [accounts.' || account || '] to the configuration'
+             WHERE status = 'pending' AND last_error IS NULL
+               AND account NOT IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(&configured)
+        .execute(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("account")?,
+                    u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0),
+                ))
+            })
+            .collect()
+    }
+
+    /// Watches for commits by any other connection (producers, other
+    /// processes) by polling `PRAGMA data_version` on a dedicated connection
+    /// every `interval`; the returned receiver changes on each. A cheap
+    /// query: polling it costs far less than a claim.
+    pub async fn watch_changes(
+        &self,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) -> Result<watch::Receiver<u64>, StoreError> {
+        let mut conn = self.options.clone().connect().await?;
+        let mut last = data_version(&mut conn).await?;
+        let (tx, rx) = watch::channel(0u64);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                match data_version(&mut conn).await {
+                    Ok(version) if version != last => {
+                        last = version;
+                        tx.send_modify(|n| *n = n.wrapping_add(1));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot poll the database for new rows; retrying");
+                    }
+                }
+            }
+            let _ = conn.close().await;
+        });
+        Ok(rx)
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+fn account_entry(
+    accounts: &mut BTreeMap<String, AccountStatus>,
+    name: String,
+) -> &mut AccountStatus {
+    accounts
+        .entry(name.clone())
+        .or_insert_with(|| AccountStatus {
+            account: name,
+            ..AccountStatus::default()
+        })
+}
+
+async fn data_version(conn: &mut SqliteConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("PRAGMA data_version")
+        .fetch_one(conn)
+        .await
+}
+
+/// A CHECK, UNIQUE or NOT NULL failure is the producer's input being refused.
+fn refused(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db)
+            if matches!(
+                db.kind(),
+                sqlx::error::ErrorKind::CheckViolation
+                    | sqlx::error::ErrorKind::NotNullViolation
+                    | sqlx::error::ErrorKind::UniqueViolation
+            ) =>
+        {
+            StoreError::Refused(db.message().to_owned())
+        }
+        _ => StoreError::Database(e),
+    }
+}
+
+impl Outbox for SqliteStore {
+    async fn claim(
+        &self,
+        account: &str,
+        now: SystemTime,
+        limit: usize,
+    ) -> Result<Vec<ClaimedRow>, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE outbox
+             SET status = 'sending', first_sent_at = coalesce(first_sent_at, ?2)
+             WHERE id IN (
+                 SELECT o.id FROM outbox AS o
+                 WHERE o.account = ?1 AND o.status = 'pending' AND o.next_attempt_at <= ?2
+                   AND NOT EXISTS (
+                       SELECT 1 FROM outbox AS earlier
+                       WHERE earlier.message_thread_id = o.message_thread_id
+                         AND earlier.status IN ('pending', 'sending')
+                         AND earlier.id < o.id)
+                 ORDER BY o.next_attempt_at, o.id
+                 LIMIT ?3)
+             RETURNING id, message_thread_id, CAST(text AS BLOB) AS text, attempts",
+        )
+        .bind(account)
+        .bind(timestamp(now))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut claimed = rows
+            .into_iter()
+            .map(|row| {
+                Ok(ClaimedRow {
+                    id: row.try_get("id")?,
+                    message_thread_id: row.try_get("message_thread_id")?,
+                    text: String::from_utf8(row.try_get::<Vec<u8>, _>("text")?),
+                    attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(0),
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        claimed.sort_by_key(|row| row.id);
+        Ok(claimed)
+    }
+
+    async fn next_due(
+        &self,
+        account: &str,
+        now: SystemTime,
+    ) -> Result<Option<SystemTime>, StoreError> {
+        let next: Option<String> = sqlx::query_scalar(
+            "SELECT o.next_attempt_at FROM outbox AS o
+             WHERE o.account = ?1 AND o.status = 'pending' AND o.next_attempt_at > ?2
+               AND NOT EXISTS (
+                   SELECT 1 FROM outbox AS earlier
+                   WHERE earlier.message_thread_id = o.message_thread_id
+                     AND earlier.status IN ('pending', 'sending')
+                     AND earlier.id < o.id)
+             ORDER BY o.next_attempt_at LIMIT 1",
+        )
+        .bind(account)
+        .bind(timestamp(now))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(next.as_deref().and_then(parse_timestamp))
+    }
+
+    async fn record(
+        &self,
+        outcomes: &[(i64, RowOutcome)],
+        now: SystemTime,
+    ) -> Result<(), StoreError> {
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        let now = timestamp(now);
+        let updates: Vec<serde_json::Value> = outcomes
+            .iter()
+            .map(|(id, outcome)| match outcome {
+                RowOutcome::Delivered {
+                    mews_message_id,
+                    mews_created_utc,
+                    mews_sender,
+                } => json!({
+                    "id": id, "status": "delivered", "attempt": 0,
+                    "delivered_at": now, "mews_message_id": mews_message_id,
+                    "mews_created_utc": mews_created_utc, "mews_sender": mews_sender,
+                }),
+                RowOutcome::Retry { at, error, attempt } => json!({
+                    "id": id, "status": "pending", "attempt": i32::from(*attempt),
+                    "next_attempt_at": timestamp(*at), "error": error,
+                }),
+                RowOutcome::Dead { error } => json!({
+                    "id": id, "status": "dead", "attempt": 1, "error": error,
+                }),
+                RowOutcome::Release => json!({
+                    "id": id, "status": "pending", "attempt": 0, "next_attempt_at": now,
+                }),
+            })
+            .collect();
+        // Only rows still `sending` are touched: an operator may have acted meanwhile.
+        sqlx::query(
+            "UPDATE outbox SET
+                 status = u.value ->> 'status',
+                 attempts = attempts + (u.value ->> 'attempt'),
+                 next_attempt_at = coalesce(u.value ->> 'next_attempt_at', next_attempt_at),
+                 last_error = coalesce(u.value ->> 'error', last_error),
+                 delivered_at = u.value ->> 'delivered_at',
+                 mews_message_id = u.value ->> 'mews_message_id',
+                 mews_created_utc = u.value ->> 'mews_created_utc',
+                 mews_sender = u.value ->> 'mews_sender'
+             FROM json_each(?1) AS u
+             WHERE outbox.id = u.value ->> 'id' AND outbox.status = 'sending'",
+        )
+        .bind(serde_json::Value::Array(updates).to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn pauses(&self) -> Result<Vec<AccountPause>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT account, paused_until, pause_reason, pause_streak FROM outbox_account_state
+             WHERE paused_until IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut pauses = Vec::with_capacity(rows.len());
+        for row in rows {
+            let until: String = row.try_get("paused_until")?;
+            let Some(until) = parse_timestamp(&until) else {
+                continue;
+            };
+            pauses.push(AccountPause {
+                account: row.try_get("account")?,
+                until,
+                reason: row
+                    .try_get::<Option<String>, _>("pause_reason")?
+                    .unwrap_or_default(),
+                streak: u32::try_from(row.try_get::<i64, _>("pause_streak")?).unwrap_or(0),
+            });
+        }
+        Ok(pauses)
+    }
+
+    async fn save_pause(&self, pause: &AccountPause) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO outbox_account_state (account, paused_until, pause_reason, pause_streak)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (account) DO UPDATE SET
+                 paused_until = excluded.paused_until,
+                 pause_reason = excluded.pause_reason,
+                 pause_streak = excluded.pause_streak",
+        )
+        .bind(&pause.account)
+        .bind(timestamp(pause.until))
+        .bind(&pause.reason)
+        .bind(i64::from(pause.streak))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn clear_pause(&self, account: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE outbox_account_state
+             SET paused_until = NULL, pause_reason = NULL, pause_streak = 0
+             WHERE account = ?1",
+        )
+        .bind(account)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+impl FromStr for Status {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Status, String> {
+        Status::parse(s).ok_or_else(|| format!("unknown status {s:?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T1: &str = "7f9325f6-ef44-4911-89a8-ae51010a5aa4";
+    const T2: &str = "0b8c8a58-1a60-4c5e-9f0e-3d6f2f2a9d11";
+
+    async fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("o.db"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
+    async fn insert(store: &SqliteStore, thread: &str, text: &str) -> i64 {
+        sqlx::query_scalar(
+            "INSERT INTO outbox (message_thread_id, text) VALUES (?1, ?2) RETURNING id",
+        )
+        .bind(thread)
+        .bind(text)
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+    }
+
+    async fn insert_error(store: &SqliteStore, sql: &'static str) -> String {
+        sqlx::query(sql)
+            .execute(store.pool())
+            .await
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn bad_inserts_are_refused_with_a_constraint_naming_the_problem() {
+        let (_dir, s) = store().await;
+        let cases = [
+            ("INSERT INTO outbox (message_thread_id, text) VALUES ('not-a-uuid', 'hi')", "message_thread_id_must_be_a_lowercase_uuid"),
+            ("INSERT INTO outbox (message_thread_id, text) VALUES ('7F9325F6-EF44-4911-89A8-AE51010A5AA4', 'hi')", "message_thread_id_must_be_a_lowercase_uuid"),
+            ("INSERT INTO outbox (message_thread_id, text) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', '')", "text_must_be_non_blank_text"),
+            ("INSERT INTO outbox (message_thread_id, text) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', ' \n\t ')", "text_must_be_non_blank_text"),
+            ("INSERT INTO outbox (message_thread_id, text) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', x'ff00')", "text_must_be_non_blank_text"),
+            ("INSERT INTO outbox (message_thread_id, text) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', NULL)", "NOT NULL"),
+            ("INSERT INTO outbox (message_thread_id, text, status) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', 'lost')", "status_must_be_pending_sending_delivered_or_dead"),
+            ("INSERT INTO outbox (message_thread_id, text, identifier) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', '')", "identifier_must_be_null_or_non_empty_text"),
+            ("INSERT INTO outbox (message_thread_id, text, account) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', '')", "account_must_be_non_empty_text"),
+        ];
+        for (sql, expected) in cases {
+            let e = insert_error(&s, sql).await;
+            assert!(e.contains(expected), "{sql}\n=> {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn identifiers_make_enqueueing_idempotent() {
+        let (_dir, s) = store().await;
+        let m = NewMessage {
+            message_thread_id: T1.into(),
+            text: "hello".into(),
+            identifier: Some("order-1".into()),
+            account: "default".into(),
+        };
+        let Enqueued::Inserted(id) = s.enqueue(&m).await.unwrap() else {
+            panic!()
+        };
+        assert_eq!(s.enqueue(&m).await.unwrap(), Enqueued::AlreadyThere(id));
+    }
+
+    #[tokio::test]
+    async fn a_claim_takes_one_row_per_thread_in_order_and_skips_blocked_threads() {
+        let (_dir, s) = store().await;
+        let a1 = insert(&s, T1, "a1").await;
+        let b1 = insert(&s, T2, "b1").await;
+        let a2 = insert(&s, T1, "a2").await;
+        let now = SystemTime::now() + Duration::from_secs(1);
+
+        let first: Vec<i64> = s.claim("default", now, 10).await.unwrap().iter().map(|r| r.id).collect();
+        assert_eq!(first, [a1, b1], "a2 waits for a1");
+        assert!(s.claim("default", now, 10).await.unwrap().is_empty(), "a1 in flight blocks a2");
+
+        // a1 fails and is retried later: a2 still waits; b1 delivered.
+        let later = now + Duration::from_secs(60);
+        s.record(
+            &[
+                (a1, RowOutcome::Retry { at: later, error: "HTTP 500".into(), attempt: true }),
+                (b1, RowOutcome::Delivered { mews_message_id: "m".into(), mews_created_utc: "c".into(), mews_sender: "Application".into() }),
+            ],
+            now,
+        )
+        .await
+        .unwrap();
+        assert!(s.claim("default", now, 10).await.unwrap().is_empty());
+        let due = s.next_due("default", now).await.unwrap().unwrap();
+        assert_eq!(timestamp(due), timestamp(later), "a2 is blocked, so a1's retry is next");
+
+        let again = s.claim("default", later, 10).await.unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!((again[0].id, again[0].attempts), (a1, 1));
+        s.record(&[(a1, RowOutcome::Dead { error: "gone".into() })], later).await.unwrap();
+        let released: Vec<i64> = s.claim("default", later, 10).await.unwrap().iter().map(|r| r.id).collect();
+        assert_eq!(released, [a2], "a dead row releases its thread");
+    }
+
+    #[tokio::test]
+    async fn abandoned_sending_rows_are_recovered() {
+        let (_dir, s) = store().await;
+        insert(&s, T1, "x").await;
+        let now = SystemTime::now() + Duration::from_secs(1);
+        assert_eq!(s.claim("default", now, 10).await.unwrap().len(), 1);
+        assert_eq!(s.recover_abandoned().await.unwrap(), 1);
+        assert_eq!(s.claim("default", now, 10).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_second_daemon_lock_is_refused() {
+        let (_dir, s) = store().await;
+        let _held = s.lock_for_daemon().unwrap();
+        let e = s.lock_for_daemon().unwrap_err();
+        assert!(matches!(e, StoreError::AlreadyRunning { .. }), "{e}");
+    }
+
+    #[test]
+    fn timestamps_round_trip_through_text() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_000_000_123);
+        let text = timestamp(t);
+        assert_eq!(text.len(), 24);
+        assert_eq!(parse_timestamp(&text), Some(t));
+    }
+}
