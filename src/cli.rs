@@ -12,7 +12,11 @@ use crate::status::StatusReport;
 use crate::store::{Enqueued, NewMessage, SqliteStore};
 
 #[derive(Debug, Parser)]
-#[command(name = "mews-outbox", version, about = "Delivers outbox rows to the Mews Connector API")]
+#[command(
+    name = "mews-outbox",
+    version,
+    about = "Delivers outbox rows to the Mews Connector API"
+)]
 pub struct Cli {
     /// TOML configuration file, layered over the embedded defaults.
     #[arg(long, global = true, env = "MEWS_OUTBOX_CONFIG")]
@@ -78,7 +82,12 @@ pub async fn execute(command: Command, settings: Settings) -> anyhow::Result<()>
             if !settings.accounts.contains_key(&account) {
                 bail!(
                     "account {account:?} is not configured (configured: {}); add [accounts.{account}] with its access_token",
-                    settings.accounts.keys().cloned().collect::<Vec<_>>().join(", ")
+                    settings
+                        .accounts
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
             }
             let store = open(&settings).await?;
@@ -89,10 +98,10 @@ pub async fn execute(command: Command, settings: Settings) -> anyhow::Result<()>
                 account,
             };
             match store.enqueue(&message).await? {
-                Enqueued::Inserted(id) => println!("{id}"),
+                Enqueued::Inserted(id) => out(&id.to_string())?,
                 Enqueued::AlreadyThere(id) => {
                     eprintln!("a row with this identifier exists already; nothing inserted");
-                    println!("{id}");
+                    out(&id.to_string())?;
                 }
             }
         }
@@ -101,20 +110,31 @@ pub async fn execute(command: Command, settings: Settings) -> anyhow::Result<()>
             let now = SystemTime::now();
             let report = StatusReport::new(store.status(now).await?, now);
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                out(&serde_json::to_string_pretty(&report)?)?;
             } else {
-                println!("{}", report.render_text(now));
+                out(&report.render_text(now))?;
             }
         }
         Command::Migrate => {
             let store = open(&settings).await?;
-            println!("migrations applied to {}", store.path().display());
+            out(&format!("migrations applied to {}", store.path().display()))?;
         }
         Command::CheckConfig => {
-            println!("configuration is valid\n{settings:#?}");
+            out(&format!(
+                "# configuration is valid; effective settings (tokens redacted):\n{settings}"
+            ))?;
         }
     }
     Ok(())
+}
+
+/// Prints a line of command output; a closed pipe (`| head`) is not an error.
+fn out(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{text}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
 }
 
 async fn open(settings: &Settings) -> anyhow::Result<SqliteStore> {

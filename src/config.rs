@@ -188,10 +188,8 @@ pub struct Sources {
 impl Settings {
     /// Loads defaults, the file and the environment, then validates.
     pub fn load(sources: &Sources) -> Result<Settings, ConfigError> {
-        let mut builder = config::Config::builder().add_source(config::File::from_str(
-            DEFAULTS,
-            config::FileFormat::Toml,
-        ));
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
         if let Some(file) = &sources.file {
             builder = builder.add_source(
                 config::File::from(file.as_path())
@@ -329,6 +327,41 @@ impl Settings {
     }
 }
 
+/// The effective configuration as TOML, every token shown as `<redacted>`.
+impl std::fmt::Display for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let d = |d: Duration| humantime::format_duration(d).to_string();
+        writeln!(f, "[database]")?;
+        writeln!(f, "path = {:?}", self.database.path.display().to_string())?;
+        writeln!(f, "busy_timeout = {:?}", d(self.database.busy_timeout))?;
+        writeln!(f, "\n[mews]")?;
+        writeln!(f, "base_url = {:?}", self.mews.base_url.as_str())?;
+        writeln!(f, "client_token = \"<redacted>\"")?;
+        writeln!(f, "client = {:?}", self.mews.client)?;
+        writeln!(f, "request_timeout = {:?}", d(self.mews.request_timeout))?;
+        for name in self.accounts.keys() {
+            writeln!(f, "\n[accounts.{name}]\naccess_token = \"<redacted>\"")?;
+        }
+        let x = &self.delivery;
+        writeln!(f, "\n[delivery]\nbatch_size = {}", x.batch_size)?;
+        writeln!(f, "poll_interval = {:?}", d(x.poll_interval))?;
+        writeln!(f, "max_concurrent_requests = {}", x.max_concurrent_requests)?;
+        writeln!(f, "drain_timeout = {:?}", d(x.drain_timeout))?;
+        let r = &self.retry;
+        writeln!(f, "\n[retry]\nbase_delay = {:?}", d(r.base_delay))?;
+        writeln!(f, "max_delay = {:?}", d(r.max_delay))?;
+        writeln!(f, "max_attempts = {}", r.max_attempts)?;
+        writeln!(f, "pause_base = {:?}", d(r.pause_base))?;
+        writeln!(f, "pause_max = {:?}", d(r.pause_max))?;
+        writeln!(f, "\n[log]\nlevel = {:?}", self.log.level)?;
+        write!(
+            f,
+            "format = {:?}",
+            format!("{:?}", self.log.format).to_lowercase()
+        )
+    }
+}
+
 /// A token given inline or in a file (never both); empty is refused.
 fn secret(
     key: &str,
@@ -391,7 +424,10 @@ mod tests {
         assert!(s.mews.is_public_demo());
         assert_eq!(s.delivery.batch_size, 1000);
         assert_eq!(s.database.path, PathBuf::from("outbox.db"));
-        assert_eq!(s.mews.client, format!("mews-outbox {}", env!("CARGO_PKG_VERSION")));
+        assert_eq!(
+            s.mews.client,
+            format!("mews-outbox {}", env!("CARGO_PKG_VERSION"))
+        );
         assert_eq!(
             s.accounts["default"].access_token.expose_secret(),
             DEMO_ACCESS_TOKEN
@@ -457,9 +493,10 @@ mod tests {
             &[],
         )
         .unwrap();
-        let debug = format!("{s:?}");
-        assert!(!debug.contains("CLIENT-SECRET-1"), "{debug}");
-        assert!(!debug.contains("ACCESS-SECRET-2"), "{debug}");
+        for shown in [format!("{s:?}"), s.to_string()] {
+            assert!(!shown.contains("CLIENT-SECRET-1"), "{shown}");
+            assert!(!shown.contains("ACCESS-SECRET-2"), "{shown}");
+        }
         assert!(!s.mews.is_public_demo());
     }
 
@@ -498,5 +535,9 @@ mod tests {
         let from_file = load(Some(&uncommented), &[]).unwrap();
         let defaults = load(None, &[]).unwrap();
         assert_eq!(format!("{from_file:?}"), format!("{defaults:?}"));
+        // The effective configuration printed by check-config loads back to itself.
+        let shown = defaults.to_string().replace("\"<redacted>\"", "\"x\"");
+        let reloaded = load(Some(&shown), &[]).unwrap();
+        assert_eq!(reloaded.to_string(), defaults.to_string());
     }
 }

@@ -13,7 +13,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{DeliverySettings, RetrySettings};
-use crate::mews::{MewsClient, OutgoingMessage, Outcome, Reply};
+use crate::mews::{MewsClient, Outcome, OutgoingMessage, Reply};
 use crate::retry::{exponential, retry_delay};
 use crate::store::{AccountPause, ClaimedRow, Outbox, RowOutcome, StoreError};
 
@@ -79,7 +79,13 @@ pub fn decide(
                 error: format!("{error} (gave up after {attempt} attempts)"),
             }
         } else {
-            let delay = retry_delay(attempt, retry.base_delay, retry.max_delay, jitter, retry_after);
+            let delay = retry_delay(
+                attempt,
+                retry.base_delay,
+                retry.max_delay,
+                jitter,
+                retry_after,
+            );
             RowOutcome::Retry {
                 at: now + delay,
                 error: error.to_owned(),
@@ -87,8 +93,11 @@ pub fn decide(
             }
         }
     };
-    let release_all =
-        |decision: &mut Decision| decision.rows.extend(rows.iter().map(|r| (r.id, RowOutcome::Release)));
+    let release_all = |decision: &mut Decision| {
+        decision
+            .rows
+            .extend(rows.iter().map(|r| (r.id, RowOutcome::Release)))
+    };
 
     match outcome {
         Outcome::Accepted { by_identifier, .. } => {
@@ -111,7 +120,12 @@ pub fn decide(
         Outcome::Rejected { error } | Outcome::TooLarge { error } => {
             decision.shrink = matches!(outcome, Outcome::TooLarge { .. });
             if let [row] = rows {
-                decision.rows.push((row.id, RowOutcome::Dead { error: error.clone() }));
+                decision.rows.push((
+                    row.id,
+                    RowOutcome::Dead {
+                        error: error.clone(),
+                    },
+                ));
             } else {
                 let (left, right) = rows.split_at(rows.len() / 2);
                 decision.split = vec![left.to_vec(), right.to_vec()];
@@ -141,7 +155,9 @@ pub fn decide(
         } => {
             decision.shrink = *smaller;
             for row in rows {
-                decision.rows.push((row.id, retry_or_dead(row, error, *retry_after)));
+                decision
+                    .rows
+                    .push((row.id, retry_or_dead(row, error, *retry_after)));
             }
             if let Some(after) = retry_after {
                 decision.account = AccountAction::Pause {
@@ -243,15 +259,15 @@ impl<S: Outbox> AccountWorker<S> {
 
     /// Runs until shutdown.
     pub async fn run(mut self) {
-        if let Some(pause) = &self.pause {
-            if pause.until > SystemTime::now() {
-                tracing::warn!(
-                    account = %self.account,
-                    paused_until = %crate::store::timestamp(pause.until),
-                    reason = %pause.reason,
-                    "account is paused (remembered from before the restart)"
-                );
-            }
+        if let Some(pause) = &self.pause
+            && pause.until > SystemTime::now()
+        {
+            tracing::warn!(
+                account = %self.account,
+                paused_until = %crate::store::timestamp(pause.until),
+                reason = %pause.reason,
+                "account is paused (remembered from before the restart)"
+            );
         }
         while !self.shutdown.is_cancelled() {
             let wake_at = match self.step().await {
@@ -279,10 +295,10 @@ impl<S: Outbox> AccountWorker<S> {
     /// One unit of work: claim a batch and deliver it, or say why not.
     pub async fn step(&mut self) -> Step {
         let now = SystemTime::now();
-        if let Some(pause) = &self.pause {
-            if pause.until > now {
-                return Step::Paused { until: pause.until };
-            }
+        if let Some(pause) = &self.pause
+            && pause.until > now
+        {
+            return Step::Paused { until: pause.until };
         }
         let rows = match self.store.claim(&self.account, now, self.batch_limit).await {
             Ok(rows) => rows,
@@ -342,7 +358,13 @@ impl<S: Outbox> AccountWorker<S> {
                 return;
             }
             let reply = self.send(&batch).await;
-            let decision = decide(&batch, &reply.outcome, &self.retry, SystemTime::now(), fastrand::f64());
+            let decision = decide(
+                &batch,
+                &reply.outcome,
+                &self.retry,
+                SystemTime::now(),
+                fastrand::f64(),
+            );
             self.record(&decision.rows).await;
             self.adapt(&reply, &decision);
             for half in decision.split.into_iter().rev() {
@@ -366,7 +388,11 @@ impl<S: Outbox> AccountWorker<S> {
             .collect();
         // The semaphore is never closed, so acquiring only waits.
         let _permit = self.requests.acquire().await;
-        let reply = self.client.add_messages(&self.access_token, &messages).await;
+        tracing::debug!(account = %self.account, batch = batch.len(), "messages/add: sending");
+        let reply = self
+            .client
+            .add_messages(&self.access_token, &messages)
+            .await;
         log_reply(&self.account, batch.len(), &reply);
         reply
     }
@@ -380,7 +406,8 @@ impl<S: Outbox> AccountWorker<S> {
             tracing::warn!(account = %self.account, from = old, to = self.batch_limit, "batch limit lowered after {}", reply.outcome.name());
         } else if matches!(reply.outcome, Outcome::Accepted { .. }) {
             self.successes += 1;
-            if self.batch_limit < self.delivery.batch_size && self.successes >= GROW_AFTER_SUCCESSES {
+            if self.batch_limit < self.delivery.batch_size && self.successes >= GROW_AFTER_SUCCESSES
+            {
                 let old = self.batch_limit;
                 self.batch_limit = (old * 2).min(self.delivery.batch_size);
                 self.successes = 0;
@@ -400,7 +427,11 @@ impl<S: Outbox> AccountWorker<S> {
                     });
                 }
             }
-            AccountAction::Pause { kind, reason, at_least } => {
+            AccountAction::Pause {
+                kind,
+                reason,
+                at_least,
+            } => {
                 let streak = self.pause.as_ref().map_or(0, |p| p.streak) + 1;
                 let length = pause_length(*kind, *at_least, streak, &self.retry);
                 let pause = AccountPause {
@@ -470,9 +501,19 @@ fn log_reply(account: &str, batch: usize, reply: &Reply) {
     let request_id = reply.request_id.as_deref().unwrap_or("-");
     let status = reply.http_status.unwrap_or(0);
     match &reply.outcome {
-        Outcome::Accepted { by_identifier, unlabelled } => tracing::info!(
-            account, batch, outcome = "accepted", http_status = status, duration_ms, request_id,
-            returned = by_identifier.len(), unlabelled, "messages/add"
+        Outcome::Accepted {
+            by_identifier,
+            unlabelled,
+        } => tracing::info!(
+            account,
+            batch,
+            outcome = "accepted",
+            http_status = status,
+            duration_ms,
+            request_id,
+            returned = by_identifier.len(),
+            unlabelled,
+            "messages/add"
         ),
         Outcome::Rejected { error }
         | Outcome::TooLarge { error }
@@ -533,52 +574,132 @@ mod tests {
                 },
             );
         }
-        let d = decide(&rows, &Outcome::Accepted { by_identifier, unlabelled: 0 }, &retry(), now(), 0.0);
-        assert!(matches!(&d.rows[0], (1, RowOutcome::Delivered { mews_message_id, .. }) if mews_message_id == "mews-1"));
-        assert!(matches!(&d.rows[1], (2, RowOutcome::Retry { attempt: true, .. })));
-        assert!(matches!(&d.rows[2], (3, RowOutcome::Delivered { mews_message_id, .. }) if mews_message_id == "mews-3"));
+        let d = decide(
+            &rows,
+            &Outcome::Accepted {
+                by_identifier,
+                unlabelled: 0,
+            },
+            &retry(),
+            now(),
+            0.0,
+        );
+        assert!(
+            matches!(&d.rows[0], (1, RowOutcome::Delivered { mews_message_id, .. }) if mews_message_id == "mews-1")
+        );
+        assert!(matches!(
+            &d.rows[1],
+            (2, RowOutcome::Retry { attempt: true, .. })
+        ));
+        assert!(
+            matches!(&d.rows[2], (3, RowOutcome::Delivered { mews_message_id, .. }) if mews_message_id == "mews-3")
+        );
         assert_eq!(d.account, AccountAction::Continue);
     }
 
     #[test]
     fn a_rejected_batch_is_split_and_a_rejected_single_is_dead() {
-        let rejected = Outcome::Rejected { error: "HTTP 403: no (RequestId r)".into() };
+        let rejected = Outcome::Rejected {
+            error: "HTTP 403: no (RequestId r)".into(),
+        };
         let d = decide(&rows(5), &rejected, &retry(), now(), 0.5);
         assert!(d.rows.is_empty());
         assert_eq!(d.split.iter().map(Vec::len).collect::<Vec<_>>(), [2, 3]);
         let d = decide(&rows(1), &rejected, &retry(), now(), 0.5);
-        assert_eq!(d.rows, [(1, RowOutcome::Dead { error: "HTTP 403: no (RequestId r)".into() })]);
+        assert_eq!(
+            d.rows,
+            [(
+                1,
+                RowOutcome::Dead {
+                    error: "HTTP 403: no (RequestId r)".into()
+                }
+            )]
+        );
     }
 
     #[test]
     fn bad_tokens_pause_the_account_without_touching_the_rows() {
-        let d = decide(&rows(2), &Outcome::Unauthorized { error: "HTTP 401".into() }, &retry(), now(), 0.5);
+        let d = decide(
+            &rows(2),
+            &Outcome::Unauthorized {
+                error: "HTTP 401".into(),
+            },
+            &retry(),
+            now(),
+            0.5,
+        );
         assert_eq!(d.rows, [(1, RowOutcome::Release), (2, RowOutcome::Release)]);
-        assert!(matches!(d.account, AccountAction::Pause { kind: PauseKind::Refused, .. }));
+        assert!(matches!(
+            d.account,
+            AccountAction::Pause {
+                kind: PauseKind::Refused,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn throttling_pauses_for_retry_after_and_costs_no_attempt() {
-        let outcome = Outcome::Throttled { error: "HTTP 429".into(), retry_after: Some(Duration::from_secs(7)) };
+        let outcome = Outcome::Throttled {
+            error: "HTTP 429".into(),
+            retry_after: Some(Duration::from_secs(7)),
+        };
         let d = decide(&rows(2), &outcome, &retry(), now(), 0.5);
         assert_eq!(d.rows, [(1, RowOutcome::Release), (2, RowOutcome::Release)]);
-        let AccountAction::Pause { kind, at_least, .. } = d.account else { panic!() };
-        assert_eq!(pause_length(kind, at_least, 1, &retry()), Duration::from_secs(7));
-        assert_eq!(pause_length(kind, None, 1, &retry()), Duration::from_secs(30));
-        assert_eq!(pause_length(kind, None, 3, &retry()), Duration::from_secs(120));
+        let AccountAction::Pause { kind, at_least, .. } = d.account else {
+            panic!()
+        };
+        assert_eq!(
+            pause_length(kind, at_least, 1, &retry()),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            pause_length(kind, None, 1, &retry()),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            pause_length(kind, None, 3, &retry()),
+            Duration::from_secs(120)
+        );
     }
 
     #[test]
     fn transient_failures_back_off_and_end_dead_after_max_attempts() {
-        let outcome = Outcome::Transient { error: "HTTP 500".into(), retry_after: Some(Duration::from_secs(20)), maybe_stored: true, smaller: false };
+        let outcome = Outcome::Transient {
+            error: "HTTP 500".into(),
+            retry_after: Some(Duration::from_secs(20)),
+            maybe_stored: true,
+            smaller: false,
+        };
         let mut rows = rows(2);
         rows[1].attempts = 2;
         let d = decide(&rows, &outcome, &retry(), now(), 0.0);
         assert_eq!(
             d.rows[0],
-            (1, RowOutcome::Retry { at: now() + Duration::from_secs(20), error: "HTTP 500".into(), attempt: true })
+            (
+                1,
+                RowOutcome::Retry {
+                    at: now() + Duration::from_secs(20),
+                    error: "HTTP 500".into(),
+                    attempt: true
+                }
+            )
         );
-        assert_eq!(d.rows[1], (2, RowOutcome::Dead { error: "HTTP 500 (gave up after 3 attempts)".into() }));
-        assert!(matches!(d.account, AccountAction::Pause { kind: PauseKind::RetryAfter, .. }));
+        assert_eq!(
+            d.rows[1],
+            (
+                2,
+                RowOutcome::Dead {
+                    error: "HTTP 500 (gave up after 3 attempts)".into()
+                }
+            )
+        );
+        assert!(matches!(
+            d.account,
+            AccountAction::Pause {
+                kind: PauseKind::RetryAfter,
+                ..
+            }
+        ));
     }
 }

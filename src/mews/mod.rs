@@ -266,10 +266,7 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8], now: System
                 }
             }
             Err(e) => Outcome::Transient {
-                error: format!(
-                    "HTTP 200 with an unreadable body ({e}): {}",
-                    snippet(body)
-                ),
+                error: format!("HTTP 200 with an unreadable body ({e}): {}", snippet(body)),
                 retry_after,
                 maybe_stored: true,
                 smaller: false,
@@ -351,15 +348,29 @@ mod tests {
         };
         assert_eq!(by_identifier["1"].id, "a");
         assert_eq!(by_identifier["2"].id, "b");
-        assert_eq!(by_identifier["999"].id, "x", "the caller knows it never sent 999");
+        assert_eq!(
+            by_identifier["999"].id, "x",
+            "the caller knows it never sent 999"
+        );
         assert_eq!(unlabelled, 0);
     }
 
     #[test]
     fn an_unreadable_200_may_have_been_stored() {
-        for body in ["<html>oops</html>", "{\"Messages\":[{", "{\"Messages\":42}", ""] {
+        for body in [
+            "<html>oops</html>",
+            "{\"Messages\":[{",
+            "{\"Messages\":42}",
+            "",
+        ] {
             assert!(
-                matches!(at(200, None, body), Outcome::Transient { maybe_stored: true, .. }),
+                matches!(
+                    at(200, None, body),
+                    Outcome::Transient {
+                        maybe_stored: true,
+                        ..
+                    }
+                ),
                 "{body}"
             );
         }

@@ -73,7 +73,9 @@ pub enum RowOutcome {
         error: String,
         attempt: bool,
     },
-    Dead { error: String },
+    Dead {
+        error: String,
+    },
     /// Back to `pending`, due now, untouched (shutdown, account paused).
     Release,
 }

@@ -9,8 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::json;
 use sqlx::sqlite::{
-    SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions,
-    SqliteSynchronous,
+    SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{ConnectOptions, Connection, Row, SqliteConnection, SqlitePool};
 use tokio::sync::watch;
@@ -529,15 +528,42 @@ mod tests {
     async fn bad_inserts_are_refused_with_a_constraint_naming_the_problem() {
         let (_dir, s) = store().await;
         let cases = [
-            ("INSERT INTO outbox (message_thread_id, text) VALUES ('not-a-uuid', 'hi')", "message_thread_id_must_be_a_lowercase_uuid"),
-            ("INSERT INTO outbox (message_thread_id, text) VALUES ('7F9325F6-EF44-4911-89A8-AE51010A5AA4', 'hi')", "message_thread_id_must_be_a_lowercase_uuid"),
-            ("INSERT INTO outbox (message_thread_id, text) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', '')", "text_must_be_non_blank_text"),
-            ("INSERT INTO outbox (message_thread_id, text) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', ' \n\t ')", "text_must_be_non_blank_text"),
-            ("INSERT INTO outbox (message_thread_id, text) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', x'ff00')", "text_must_be_non_blank_text"),
-            ("INSERT INTO outbox (message_thread_id, text) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', NULL)", "NOT NULL"),
-            ("INSERT INTO outbox (message_thread_id, text, status) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', 'lost')", "status_must_be_pending_sending_delivered_or_dead"),
-            ("INSERT INTO outbox (message_thread_id, text, identifier) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', '')", "identifier_must_be_null_or_non_empty_text"),
-            ("INSERT INTO outbox (message_thread_id, text, account) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', '')", "account_must_be_non_empty_text"),
+            (
+                "INSERT INTO outbox (message_thread_id, text) VALUES ('not-a-uuid', 'hi')",
+                "message_thread_id_must_be_a_lowercase_uuid",
+            ),
+            (
+                "INSERT INTO outbox (message_thread_id, text) VALUES ('7F9325F6-EF44-4911-89A8-AE51010A5AA4', 'hi')",
+                "message_thread_id_must_be_a_lowercase_uuid",
+            ),
+            (
+                "INSERT INTO outbox (message_thread_id, text) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', '')",
+                "text_must_be_non_blank_text",
+            ),
+            (
+                "INSERT INTO outbox (message_thread_id, text) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', ' \n\t ')",
+                "text_must_be_non_blank_text",
+            ),
+            (
+                "INSERT INTO outbox (message_thread_id, text) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', x'ff00')",
+                "text_must_be_non_blank_text",
+            ),
+            (
+                "INSERT INTO outbox (message_thread_id, text) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', NULL)",
+                "NOT NULL",
+            ),
+            (
+                "INSERT INTO outbox (message_thread_id, text, status) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', 'lost')",
+                "status_must_be_pending_sending_delivered_or_dead",
+            ),
+            (
+                "INSERT INTO outbox (message_thread_id, text, identifier) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', '')",
+                "identifier_must_be_null_or_non_empty_text",
+            ),
+            (
+                "INSERT INTO outbox (message_thread_id, text, account) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', '')",
+                "account_must_be_non_empty_text",
+            ),
         ];
         for (sql, expected) in cases {
             let e = insert_error(&s, sql).await;
@@ -568,16 +594,39 @@ mod tests {
         let a2 = insert(&s, T1, "a2").await;
         let now = SystemTime::now() + Duration::from_secs(1);
 
-        let first: Vec<i64> = s.claim("default", now, 10).await.unwrap().iter().map(|r| r.id).collect();
+        let first: Vec<i64> = s
+            .claim("default", now, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.id)
+            .collect();
         assert_eq!(first, [a1, b1], "a2 waits for a1");
-        assert!(s.claim("default", now, 10).await.unwrap().is_empty(), "a1 in flight blocks a2");
+        assert!(
+            s.claim("default", now, 10).await.unwrap().is_empty(),
+            "a1 in flight blocks a2"
+        );
 
         // a1 fails and is retried later: a2 still waits; b1 delivered.
         let later = now + Duration::from_secs(60);
         s.record(
             &[
-                (a1, RowOutcome::Retry { at: later, error: "HTTP 500".into(), attempt: true }),
-                (b1, RowOutcome::Delivered { mews_message_id: "m".into(), mews_created_utc: "c".into(), mews_sender: "Application".into() }),
+                (
+                    a1,
+                    RowOutcome::Retry {
+                        at: later,
+                        error: "HTTP 500".into(),
+                        attempt: true,
+                    },
+                ),
+                (
+                    b1,
+                    RowOutcome::Delivered {
+                        mews_message_id: "m".into(),
+                        mews_created_utc: "c".into(),
+                        mews_sender: "Application".into(),
+                    },
+                ),
             ],
             now,
         )
@@ -585,13 +634,33 @@ mod tests {
         .unwrap();
         assert!(s.claim("default", now, 10).await.unwrap().is_empty());
         let due = s.next_due("default", now).await.unwrap().unwrap();
-        assert_eq!(timestamp(due), timestamp(later), "a2 is blocked, so a1's retry is next");
+        assert_eq!(
+            timestamp(due),
+            timestamp(later),
+            "a2 is blocked, so a1's retry is next"
+        );
 
         let again = s.claim("default", later, 10).await.unwrap();
         assert_eq!(again.len(), 1);
         assert_eq!((again[0].id, again[0].attempts), (a1, 1));
-        s.record(&[(a1, RowOutcome::Dead { error: "gone".into() })], later).await.unwrap();
-        let released: Vec<i64> = s.claim("default", later, 10).await.unwrap().iter().map(|r| r.id).collect();
+        s.record(
+            &[(
+                a1,
+                RowOutcome::Dead {
+                    error: "gone".into(),
+                },
+            )],
+            later,
+        )
+        .await
+        .unwrap();
+        let released: Vec<i64> = s
+            .claim("default", later, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.id)
+            .collect();
         assert_eq!(released, [a2], "a dead row releases its thread");
     }
 

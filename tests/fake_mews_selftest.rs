@@ -1,0 +1,730 @@
+//! Tests of the fake Mews server itself (tests/support/fake_mews.rs), over
+//! real HTTP with reqwest, the client the daemon uses.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+// Only the fake, not the whole `support` module: this test must not depend on
+// the other helpers (and their dev-dependencies).
+#[path = "support/fake_mews.rs"]
+#[allow(dead_code)]
+mod fake_mews;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fake_mews::{
+    ADD_PATH, CONFIGURATION_PATH, FAKE_ENTERPRISE_ID, FakeMews, FakeOptions, Fault, GET_ALL_PATH,
+};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+fn thread() -> Uuid {
+    Uuid::parse_str("7f9325f6-ef44-4911-89a8-ae51010a5aa4").unwrap()
+}
+
+/// A valid messages/add body with one message per (identifier, text).
+fn add_body(messages: &[(Option<&str>, &str)]) -> Value {
+    add_body_with_token("access", messages)
+}
+
+fn add_body_with_token(access: &str, messages: &[(Option<&str>, &str)]) -> Value {
+    let items: Vec<Value> = messages
+        .iter()
+        .map(|(id, text)| json!({"MessageThreadId": thread(), "Text": text, "Identifier": id}))
+        .collect();
+    json!({"ClientToken": "client", "AccessToken": access, "Client": "selftest 1.0", "Messages": items})
+}
+
+fn get_all_body(count: u64, cursor: Option<&str>) -> Value {
+    json!({
+        "ClientToken": "client", "AccessToken": "access", "Client": "selftest 1.0",
+        "MessageThreadIds": [thread()],
+        "Limitation": {"Count": count, "Cursor": cursor},
+    })
+}
+
+struct Answer {
+    status: u16,
+    request_id: Option<String>,
+    retry_after: Option<String>,
+    content_type: Option<String>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body[..self.body.len().min(200)])
+            )
+        })
+    }
+
+    /// Asserts an error body whose RequestId matches the header.
+    fn assert_error(&self, status: u16, message_contains: &str) {
+        assert_eq!(
+            self.status,
+            status,
+            "body: {}",
+            String::from_utf8_lossy(&self.body)
+        );
+        let body = self.json();
+        let message = body["Message"].as_str().unwrap();
+        assert!(
+            message.contains(message_contains),
+            "{message:?} does not contain {message_contains:?}"
+        );
+        assert_eq!(body["RequestId"].as_str(), self.request_id.as_deref());
+        assert_eq!(body["Details"], Value::Null);
+    }
+}
+
+async fn post_raw(fake: &FakeMews, path: &str, body: Vec<u8>) -> Result<Answer, reqwest::Error> {
+    let response = client()
+        .post(fake.url(path))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await?;
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let (request_id, retry_after, content_type) = (
+        header("request-id"),
+        header("retry-after"),
+        header("content-type"),
+    );
+    let status = response.status().as_u16();
+    let body = response.bytes().await?.to_vec();
+    assert!(request_id.is_some(), "every response carries Request-Id");
+    Ok(Answer {
+        status,
+        request_id,
+        retry_after,
+        content_type,
+        body,
+    })
+}
+
+async fn post(fake: &FakeMews, path: &str, body: &Value) -> Answer {
+    post_raw(fake, path, serde_json::to_vec(body).unwrap())
+        .await
+        .unwrap()
+}
+
+/// Maps Identifier -> Message of a 200 messages/add answer.
+fn by_identifier(answer: &Answer) -> HashMap<Option<String>, Value> {
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    answer.json()["Messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| {
+            (
+                item["Identifier"].as_str().map(str::to_owned),
+                item["Message"].clone(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn valid_add_returns_identifiers_mapped_to_stored_messages() {
+    let fake = FakeMews::start().await;
+    let answer = post(
+        &fake,
+        ADD_PATH,
+        &add_body(&[(Some("a"), "first"), (Some("b"), "second"), (None, "third")]),
+    )
+    .await;
+    let items = by_identifier(&answer);
+    assert_eq!(items.len(), 3);
+    let accepted = fake.wait_for_accepted(3, WAIT).await;
+    for m in &accepted {
+        let item = &items[&m.identifier];
+        assert_eq!(item["Id"], json!(m.id));
+        assert_eq!(item["Text"], json!(m.text));
+        assert_eq!(item["MessageThreadId"], json!(thread()));
+        assert_eq!(item["CreatedUtc"], json!(m.created_utc));
+        assert_eq!(
+            item["Sender"],
+            json!({"Discriminator": "Application", "Value": null})
+        );
+        assert_eq!(m.access_token, "access");
+        assert!(humantime::parse_rfc3339(&m.created_utc).is_ok());
+        assert_eq!(m.created_utc.len(), "2026-11-28T07:15:39Z".len());
+    }
+    let texts: Vec<_> = accepted.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["first", "second", "third"], "storage order");
+
+    let requests = fake.wait_for_requests(1, WAIT).await;
+    let r = &requests[0];
+    assert_eq!(
+        (r.path.as_str(), r.status, r.message_count),
+        (ADD_PATH, 200, 3)
+    );
+    assert_eq!(
+        (
+            r.client_token.as_str(),
+            r.access_token.as_str(),
+            r.client.as_str()
+        ),
+        ("client", "access", "selftest 1.0")
+    );
+    assert_eq!(
+        r.identifiers,
+        [Some("a".to_owned()), Some("b".to_owned()), None]
+    );
+    assert_eq!(
+        r.stored_ids,
+        accepted.iter().map(|m| m.id).collect::<Vec<_>>()
+    );
+    assert_eq!(r.request_id, answer.request_id.unwrap());
+}
+
+#[tokio::test]
+async fn sender_as_string_and_response_order() {
+    let fake = FakeMews::start_with(FakeOptions {
+        sender_as_string: true,
+        shuffle_responses: false,
+        ..Default::default()
+    })
+    .await;
+    let ids: Vec<String> = (0..50).map(|i| i.to_string()).collect();
+    let msgs: Vec<_> = ids.iter().map(|i| (Some(i.as_str()), "t")).collect();
+    let answer = post(&fake, ADD_PATH, &add_body(&msgs)).await;
+    let items = answer.json()["Messages"].as_array().unwrap().clone();
+    assert_eq!(items[0]["Message"]["Sender"], json!("Application"));
+    let order: Vec<&str> = items
+        .iter()
+        .map(|i| i["Identifier"].as_str().unwrap())
+        .collect();
+    assert_eq!(order, ids, "not shuffled when shuffle_responses is false");
+
+    // Shuffled by default: 50 items staying in order has probability 1/50!.
+    fake.update_options(|o| o.shuffle_responses = true);
+    let answer = post(&fake, ADD_PATH, &add_body(&msgs)).await;
+    let order: Vec<String> = answer.json()["Messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["Identifier"].as_str().unwrap().to_owned())
+        .collect();
+    assert_ne!(order, ids);
+    let mut sorted = order.clone();
+    sorted.sort_by_key(|s| s.parse::<u32>().unwrap());
+    assert_eq!(sorted, ids);
+}
+
+#[tokio::test]
+async fn invalid_requests_get_400_and_store_nothing() {
+    let fake = FakeMews::start().await;
+    let good = add_body(&[(Some("1"), "hello")]);
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut v = good.clone();
+        f(&mut v);
+        serde_json::to_vec(&v).unwrap()
+    };
+    let too_many: Vec<Value> = (0..1001)
+        .map(|i| json!({"MessageThreadId": thread(), "Text": "x", "Identifier": i.to_string()}))
+        .collect();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("not JSON", b"{not json".to_vec(), "Invalid JSON"),
+        ("empty body", Vec::new(), "Invalid JSON"),
+        ("JSON array", b"[1,2]".to_vec(), "Invalid JSON"),
+        (
+            "no ClientToken",
+            with(&|v| {
+                v.as_object_mut().unwrap().remove("ClientToken");
+            }),
+            "Invalid ClientToken",
+        ),
+        (
+            "empty AccessToken",
+            with(&|v| v["AccessToken"] = json!("")),
+            "Invalid AccessToken",
+        ),
+        (
+            "Client not a string",
+            with(&|v| v["Client"] = json!(5)),
+            "Invalid Client",
+        ),
+        (
+            "Messages missing",
+            with(&|v| {
+                v.as_object_mut().unwrap().remove("Messages");
+            }),
+            "Invalid Messages",
+        ),
+        (
+            "Messages empty",
+            with(&|v| v["Messages"] = json!([])),
+            "Invalid Messages",
+        ),
+        (
+            "1001 messages",
+            with(&|v| v["Messages"] = json!(too_many)),
+            "Invalid Messages",
+        ),
+        (
+            "item not an object",
+            with(&|v| v["Messages"] = json!(["x"])),
+            "Invalid Messages[0]",
+        ),
+        (
+            "bad thread id",
+            with(&|v| v["Messages"][0]["MessageThreadId"] = json!("nope")),
+            "Invalid MessageThreadId",
+        ),
+        (
+            "empty text",
+            with(&|v| v["Messages"][0]["Text"] = json!("")),
+            "Invalid Text",
+        ),
+        (
+            "missing text",
+            with(&|v| {
+                v["Messages"][0].as_object_mut().unwrap().remove("Text");
+            }),
+            "Invalid Text",
+        ),
+        (
+            "numeric identifier",
+            with(&|v| v["Messages"][0]["Identifier"] = json!(1)),
+            "Invalid Identifier",
+        ),
+        (
+            "duplicate identifiers",
+            serde_json::to_vec(&add_body(&[(Some("1"), "a"), (Some("1"), "b")])).unwrap(),
+            "duplicate",
+        ),
+    ];
+    for (name, body, expected) in cases {
+        let answer = post_raw(&fake, ADD_PATH, body).await.unwrap();
+        assert_eq!(answer.status, 400, "{name}");
+        answer.assert_error(400, expected);
+    }
+    // Absent and null identifiers are not duplicates; 1000 items is fine.
+    let answer = post(&fake, ADD_PATH, &add_body(&[(None, "a"), (None, "b")])).await;
+    assert_eq!(answer.status, 200);
+    let thousand: Vec<Value> = (0..1000)
+        .map(|i| json!({"MessageThreadId": thread(), "Text": format!("m{i}")}))
+        .collect();
+    let mut body = good.clone();
+    body["Messages"] = json!(thousand);
+    assert_eq!(post(&fake, ADD_PATH, &body).await.status, 200);
+    assert_eq!(fake.accepted().len(), 1002);
+}
+
+#[tokio::test]
+async fn unknown_tokens_get_401_unknown_paths_404() {
+    let fake = FakeMews::start_with(FakeOptions {
+        valid_tokens: Some(vec![("client".into(), "access".into())]),
+        ..Default::default()
+    })
+    .await;
+    let wrong = add_body_with_token("other", &[(Some("1"), "x")]);
+    post(&fake, ADD_PATH, &wrong)
+        .await
+        .assert_error(401, "Invalid access token");
+    assert!(fake.accepted().is_empty());
+    assert_eq!(
+        post(&fake, ADD_PATH, &add_body(&[(Some("1"), "x")]))
+            .await
+            .status,
+        200
+    );
+
+    let config =
+        |access: &str| json!({"ClientToken": "client", "AccessToken": access, "Client": "t"});
+    let ok = post(&fake, CONFIGURATION_PATH, &config("access")).await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.json()["Enterprise"]["Id"], json!(FAKE_ENTERPRISE_ID));
+    post(&fake, CONFIGURATION_PATH, &config("other"))
+        .await
+        .assert_error(401, "Invalid");
+
+    post(&fake, "/api/connector/v1/messages/Add", &add_body(&[]))
+        .await
+        .assert_error(404, "Not found");
+    let get = client().get(fake.url(ADD_PATH)).send().await.unwrap();
+    assert_eq!(get.status(), 405);
+    assert!(get.headers().contains_key("request-id"));
+
+    // configuration/get and 404s are not in requests(), only in all_requests();
+    // the GET to the messages/add path is (with status 405).
+    let statuses: Vec<u16> = fake.requests().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [401, 200, 405]);
+    assert_eq!(fake.all_requests().len(), 6);
+}
+
+#[tokio::test]
+async fn status_and_raw_faults_store_nothing_then_normal() {
+    let fake = FakeMews::start().await;
+    fake.script([
+        Fault::status_retry_after(503, "7"),
+        Fault::Status {
+            code: 408,
+            retry_after: None,
+            message: "too heavy".into(),
+        },
+        Fault::raw(200, "text/html", "<html>maintenance</html>"),
+        Fault::raw(200, "application/json", "{\"Messages\":[{\"Ident"),
+    ]);
+    let body = add_body(&[(Some("1"), "x")]);
+    let a = post(&fake, ADD_PATH, &body).await;
+    a.assert_error(503, "Scripted");
+    assert_eq!(a.retry_after.as_deref(), Some("7"));
+    post(&fake, ADD_PATH, &body)
+        .await
+        .assert_error(408, "too heavy");
+    let html = post(&fake, ADD_PATH, &body).await;
+    assert_eq!(
+        (html.status, html.content_type.as_deref()),
+        (200, Some("text/html"))
+    );
+    assert_eq!(html.body, b"<html>maintenance</html>");
+    let truncated = post(&fake, ADD_PATH, &body).await;
+    assert!(serde_json::from_slice::<Value>(&truncated.body).is_err());
+    assert!(fake.accepted().is_empty());
+    assert_eq!(fake.pending_faults(), 0);
+
+    assert_eq!(post(&fake, ADD_PATH, &body).await.status, 200);
+    assert_eq!(fake.accepted().len(), 1);
+    let faults: Vec<Option<u16>> = fake
+        .requests()
+        .iter()
+        .map(|r| r.fault.as_ref().map(|_| r.status))
+        .collect();
+    assert_eq!(faults, [Some(503), Some(408), Some(200), Some(200), None]);
+}
+
+#[tokio::test]
+async fn raw_fault_sends_a_10_mb_body() {
+    let fake = FakeMews::start().await;
+    fake.script([Fault::raw(200, "application/json", vec![b' '; 10 << 20])]);
+    let answer = post(&fake, ADD_PATH, &add_body(&[(Some("1"), "x")])).await;
+    assert_eq!(answer.body.len(), 10 << 20);
+    // Debug output stays short.
+    assert!(format!("{:?}", fake.requests()[0].fault).len() < 300);
+}
+
+/// Asserts that the request failed with a connection error, quickly.
+async fn assert_dropped(fake: &FakeMews, body: &Value) {
+    let started = Instant::now();
+    let err = post_raw(fake, ADD_PATH, serde_json::to_vec(body).unwrap())
+        .await
+        .err()
+        .expect("the connection should be dropped without a response");
+    assert!(!err.is_timeout(), "{err:?}");
+    assert!(err.is_request(), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(3), "{err:?}");
+}
+
+#[tokio::test]
+async fn drop_faults_give_a_connection_error() {
+    let fake = FakeMews::start().await;
+    fake.script([Fault::DropBeforeStore, Fault::DropAfterStore]);
+    assert_dropped(&fake, &add_body(&[(Some("1"), "before")])).await;
+    assert!(fake.accepted().is_empty());
+    assert_dropped(&fake, &add_body(&[(Some("2"), "after")])).await;
+    let accepted = fake.wait_for_accepted(1, WAIT).await;
+    assert_eq!(accepted[0].text, "after");
+    let requests = fake.wait_for_requests(2, WAIT).await;
+    assert_eq!(
+        requests.iter().map(|r| r.status).collect::<Vec<_>>(),
+        [0, 0]
+    );
+    assert_eq!(requests[1].stored_ids, [accepted[0].id]);
+
+    // The same client (pooled connection) recovers on the next request.
+    let http = client();
+    fake.script([Fault::DropBeforeStore]);
+    let url = fake.url(ADD_PATH);
+    let body = add_body(&[(Some("3"), "x")]);
+    assert!(http.post(&url).json(&body).send().await.is_err());
+    assert_eq!(
+        http.post(&url).json(&body).send().await.unwrap().status(),
+        200
+    );
+    // Exactly one request per attempt: the client did not silently retry.
+    assert_eq!(fake.requests().len(), 4);
+}
+
+#[tokio::test]
+async fn ambiguous_and_mismatched_success_faults() {
+    let fake = FakeMews::start().await;
+    fake.script([
+        Fault::DelayThenNormal(Duration::from_millis(200)),
+        Fault::StoreThenStatus(500),
+        Fault::OmitIdentifiers(1),
+        Fault::ExtraIdentifier,
+    ]);
+    let started = Instant::now();
+    let delayed = post(&fake, ADD_PATH, &add_body(&[(Some("d"), "delayed")])).await;
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    assert_eq!(by_identifier(&delayed).len(), 1);
+
+    post(&fake, ADD_PATH, &add_body(&[(Some("s"), "stored")]))
+        .await
+        .assert_error(500, "Unexpected");
+    assert_eq!(fake.accepted().len(), 2, "StoreThenStatus stores");
+
+    let omitted = post(
+        &fake,
+        ADD_PATH,
+        &add_body(&[(Some("o1"), "a"), (Some("o2"), "b"), (Some("o3"), "c")]),
+    )
+    .await;
+    let items = by_identifier(&omitted);
+    assert_eq!(items.len(), 2);
+    assert!(
+        !items.contains_key(&Some("o3".to_owned())),
+        "the last one is left out"
+    );
+    assert_eq!(fake.accepted().len(), 5);
+
+    let extra = post(&fake, ADD_PATH, &add_body(&[(Some("e"), "e")])).await;
+    let items = by_identifier(&extra);
+    assert_eq!(items.len(), 2);
+    assert!(items.contains_key(&Some("e".to_owned())));
+    assert_eq!(fake.accepted().len(), 6, "the extra item is not stored");
+}
+
+#[tokio::test]
+async fn rate_limit_answers_429_with_retry_after() {
+    let fake = FakeMews::start_with(FakeOptions {
+        rate_limit: Some((2, Duration::from_secs(30))),
+        ..Default::default()
+    })
+    .await;
+    let body = add_body(&[(None, "x")]);
+    assert_eq!(post(&fake, ADD_PATH, &body).await.status, 200);
+    // getAll counts toward the same window.
+    assert_eq!(
+        post(&fake, GET_ALL_PATH, &get_all_body(10, None))
+            .await
+            .status,
+        200
+    );
+    let limited = post(&fake, ADD_PATH, &body).await;
+    limited.assert_error(429, "Too many requests");
+    let secs: u64 = limited.retry_after.as_deref().unwrap().parse().unwrap();
+    assert!((29..=30).contains(&secs), "Retry-After {secs}");
+    assert_eq!(
+        post(&fake, GET_ALL_PATH, &get_all_body(10, None))
+            .await
+            .status,
+        429
+    );
+    assert_eq!(fake.accepted().len(), 1);
+
+    // Another AccessToken has its own window.
+    let other = add_body_with_token("other", &[(None, "y")]);
+    assert_eq!(post(&fake, ADD_PATH, &other).await.status, 200);
+
+    // A short window lets requests through again once it has passed.
+    fake.set_rate_limit(Some((1, Duration::from_millis(300))));
+    let fresh = add_body_with_token("fresh", &[(None, "z")]);
+    assert_eq!(post(&fake, ADD_PATH, &fresh).await.status, 200);
+    let limited = post(&fake, ADD_PATH, &fresh).await;
+    assert_eq!(limited.status, 429);
+    assert_eq!(limited.retry_after.as_deref(), Some("1"));
+    tokio::time::sleep(Duration::from_millis(350)).await; // let the window pass
+    assert_eq!(post(&fake, ADD_PATH, &fresh).await.status, 200);
+
+    fake.set_rate_limit(None);
+    assert_eq!(post(&fake, ADD_PATH, &body).await.status, 200);
+}
+
+#[tokio::test]
+async fn poison_rejects_the_whole_request() {
+    let fake = FakeMews::start_with(FakeOptions {
+        poison: Some(Arc::new(|t: &str| t.contains("BAD"))),
+        ..Default::default()
+    })
+    .await;
+    let long_bad = format!("BAD {}", "é".repeat(100));
+    let answer = post(
+        &fake,
+        ADD_PATH,
+        &add_body(&[(Some("1"), "fine"), (Some("2"), &long_bad)]),
+    )
+    .await;
+    answer.assert_error(403, "poisoned: BAD é");
+    assert!(answer.json()["Message"].as_str().unwrap().len() < 100);
+    assert!(fake.accepted().is_empty());
+
+    fake.set_poison(|t| t == "fine");
+    assert_eq!(
+        post(&fake, ADD_PATH, &add_body(&[(None, "fine")]))
+            .await
+            .status,
+        403
+    );
+    fake.clear_poison();
+    assert_eq!(
+        post(&fake, ADD_PATH, &add_body(&[(None, "fine")]))
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn get_all_pages_newest_first() {
+    let fake = FakeMews::start().await;
+    for i in 0..5 {
+        let text = format!("m{i}");
+        post(&fake, ADD_PATH, &add_body(&[(None, &text)])).await;
+    }
+    // Another thread and another token are not returned.
+    let mut other_thread = add_body(&[(None, "other thread")]);
+    other_thread["Messages"][0]["MessageThreadId"] = json!(Uuid::new_v4());
+    post(&fake, ADD_PATH, &other_thread).await;
+    post(
+        &fake,
+        ADD_PATH,
+        &add_body_with_token("other", &[(None, "other token")]),
+    )
+    .await;
+
+    let mut texts = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = post(&fake, GET_ALL_PATH, &get_all_body(2, cursor.as_deref())).await;
+        assert_eq!(page.status, 200);
+        let page = page.json();
+        pages += 1;
+        for m in page["Messages"].as_array().unwrap() {
+            assert!(m.get("Identifier").is_none());
+            texts.push(m["Text"].as_str().unwrap().to_owned());
+        }
+        match page["Cursor"].as_str() {
+            Some(c) => {
+                assert_eq!(page["Messages"][1]["Id"].as_str(), Some(c));
+                cursor = Some(c.to_owned());
+            }
+            None => break,
+        }
+    }
+    assert_eq!(texts, ["m4", "m3", "m2", "m1", "m0"]);
+    assert_eq!(pages, 3);
+    assert_eq!(fake.requests().len(), 7 + 3);
+
+    // CreatedUtc: Start == End is an equality filter; [Start, End) otherwise.
+    let created = fake.accepted()[0].created_utc.clone();
+    let mut body = get_all_body(100, None);
+    body["CreatedUtc"] = json!({"StartUtc": created, "EndUtc": created});
+    let same_second = post(&fake, GET_ALL_PATH, &body).await.json();
+    assert!(!same_second["Messages"].as_array().unwrap().is_empty());
+    body["CreatedUtc"] =
+        json!({"StartUtc": "2000-01-01T00:00:00Z", "EndUtc": "2000-01-02T00:00:00+01:00"});
+    let none = post(&fake, GET_ALL_PATH, &body).await.json();
+    assert_eq!(none["Messages"], json!([]));
+    assert_eq!(none["Cursor"], Value::Null);
+
+    // Validation.
+    let mut bad = get_all_body(0, None);
+    post(&fake, GET_ALL_PATH, &bad)
+        .await
+        .assert_error(400, "Count");
+    bad = get_all_body(1, Some("not-a-uuid"));
+    post(&fake, GET_ALL_PATH, &bad)
+        .await
+        .assert_error(400, "Cursor");
+    bad = get_all_body(1, None);
+    bad["MessageThreadIds"] = json!([]);
+    post(&fake, GET_ALL_PATH, &bad)
+        .await
+        .assert_error(400, "MessageThreadIds");
+    bad = get_all_body(1, None);
+    bad["CreatedUtc"] =
+        json!({"StartUtc": "2000-01-01T00:00:00Z", "EndUtc": "2000-03-01T00:00:00Z"});
+    post(&fake, GET_ALL_PATH, &bad)
+        .await
+        .assert_error(400, "month");
+    bad = get_all_body(1, None);
+    bad.as_object_mut().unwrap().remove("Limitation");
+    post(&fake, GET_ALL_PATH, &bad)
+        .await
+        .assert_error(400, "Limitation");
+}
+
+#[tokio::test]
+async fn waits_are_event_driven() {
+    let fake = Arc::new(FakeMews::start().await);
+    let waiter = {
+        let fake = Arc::clone(&fake);
+        tokio::spawn(async move { fake.wait_for_accepted(2, WAIT).await.len() })
+    };
+    post(&fake, ADD_PATH, &add_body(&[(None, "a"), (None, "b")])).await;
+    assert_eq!(waiter.await.unwrap(), 2);
+}
+
+#[tokio::test]
+#[should_panic(expected = "waiting for 3 accepted messages; 1 arrived")]
+async fn wait_for_accepted_panics_with_a_clear_message() {
+    let fake = FakeMews::start().await;
+    post(&fake, ADD_PATH, &add_body(&[(None, "only one")])).await;
+    fake.wait_for_accepted(3, Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
+async fn stop_frees_the_port_and_drop_closes_connections() {
+    let fake = FakeMews::start().await;
+    let addr = fake.addr;
+    let http = client();
+    let body = add_body(&[(None, "x")]);
+    assert_eq!(
+        http.post(fake.url(ADD_PATH))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    fake.stop().await;
+    // The pooled keep-alive connection was closed too.
+    assert!(
+        http.post(format!("http://{addr}{ADD_PATH}"))
+            .json(&body)
+            .send()
+            .await
+            .is_err()
+    );
+
+    let again = FakeMews::start_on(addr, FakeOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        http.post(again.url(ADD_PATH))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(again.accepted().len(), 1, "a fresh fake starts empty");
+}

@@ -1,0 +1,320 @@
+//! Runs the real `mews-outbox` binary against a temporary SQLite file and a
+//! fake Mews, and reads both back. Waits are on events with a timeout: a log
+//! line, a process exit, or a database condition checked as it changes.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+pub const CLIENT_TOKEN: &str = "test-client-token-SECRET-c1";
+pub const ACCESS_TOKEN: &str = "test-access-token-SECRET-a1";
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A temporary directory with a config file pointing at a fake Mews.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub db: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Env {
+    /// Fast retries and pauses, so tests finish quickly.
+    pub fn new(base_url: &str) -> Env {
+        Env::with(base_url, &[], "")
+    }
+
+    /// Like [`Env::new`], with `key = value` lines of the template replaced
+    /// (`("max_attempts", "10")`) and `extra` appended (further sections).
+    pub fn with(base_url: &str, overrides: &[(&str, &str)], extra: &str) -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("outbox.db");
+        let config = dir.path().join("mews-outbox.toml");
+        let text = format!(
+            r#"[database]
+path = {db:?}
+
+[mews]
+base_url = "{base_url}"
+client_token = "{CLIENT_TOKEN}"
+request_timeout = "2s"
+
+[accounts.default]
+access_token = "{ACCESS_TOKEN}"
+
+[delivery]
+poll_interval = "5ms"
+drain_timeout = "5s"
+
+[retry]
+base_delay = "20ms"
+max_delay = "200ms"
+max_attempts = 5
+pause_base = "100ms"
+pause_max = "1s"
+{extra}
+"#,
+            db = db.display().to_string()
+        );
+        let text: String = text
+            .lines()
+            .map(|line| {
+                let key = line.split(" = ").next().unwrap_or_default();
+                match overrides.iter().find(|(k, _)| *k == key) {
+                    Some((k, v)) => format!("{k} = {v}\n"),
+                    None => format!("{line}\n"),
+                }
+            })
+            .collect();
+        for (key, _) in overrides {
+            assert!(
+                text.contains(&format!("\n{key} = ")),
+                "no key {key} in the template"
+            );
+        }
+        std::fs::write(&config, text).expect("write config");
+        Env { dir, db, config }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts `mews-outbox run` with this config.
+    pub fn start(&self) -> Daemon {
+        Daemon::start(&self.config, &["run"])
+    }
+
+    /// Runs a CLI command to completion: (exit status, stdout, stderr).
+    pub async fn cli(&self, args: &[&str]) -> (ExitStatus, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_mews-outbox"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .await
+            .expect("run mews-outbox");
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// A pool on the outbox file, as a producer would open it. Creates the
+    /// schema first (through the CLI, the supported way).
+    pub async fn producer(&self) -> SqlitePool {
+        let (status, _, err) = self.cli(&["migrate"]).await;
+        assert!(status.success(), "migrate failed: {err}");
+        SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(
+                SqliteConnectOptions::new()
+                    .filename(&self.db)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .busy_timeout(Duration::from_secs(10)),
+            )
+            .await
+            .expect("open outbox")
+    }
+}
+
+/// A running daemon process whose stderr is collected line by line.
+pub struct Daemon {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    seen: watch::Receiver<usize>,
+}
+
+impl Daemon {
+    pub fn start(config: &Path, args: &[&str]) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mews-outbox"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env("RUST_LOG", "mews_outbox=debug,info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn mews-outbox");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, seen) = watch::channel(0);
+        let collected = lines.clone();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                let mut all = collected.lock().expect("log lock");
+                all.push(line);
+                let _ = tx.send(all.len());
+            }
+        });
+        Daemon { child, lines, seen }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("daemon still running")
+    }
+
+    /// Everything logged so far.
+    pub fn log(&self) -> String {
+        self.lines.lock().expect("log lock").join("\n")
+    }
+
+    /// Waits until a logged line contains `needle`; returns that line.
+    pub async fn wait_for_log(&mut self, needle: &str) -> String {
+        let found = tokio::time::timeout(WAIT, async {
+            loop {
+                if let Some(line) = self
+                    .lines
+                    .lock()
+                    .expect("log lock")
+                    .iter()
+                    .find(|l| l.contains(needle))
+                {
+                    return line.clone();
+                }
+                if self.seen.changed().await.is_err() {
+                    panic!("daemon output ended without {needle:?}:\n{}", self.log());
+                }
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| {
+            panic!(
+                "no log line with {needle:?} within {WAIT:?}:\n{}",
+                self.log()
+            )
+        })
+    }
+
+    pub async fn ready(mut self) -> Daemon {
+        self.wait_for_log("ready: delivering").await;
+        self
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// SIGKILL, as a crash would.
+    pub async fn crash(&mut self) {
+        self.child.kill().await.expect("SIGKILL");
+    }
+
+    pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        match tokio::time::timeout(within, self.child.wait()).await {
+            Ok(status) => status.expect("wait"),
+            Err(_) => panic!("daemon still running after {within:?}:\n{}", self.log()),
+        }
+    }
+}
+
+/// Inserts `n` rows spread round-robin over `threads` thread ids, in one
+/// transaction; returns their ids in insertion order.
+pub async fn insert_rows(
+    pool: &SqlitePool,
+    n: usize,
+    threads: &[String],
+    prefix: &str,
+) -> Vec<i64> {
+    let mut tx = pool.begin().await.expect("begin");
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO outbox (message_thread_id, text) VALUES (?1, ?2) RETURNING id",
+        )
+        .bind(&threads[i % threads.len()])
+        .bind(format!("{prefix} {i}"))
+        .fetch_one(&mut *tx)
+        .await
+        .expect("insert");
+        ids.push(id);
+    }
+    tx.commit().await.expect("commit");
+    ids
+}
+
+pub fn threads(n: usize) -> Vec<String> {
+    (0..n).map(|_| uuid::Uuid::new_v4().to_string()).collect()
+}
+
+/// Counts rows per status.
+pub async fn count(pool: &SqlitePool, status: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = ?1")
+        .bind(status)
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+/// Waits until `SELECT count(*) ... WHERE status = ?` reaches `n`, checking
+/// each time the database changes (PRAGMA data_version on one connection).
+pub async fn wait_for_status(pool: &SqlitePool, status: &str, n: i64) {
+    let mut conn = pool.acquire().await.expect("connection");
+    let result = tokio::time::timeout(WAIT, async {
+        let mut last_version = -1i64;
+        loop {
+            let version: i64 = sqlx::query_scalar("PRAGMA data_version")
+                .fetch_one(&mut *conn)
+                .await
+                .expect("data_version");
+            if version != last_version {
+                last_version = version;
+                let have: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = ?1")
+                    .bind(status)
+                    .fetch_one(&mut *conn)
+                    .await
+                    .expect("count");
+                if have >= n {
+                    return;
+                }
+            }
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    if result.is_err() {
+        panic!(
+            "timed out waiting for {n} `{status}` rows; have {}",
+            count(pool, status).await
+        );
+    }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub struct Row {
+    pub id: i64,
+    pub message_thread_id: String,
+    /// Bytes, since a hostile producer can store text that is not UTF-8.
+    pub text: Vec<u8>,
+    pub status: String,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    pub mews_message_id: Option<String>,
+    pub mews_created_utc: Option<String>,
+    pub mews_sender: Option<String>,
+}
+
+pub async fn rows(pool: &SqlitePool) -> Vec<Row> {
+    sqlx::query_as(
+        "SELECT id, message_thread_id, CAST(text AS BLOB) AS text, status, attempts, last_error,
+                mews_message_id, mews_created_utc, mews_sender
+         FROM outbox ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("rows")
+}
