@@ -69,7 +69,10 @@ impl StatusReport {
                 out += &format!("\n{}: last error: {error}", a.account);
             }
         }
-        out
+        out.lines()
+            .map(str::trim_end)
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 

@@ -499,7 +499,7 @@ impl<S: Outbox> AccountWorker<S> {
 fn log_reply(account: &str, batch: usize, reply: &Reply) {
     let duration_ms = u64::try_from(reply.elapsed.as_millis()).unwrap_or(u64::MAX);
     let request_id = reply.request_id.as_deref().unwrap_or("-");
-    let status = reply.http_status.unwrap_or(0);
+    let status = reply.http_status;
     match &reply.outcome {
         Outcome::Accepted {
             by_identifier,

@@ -216,9 +216,15 @@ async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, BodyErr
 /// A request that got no response. Only a failure to connect proves that Mews
 /// never saw it.
 fn transport_failure(e: &reqwest::Error, timeout: Duration) -> Outcome {
-    let cause = std::error::Error::source(e)
-        .map(|s| format!(": {s}"))
-        .unwrap_or_default();
+    // reqwest's own message is generic ("client error (Connect)"); the
+    // causes say what happened ("Connection refused", a DNS failure).
+    let mut cause = String::new();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        cause.push_str(": ");
+        cause.push_str(&s.to_string());
+        source = s.source();
+    }
     if e.is_timeout() {
         Outcome::Transient {
             error: format!("no response within {}", humantime::format_duration(timeout)),
