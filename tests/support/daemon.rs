@@ -48,6 +48,7 @@ request_timeout = "2s"
 access_token = "{ACCESS_TOKEN}"
 
 [delivery]
+batch_size = 1000
 poll_interval = "5ms"
 drain_timeout = "5s"
 
@@ -262,8 +263,13 @@ pub async fn count(pool: &SqlitePool, status: &str) -> i64 {
 /// Waits until `SELECT count(*) ... WHERE status = ?` reaches `n`, checking
 /// each time the database changes (PRAGMA data_version on one connection).
 pub async fn wait_for_status(pool: &SqlitePool, status: &str, n: i64) {
+    wait_for_status_within(pool, status, n, WAIT).await
+}
+
+/// [`wait_for_status`] with a longer limit, for the large scenarios.
+pub async fn wait_for_status_within(pool: &SqlitePool, status: &str, n: i64, within: Duration) {
     let mut conn = pool.acquire().await.expect("connection");
-    let result = tokio::time::timeout(WAIT, async {
+    let result = tokio::time::timeout(within, async {
         let mut last_version = -1i64;
         loop {
             let version: i64 = sqlx::query_scalar("PRAGMA data_version")
@@ -288,7 +294,7 @@ pub async fn wait_for_status(pool: &SqlitePool, status: &str, n: i64) {
     .await;
     if result.is_err() {
         panic!(
-            "timed out waiting for {n} `{status}` rows; have {}",
+            "timed out after {within:?} waiting for {n} `{status}` rows; have {}",
             count(pool, status).await
         );
     }

@@ -1,0 +1,283 @@
+//! The promise under faults: no message lost, none sent twice unless the
+//! network made it unavoidable, bad input answered without hurting the rest.
+//! Each scenario runs the real binary against a real SQLite file and a fake
+//! Mews that injects faults from a seeded schedule, and prints its figures.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, SystemTime};
+
+use support::daemon::{
+    Env, WAIT, count, insert_rows, rows, threads, wait_for_status, wait_for_status_within,
+};
+
+/// Limit for the large scenarios (debug build, a loaded 2-core machine).
+const LONG: Duration = Duration::from_secs(300);
+use support::fake_mews::{FakeMews, Fault, StoredMessage};
+
+/// Messages stored more than once, by text.
+fn duplicates(accepted: &[StoredMessage]) -> HashMap<String, usize> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for m in accepted {
+        *seen.entry(m.text.clone()).or_default() += 1;
+    }
+    seen.retain(|_, n| *n > 1);
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_sigkill_at_random_points_loses_nothing() {
+    const ROWS: usize = 20_000;
+    const KILLS: usize = 20;
+    let mut rng = fastrand::Rng::with_seed(20261128);
+    let fake = FakeMews::start().await;
+    let env = Env::with(&fake.base_url, &[("batch_size", "200")], "");
+    let db = env.producer().await;
+    insert_rows(&db, ROWS, &threads(2_000), "crash").await;
+
+    // Kill after a random number of answered requests, restart, repeat.
+    let mut in_flight_at_a_kill: HashSet<i64> = HashSet::new();
+    let mut kills = 0;
+    for _ in 0..KILLS {
+        let mut daemon = env.start();
+        let answered = fake.requests().len();
+        let target = answered + rng.usize(1..=4);
+        fake.wait_for_requests(target, WAIT).await;
+        daemon.crash().await;
+        kills += 1;
+        let sending: Vec<i64> =
+            sqlx::query_scalar("SELECT id FROM outbox WHERE status = 'sending'")
+                .fetch_all(&db)
+                .await
+                .unwrap();
+        in_flight_at_a_kill.extend(sending);
+        if count(&db, "delivered").await as usize == ROWS {
+            break;
+        }
+    }
+    let _last = env.start();
+    wait_for_status_within(&db, "delivered", ROWS as i64, LONG).await;
+
+    let accepted = fake.accepted();
+    let dups = duplicates(&accepted);
+    let rows = rows(&db).await;
+    let by_text: HashMap<String, i64> = rows
+        .iter()
+        .map(|r| (String::from_utf8_lossy(&r.text).into_owned(), r.id))
+        .collect();
+    for text in dups.keys() {
+        assert!(
+            in_flight_at_a_kill.contains(&by_text[text]),
+            "{text} was sent twice but was not in flight at any kill"
+        );
+    }
+    let unique: HashSet<&str> = accepted.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(unique.len(), ROWS, "every row reached Mews");
+    assert!(
+        rows.iter()
+            .all(|r| r.status == "delivered" && r.mews_message_id.is_some())
+    );
+    println!(
+        "crash: rows={ROWS} delivered={} dead=0 kills={kills} in_flight_at_kills={} duplicates={}",
+        rows.len(),
+        in_flight_at_a_kill.len(),
+        dups.values().map(|n| n - 1).sum::<usize>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_every_row_ends_delivered_or_dead_and_retry_after_is_honoured() {
+    const ROWS: usize = 2_000;
+    let mut rng = fastrand::Rng::with_seed(7);
+    let fake = FakeMews::start().await;
+    let mut faults = Vec::new();
+    // Arrivals are Instants; this anchor converts them to wall-clock time.
+    let (anchor_wall, anchor) = (SystemTime::now(), std::time::Instant::now());
+    for _ in 0..60 {
+        let ahead = Duration::from_secs(rng.u64(1..=4));
+        let retry_at = httpdate::fmt_http_date(SystemTime::now() + ahead);
+        faults.push(match rng.u8(0..10) {
+            0 => Fault::status(500),
+            1 => Fault::status(503),
+            2 => Fault::status(408),
+            3 => Fault::status_retry_after(429, "1"),
+            4 => Fault::status_retry_after(429, retry_at),
+            5 => Fault::status(429),
+            6 => Fault::DropBeforeStore,
+            7 => Fault::DropAfterStore,
+            8 => Fault::DelayThenNormal(Duration::from_millis(2_500)),
+            _ => Fault::StoreThenStatus(502),
+        });
+        // Some normal answers between the faults.
+        for _ in 0..rng.usize(0..2) {
+            faults.push(Fault::DelayThenNormal(Duration::ZERO));
+        }
+    }
+    let injected = faults.len();
+    fake.script(faults);
+    let env = Env::with(
+        &fake.base_url,
+        &[
+            ("batch_size", "100"),
+            ("max_attempts", "1000"),
+            ("request_timeout", "\"1s\""),
+        ],
+        "",
+    );
+    let db = env.producer().await;
+    insert_rows(&db, ROWS, &threads(500), "chaos").await;
+
+    let _daemon = env.start();
+    wait_for_status_within(&db, "delivered", ROWS as i64, LONG).await;
+    assert_eq!(count(&db, "dead").await, 0);
+
+    let requests = fake.add_requests();
+    // No request arrives before a Retry-After the fake gave has passed.
+    for (i, r) in requests.iter().enumerate() {
+        let Some(Fault::Status {
+            code: 429,
+            retry_after: Some(after),
+            ..
+        }) = &r.fault
+        else {
+            continue;
+        };
+        let not_before = match after.parse::<u64>() {
+            Ok(s) => r.arrived + Duration::from_secs(s),
+            Err(_) => {
+                let date = httpdate::parse_http_date(after).unwrap();
+                anchor + date.duration_since(anchor_wall).unwrap_or_default()
+            }
+        };
+        if let Some(next) = requests.get(i + 1) {
+            // 50 ms for the fake recording an arrival after accepting it.
+            assert!(
+                next.arrived + Duration::from_millis(50) >= not_before,
+                "request {i}: Retry-After {after} not honoured"
+            );
+        }
+    }
+    // Duplicates only where the fake stored and then did not answer 200.
+    let ambiguous: HashSet<uuid::Uuid> = requests
+        .iter()
+        .filter(|r| r.status != 200)
+        .flat_map(|r| r.stored_ids.iter().copied())
+        .collect();
+    let accepted = fake.accepted();
+    let dups = duplicates(&accepted);
+    for m in &accepted {
+        if dups.contains_key(&m.text) {
+            let copies: Vec<_> = accepted.iter().filter(|o| o.text == m.text).collect();
+            let unanswered = copies.iter().filter(|c| ambiguous.contains(&c.id)).count();
+            assert!(
+                unanswered >= copies.len() - 1,
+                "{} stored {} times, {unanswered} of them unanswered",
+                m.text,
+                copies.len()
+            );
+        }
+    }
+    let unique: HashSet<&str> = accepted.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(unique.len(), ROWS);
+    println!(
+        "chaos: rows={ROWS} delivered={ROWS} dead=0 requests={} faults_injected={injected} duplicates={}",
+        requests.len(),
+        dups.values().map(|n| n - 1).sum::<usize>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_only_the_rejected_messages_end_dead() {
+    const ROWS: usize = 5_000;
+    let fake = FakeMews::start().await;
+    // One message in every 500 is refused, with a 403 for its whole request.
+    fake.set_poison(|text| {
+        text.trim_start_matches("poison ")
+            .parse::<usize>()
+            .is_ok_and(|n| n % 500 == 250)
+    });
+    let env = Env::new(&fake.base_url);
+    let db = env.producer().await;
+    insert_rows(&db, ROWS, &threads(ROWS), "poison").await;
+
+    let _daemon = env.start();
+    wait_for_status(&db, "dead", 10).await;
+    wait_for_status(&db, "delivered", (ROWS - 10) as i64).await;
+
+    for row in rows(&db).await.iter().filter(|r| r.status == "dead") {
+        let text = String::from_utf8_lossy(&row.text);
+        let n: usize = text.trim_start_matches("poison ").parse().unwrap();
+        assert_eq!(n % 500, 250, "{text} is dead but was not poisoned");
+        let error = row.last_error.as_deref().unwrap();
+        assert!(
+            error.contains("HTTP 403: poisoned") && error.contains("RequestId"),
+            "{error}"
+        );
+    }
+    let requests = fake.add_requests().len();
+    let baseline = ROWS.div_ceil(1000);
+    let bound = baseline + 10 * 2 * 10; // 2·log2(1000) ≈ 20 extra per poison message
+    assert!(requests <= bound, "{requests} requests, bound {bound}");
+    println!(
+        "poison: rows={ROWS} delivered={} dead=10 requests={requests} bound={bound}",
+        ROWS - 10
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contention_four_producer_processes_and_the_daemon_never_fail() {
+    const PER_PRODUCER: usize = 25_000;
+    let fake = FakeMews::start().await;
+    let env = Env::new(&fake.base_url);
+    let db = env.producer().await;
+    let _daemon = env.start().ready().await;
+
+    let script = r#"
+import sqlite3, sys, uuid, random
+seed, n = int(sys.argv[2]), int(sys.argv[3])
+random.seed(seed)
+db = sqlite3.connect(sys.argv[1], timeout=60, isolation_level=None)
+threads = [str(uuid.UUID(int=random.getrandbits(128), version=4)) for _ in range(1000)]
+i = 0
+while i < n:
+    size = min(random.randint(1, 200), n - i)
+    db.execute("BEGIN IMMEDIATE")
+    for _ in range(size):
+        db.execute("INSERT INTO outbox (message_thread_id, text) VALUES (?, ?)",
+                   (threads[i % len(threads)], "p%d-%d" % (seed, i)))
+        i += 1
+    db.execute("COMMIT")
+"#;
+    // All four run at once; each is awaited in turn.
+    let producers: Vec<_> = (0..4)
+        .map(|seed| {
+            tokio::process::Command::new("python3")
+                .arg("-c")
+                .arg(script)
+                .arg(&env.db)
+                .arg(seed.to_string())
+                .arg(PER_PRODUCER.to_string())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("python3")
+        })
+        .collect();
+    for producer in producers {
+        let output = producer.wait_with_output().await.expect("producer");
+        assert!(
+            output.status.success(),
+            "producer failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let total = 4 * PER_PRODUCER;
+    wait_for_status_within(&db, "delivered", total as i64, LONG).await;
+    let accepted = fake.accepted();
+    assert_eq!(accepted.len(), total, "each row delivered once");
+    assert!(duplicates(&accepted).is_empty());
+    println!(
+        "contention: producers=4 rows={total} delivered={total} duplicates=0 producer_errors=0"
+    );
+}
