@@ -365,6 +365,19 @@ impl<S: Outbox> AccountWorker<S> {
                 SystemTime::now(),
                 fastrand::f64(),
             );
+            if let Outcome::Accepted {
+                by_identifier,
+                unlabelled,
+            } = &reply.outcome
+            {
+                warn_on_mismatch(
+                    &self.account,
+                    batch.len(),
+                    by_identifier.len(),
+                    *unlabelled,
+                    &decision,
+                );
+            }
             self.record(&decision.rows).await;
             self.adapt(&reply, &decision);
             for half in decision.split.into_iter().rev() {
@@ -493,6 +506,32 @@ impl<S: Outbox> AccountWorker<S> {
         if let Err(e) = result {
             tracing::error!(account = %self.account, rows = outcomes.len(), error = %e, "stopping before the outcomes could be recorded; these rows stay `sending` and will be re-sent after restart");
         }
+    }
+}
+
+/// A 200 whose items do not match what was sent: say so once per request.
+fn warn_on_mismatch(
+    account: &str,
+    sent: usize,
+    returned: usize,
+    unlabelled: usize,
+    decision: &Decision,
+) {
+    let delivered = decision
+        .rows
+        .iter()
+        .filter(|(_, o)| matches!(o, RowOutcome::Delivered { .. }))
+        .count();
+    if delivered != sent || returned != delivered || unlabelled > 0 {
+        tracing::warn!(
+            account,
+            sent,
+            delivered,
+            missing = sent.saturating_sub(delivered),
+            never_sent = returned.saturating_sub(delivered),
+            unlabelled,
+            "Mews's 200 answer does not match the request: rows without an Id are retried, items for Identifiers never sent are ignored"
+        );
     }
 }
 
@@ -701,5 +740,74 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn any_outcome() -> impl Strategy<Value = Outcome> {
+            let error = Just("e".to_owned());
+            let after = proptest::option::of((0u64..100).prop_map(Duration::from_secs));
+            prop_oneof![
+                proptest::collection::hash_set(1i64..40, 0..40).prop_map(|ids| Outcome::Accepted {
+                    by_identifier: ids
+                        .into_iter()
+                        .map(|id| {
+                            (
+                                id.to_string(),
+                                AddedMessage {
+                                    id: format!("m{id}"),
+                                    message_thread_id: None,
+                                    text: None,
+                                    sender: Sender::Plain("Application".into()),
+                                    created_utc: "c".into(),
+                                },
+                            )
+                        })
+                        .collect(),
+                    unlabelled: 0,
+                }),
+                error.clone().prop_map(|error| Outcome::Rejected { error }),
+                error.clone().prop_map(|error| Outcome::TooLarge { error }),
+                error
+                    .clone()
+                    .prop_map(|error| Outcome::Unauthorized { error }),
+                error.clone().prop_map(|error| Outcome::NotFound { error }),
+                (error.clone(), after.clone())
+                    .prop_map(|(error, retry_after)| Outcome::Throttled { error, retry_after }),
+                (error, after, any::<bool>(), any::<bool>()).prop_map(
+                    |(error, retry_after, maybe_stored, smaller)| {
+                        Outcome::Transient {
+                            error,
+                            retry_after,
+                            maybe_stored,
+                            smaller,
+                        }
+                    }
+                ),
+            ]
+        }
+
+        proptest! {
+            /// Every row of a batch ends in exactly one place: an outcome to
+            /// store now, or one of the halves to send again.
+            #[test]
+            fn every_row_gets_exactly_one_outcome(n in 1i64..40, attempts in 0u32..5, outcome in any_outcome(), jitter in 0.0f64..1.0) {
+                let mut batch = rows(n);
+                for row in &mut batch { row.attempts = attempts; }
+                let d = decide(&batch, &outcome, &retry(), now(), jitter);
+                let mut seen: Vec<i64> = d.rows.iter().map(|(id, _)| *id).collect();
+                seen.extend(d.split.iter().flatten().map(|r| r.id));
+                seen.sort_unstable();
+                prop_assert_eq!(seen, (1..=n).collect::<Vec<_>>());
+                prop_assert!(d.split.iter().all(|half| !half.is_empty()));
+                for (_, o) in &d.rows {
+                    if let RowOutcome::Retry { at, .. } = o {
+                        prop_assert!(*at >= now());
+                    }
+                }
+            }
+        }
     }
 }

@@ -415,4 +415,34 @@ mod tests {
             Outcome::Transient { smaller: true, .. }
         ));
     }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any status and any body map to exactly one outcome, without panicking.
+        #[test]
+        fn classify_never_panics(status in 100u16..600, body in proptest::collection::vec(proptest::num::u8::ANY, 0..300), header in proptest::option::of(".{0,30}")) {
+            let outcome = classify(status, header.as_deref(), &body, SystemTime::UNIX_EPOCH);
+            let accepted = matches!(outcome, Outcome::Accepted { .. });
+            prop_assert!(status == 200 || !accepted);
+        }
+
+        /// Whatever order the items come in, each Identifier maps to its own message.
+        #[test]
+        fn identifiers_map_regardless_of_order(set in proptest::collection::hash_set(0u32..10_000, 1..50), seed in 0u64..1000) {
+            let mut ids: Vec<u32> = set.into_iter().collect();
+            fastrand::Rng::with_seed(seed).shuffle(&mut ids);
+            let items: Vec<String> = ids.iter().map(|id| format!(
+                r#"{{"Identifier":"{id}","Message":{{"Id":"m{id}","Sender":"Application","CreatedUtc":"c"}}}}"#
+            )).collect();
+            let body = format!(r#"{{"Messages":[{}]}}"#, items.join(","));
+            let Outcome::Accepted { by_identifier, unlabelled } = classify(200, None, body.as_bytes(), SystemTime::UNIX_EPOCH) else {
+                return Err(TestCaseError::fail("not accepted"));
+            };
+            prop_assert_eq!(unlabelled, 0);
+            for id in ids {
+                prop_assert_eq!(&by_identifier[&id.to_string()].id, &format!("m{id}"));
+            }
+        }
+    }
 }
