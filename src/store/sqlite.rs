@@ -29,6 +29,24 @@ pub const MIGRATIONS_TABLE: &str = "_mews_outbox_migrations";
 /// (status, next_due) proceed beside a write.
 const POOL_CONNECTIONS: u32 = 4;
 
+/// Stores one batch of outcomes: `?1` is a JSON array of
+/// `{id, status, attempt, next_attempt_at?, error?, delivered_at?, mews_*?}`.
+/// Only rows still `sending` are touched: an operator may have acted
+/// meanwhile. The unary `+` keeps SQLite from driving the join with the
+/// status index (which re-reads the whole JSON array for each `sending` row):
+/// the plan must walk the array and look each row up by rowid.
+const RECORD: &str = "UPDATE outbox SET
+                 status = u.value ->> 'status',
+                 attempts = attempts + (u.value ->> 'attempt'),
+                 next_attempt_at = coalesce(u.value ->> 'next_attempt_at', next_attempt_at),
+                 last_error = coalesce(u.value ->> 'error', last_error),
+                 delivered_at = u.value ->> 'delivered_at',
+                 mews_message_id = u.value ->> 'mews_message_id',
+                 mews_created_utc = u.value ->> 'mews_created_utc',
+                 mews_sender = u.value ->> 'mews_sender'
+             FROM json_each(?1) AS u
+             WHERE outbox.id = u.value ->> 'id' AND +outbox.status = 'sending'";
+
 /// Handle to an outbox database. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -407,23 +425,10 @@ impl Outbox for SqliteStore {
                 }),
             })
             .collect();
-        // Only rows still `sending` are touched: an operator may have acted meanwhile.
-        sqlx::query(
-            "UPDATE outbox SET
-                 status = u.value ->> 'status',
-                 attempts = attempts + (u.value ->> 'attempt'),
-                 next_attempt_at = coalesce(u.value ->> 'next_attempt_at', next_attempt_at),
-                 last_error = coalesce(u.value ->> 'error', last_error),
-                 delivered_at = u.value ->> 'delivered_at',
-                 mews_message_id = u.value ->> 'mews_message_id',
-                 mews_created_utc = u.value ->> 'mews_created_utc',
-                 mews_sender = u.value ->> 'mews_sender'
-             FROM json_each(?1) AS u
-             WHERE outbox.id = u.value ->> 'id' AND outbox.status = 'sending'",
-        )
-        .bind(serde_json::Value::Array(updates).to_string())
-        .execute(&self.pool)
-        .await?;
+        sqlx::query(RECORD)
+            .bind(serde_json::Value::Array(updates).to_string())
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -688,5 +693,21 @@ mod tests {
         let text = timestamp(t);
         assert_eq!(text.len(), 24);
         assert_eq!(parse_timestamp(&text), Some(t));
+    }
+
+    #[tokio::test]
+    async fn recording_walks_the_outcomes_and_looks_rows_up_by_rowid() {
+        let (_dir, s) = store().await;
+        let plan: Vec<String> =
+            sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {RECORD}")))
+                .bind("[]")
+                .fetch_all(s.pool())
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.get::<String, _>("detail"))
+                .collect();
+        assert!(plan[0].starts_with("SCAN u"), "{plan:?}");
+        assert!(plan[1].contains("INTEGER PRIMARY KEY"), "{plan:?}");
     }
 }
