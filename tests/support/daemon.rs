@@ -38,6 +38,7 @@ impl Env {
         let text = format!(
             r#"[database]
 path = {db:?}
+busy_timeout = "5s"
 
 [mews]
 base_url = "{base_url}"
