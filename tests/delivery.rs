@@ -430,3 +430,75 @@ while n < 3000:
     assert!(status.success());
     println!("sigterm_to_exit_ms={}", took.as_millis());
 }
+
+#[tokio::test]
+async fn the_command_line_enqueues_reports_status_and_checks_config_without_tokens() {
+    let fake = FakeMews::start().await;
+    let env = Env::new(&fake.base_url);
+    let thread = threads(1).remove(0);
+
+    let (ok, id, _) = env
+        .cli(&[
+            "enqueue",
+            "--thread",
+            &thread.to_uppercase(),
+            "--text",
+            "hi",
+            "--identifier",
+            "k1",
+        ])
+        .await;
+    assert!(ok.success());
+    assert_eq!(id.trim(), "1");
+    let (ok, again, note) = env
+        .cli(&[
+            "enqueue",
+            "--thread",
+            &thread,
+            "--text",
+            "hi",
+            "--identifier",
+            "k1",
+        ])
+        .await;
+    assert!(ok.success());
+    assert_eq!(again.trim(), "1", "the same identifier enqueues once");
+    assert!(note.contains("exists already"), "{note}");
+    let (failed, _, err) = env
+        .cli(&[
+            "enqueue",
+            "--thread",
+            &thread,
+            "--text",
+            "hi",
+            "--account",
+            "nowhere",
+        ])
+        .await;
+    assert!(!failed.success());
+    assert!(
+        err.contains("account \"nowhere\" is not configured"),
+        "{err}"
+    );
+
+    let (ok, json, _) = env.cli(&["status", "--json"]).await;
+    assert!(ok.success());
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(report["totals"]["pending"], 1);
+    assert_eq!(report["accounts"][0]["account"], "default");
+    let (ok, text, _) = env.cli(&["status"]).await;
+    assert!(ok.success() && text.contains("default"), "{text}");
+
+    let (ok, shown, _) = env.cli(&["check-config"]).await;
+    assert!(ok.success());
+    assert!(shown.contains("client_token = \"<redacted>\""), "{shown}");
+    assert!(!shown.contains(support::daemon::CLIENT_TOKEN) && !shown.contains(ACCESS_TOKEN));
+
+    std::fs::write(&env.config, "[delivery]\nbatch_size = 5000\n").unwrap();
+    let (bad, _, err) = env.cli(&["check-config"]).await;
+    assert_eq!(bad.code(), Some(2));
+    assert!(
+        err.contains("delivery.batch_size") && err.lines().count() == 1,
+        "{err}"
+    );
+}
