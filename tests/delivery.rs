@@ -1,5 +1,6 @@
 //! The daemon end to end: the real binary, a real SQLite file, a fake Mews
 //! over HTTP on 127.0.0.1.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod support;
 

@@ -2,6 +2,7 @@
 //! network made it unavoidable, bad input answered without hurting the rest.
 //! Each scenario runs the real binary against a real SQLite file and a fake
 //! Mews that injects faults from a seeded schedule, and prints its figures.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod support;
 

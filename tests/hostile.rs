@@ -1,6 +1,7 @@
 //! Hostile inserts and hostile responses: each is refused at insert with a
 //! clear error, or handled by the daemon with a clear log line and a defined
 //! row state; the daemon never panics and keeps delivering the other rows.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod support;
 

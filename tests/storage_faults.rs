@@ -1,6 +1,7 @@
 //! Database faults mid-drain: the disk fills up, or another process holds
 //! the database locked for longer than the busy timeout. The daemon logs the
 //! cause, keeps retrying, loses nothing, and recovers when the fault clears.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod support;
 
