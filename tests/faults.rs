@@ -29,18 +29,27 @@ fn duplicates(accepted: &[StoredMessage]) -> HashMap<String, usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_sigkill_at_random_points_loses_nothing() {
-    const ROWS: usize = 20_000;
-    const KILLS: usize = 20;
-    let mut rng = fastrand::Rng::with_seed(20261128);
+    crash_scenario(20_000, 20, 20261128).await;
+}
+
+/// The long variant: `cargo test --test faults -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: 200,000 rows and 100 kills"]
+async fn crash_long_sigkill_100_times_loses_nothing() {
+    crash_scenario(200_000, 100, 1).await;
+}
+
+async fn crash_scenario(rows_total: usize, kills_max: usize, seed: u64) {
+    let mut rng = fastrand::Rng::with_seed(seed);
     let fake = FakeMews::start().await;
     let env = Env::with(&fake.base_url, &[("batch_size", "200")], "");
     let db = env.producer().await;
-    insert_rows(&db, ROWS, &threads(2_000), "crash").await;
+    insert_rows(&db, rows_total, &threads(2_000), "crash").await;
 
     // Kill after a random number of answered requests, restart, repeat.
     let mut in_flight_at_a_kill: HashSet<i64> = HashSet::new();
     let mut kills = 0;
-    for _ in 0..KILLS {
+    for _ in 0..kills_max {
         let mut daemon = env.start();
         let answered = fake.requests().len();
         let target = answered + rng.usize(1..=4);
@@ -53,12 +62,12 @@ async fn crash_sigkill_at_random_points_loses_nothing() {
                 .await
                 .unwrap();
         in_flight_at_a_kill.extend(sending);
-        if count(&db, "delivered").await as usize == ROWS {
+        if count(&db, "delivered").await as usize == rows_total {
             break;
         }
     }
     let _last = env.start();
-    wait_for_status_within(&db, "delivered", ROWS as i64, LONG).await;
+    wait_for_status_within(&db, "delivered", rows_total as i64, LONG).await;
 
     let accepted = fake.accepted();
     let dups = duplicates(&accepted);
@@ -74,13 +83,13 @@ async fn crash_sigkill_at_random_points_loses_nothing() {
         );
     }
     let unique: HashSet<&str> = accepted.iter().map(|m| m.text.as_str()).collect();
-    assert_eq!(unique.len(), ROWS, "every row reached Mews");
+    assert_eq!(unique.len(), rows_total, "every row reached Mews");
     assert!(
         rows.iter()
             .all(|r| r.status == "delivered" && r.mews_message_id.is_some())
     );
     println!(
-        "crash: rows={ROWS} delivered={} dead=0 kills={kills} in_flight_at_kills={} duplicates={}",
+        "crash: rows={rows_total} delivered={} dead=0 kills={kills} in_flight_at_kills={} duplicates={}",
         rows.len(),
         in_flight_at_a_kill.len(),
         dups.values().map(|n| n - 1).sum::<usize>()
