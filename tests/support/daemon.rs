@@ -46,10 +46,14 @@ request_timeout = "2s"
 
 [accounts.default]
 access_token = "{ACCESS_TOKEN}"
+rate_limit = "200/30s"
 
 [delivery]
+batch_size = 1000
 poll_interval = "5ms"
+max_concurrent_requests = 4
 drain_timeout = "5s"
+reconcile = true
 
 [retry]
 base_delay = "20ms"
@@ -57,6 +61,7 @@ max_delay = "200ms"
 max_attempts = 5
 pause_base = "100ms"
 pause_max = "1s"
+breaker_failures = 5
 {extra}
 "#,
             db = db.display().to_string()
@@ -229,14 +234,26 @@ pub async fn insert_rows(
     threads: &[String],
     prefix: &str,
 ) -> Vec<i64> {
+    insert_rows_for(pool, "default", n, threads, prefix).await
+}
+
+/// [`insert_rows`] for another account.
+pub async fn insert_rows_for(
+    pool: &SqlitePool,
+    account: &str,
+    n: usize,
+    threads: &[String],
+    prefix: &str,
+) -> Vec<i64> {
     let mut tx = pool.begin().await.expect("begin");
     let mut ids = Vec::with_capacity(n);
     for i in 0..n {
         let id: i64 = sqlx::query_scalar(
-            "INSERT INTO outbox (message_thread_id, text) VALUES (?1, ?2) RETURNING id",
+            "INSERT INTO outbox (message_thread_id, text, account) VALUES (?1, ?2, ?3) RETURNING id",
         )
         .bind(&threads[i % threads.len()])
         .bind(format!("{prefix} {i}"))
+        .bind(account)
         .fetch_one(&mut *tx)
         .await
         .expect("insert");
@@ -262,6 +279,13 @@ pub async fn count(pool: &SqlitePool, status: &str) -> i64 {
 /// Waits until `SELECT count(*) ... WHERE status = ?` reaches `n`, checking
 /// each time the database changes (PRAGMA data_version on one connection).
 pub async fn wait_for_status(pool: &SqlitePool, status: &str, n: i64) {
+    wait_for_rows(pool, &format!("status = '{status}'"), n).await;
+}
+
+/// Waits until `SELECT count(*) FROM outbox WHERE <condition>` reaches `n`,
+/// checking each time the database changes.
+pub async fn wait_for_rows(pool: &SqlitePool, condition: &str, n: i64) {
+    let query = format!("SELECT count(*) FROM outbox WHERE {condition}");
     let mut conn = pool.acquire().await.expect("connection");
     let result = tokio::time::timeout(WAIT, async {
         let mut last_version = -1i64;
@@ -272,8 +296,7 @@ pub async fn wait_for_status(pool: &SqlitePool, status: &str, n: i64) {
                 .expect("data_version");
             if version != last_version {
                 last_version = version;
-                let have: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = ?1")
-                    .bind(status)
+                let have: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(query.clone()))
                     .fetch_one(&mut *conn)
                     .await
                     .expect("count");
@@ -287,10 +310,11 @@ pub async fn wait_for_status(pool: &SqlitePool, status: &str, n: i64) {
     })
     .await;
     if result.is_err() {
-        panic!(
-            "timed out waiting for {n} `{status}` rows; have {}",
-            count(pool, status).await
-        );
+        let have: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(query.clone()))
+            .fetch_one(pool)
+            .await
+            .expect("count");
+        panic!("timed out waiting for {n} rows with {condition}; have {have}");
     }
 }
 
@@ -301,6 +325,7 @@ pub struct Row {
     /// Bytes, since a hostile producer can store text that is not UTF-8.
     pub text: Vec<u8>,
     pub status: String,
+    pub account: String,
     pub attempts: i64,
     pub last_error: Option<String>,
     pub mews_message_id: Option<String>,
@@ -308,9 +333,18 @@ pub struct Row {
     pub mews_sender: Option<String>,
 }
 
+/// Rows of one account.
+pub async fn rows_of(pool: &SqlitePool, account: &str) -> Vec<Row> {
+    rows(pool)
+        .await
+        .into_iter()
+        .filter(|r| r.account == account)
+        .collect()
+}
+
 pub async fn rows(pool: &SqlitePool) -> Vec<Row> {
     sqlx::query_as(
-        "SELECT id, message_thread_id, CAST(text AS BLOB) AS text, status, attempts, last_error,
+        "SELECT id, message_thread_id, CAST(text AS BLOB) AS text, status, account, attempts, last_error,
                 mews_message_id, mews_created_utc, mews_sender
          FROM outbox ORDER BY id",
     )
