@@ -247,6 +247,8 @@ pub enum Step {
     Paused { until: SystemTime },
     /// The database failed; try again shortly.
     StoreFailed,
+    /// The daemon is stopping.
+    Stopping,
 }
 
 /// What reading back ambiguous rows came to.
@@ -341,6 +343,7 @@ impl<S: Outbox> AccountWorker<S> {
                 Step::Idle { next_due } => next_due,
                 Step::Paused { until } => Some(until),
                 Step::StoreFailed => Some(SystemTime::now() + STORE_RETRY_DELAY),
+                Step::Stopping => break,
             };
             let sleep = wake_at
                 .map(|at| at.duration_since(SystemTime::now()).unwrap_or_default())
@@ -366,6 +369,12 @@ impl<S: Outbox> AccountWorker<S> {
         {
             return Step::Paused { until: pause.until };
         }
+        // Rows stay `pending` (and rows inserted meanwhile can join the
+        // batch) until a request may go.
+        if !self.wait_for_room().await {
+            return Step::Stopping;
+        }
+        let now = SystemTime::now();
         let rows = match self
             .store
             .claim(&self.account, now, self.batch.current())
@@ -492,21 +501,31 @@ impl<S: Outbox> AccountWorker<S> {
         matches!(&self.pause, Some(p) if p.until > SystemTime::now())
     }
 
+    /// Waits until this account's rate limit lets one more request go;
+    /// `false` when stopping meanwhile.
+    async fn wait_for_room(&self) -> bool {
+        let Some(limiter) = &self.limiter else {
+            return true;
+        };
+        let now = Instant::now();
+        // One request at a time per account: none is in flight here, so the
+        // limiter always names a time.
+        let at = limiter.ready_at(now).unwrap_or(now);
+        if at > now {
+            tracing::debug!(account = %self.account, wait_ms = (at - now).as_millis() as u64, "rate limit: waiting for room in the window");
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return false,
+                _ = tokio::time::sleep_until(at) => {}
+            }
+        }
+        true
+    }
+
     /// Waits until this account's rate limit and the shared bound on
     /// requests in flight let one more go. `None` when stopping meanwhile.
     async fn admit(&mut self) -> Option<OwnedSemaphorePermit> {
-        if let Some(limiter) = &self.limiter {
-            let now = Instant::now();
-            // One request at a time per account: none is in flight here, so
-            // the limiter always names a time.
-            let at = limiter.ready_at(now).unwrap_or(now);
-            if at > now {
-                tracing::debug!(account = %self.account, wait_ms = (at - now).as_millis() as u64, "rate limit: waiting for room in the window");
-                tokio::select! {
-                    _ = self.shutdown.cancelled() => return None,
-                    _ = tokio::time::sleep_until(at) => {}
-                }
-            }
+        if !self.wait_for_room().await {
+            return None;
         }
         let permit = tokio::select! {
             _ = self.shutdown.cancelled() => return None,
@@ -780,7 +799,7 @@ impl<S: Outbox> AccountWorker<S> {
             ),
             PauseKind::Systemic => tracing::error!(
                 account = %self.account, pause = %wait, paused_until = %until, reason = %reason,
-                "account paused after a systemic rejection; fix the cause, then it resumes by itself after the pause (or restart the daemon after clearing the pause)"
+                "account paused after a systemic rejection; no message was dropped; fix the cause, the account tries again by itself after the pause"
             ),
         }
         self.pause = Some(pause);
@@ -810,7 +829,7 @@ impl<S: Outbox> AccountWorker<S> {
             })
             .await;
         if let Err(e) = result {
-            tracing::error!(account = %self.account, rows = outcomes.len(), error = %e, "stopping before the outcomes could be recorded; these rows stay `sending` and will be re-sent after restart");
+            tracing::error!(account = %self.account, rows = outcomes.len(), error = %e, "stopping before the outcomes could be recorded; these rows stay `sending` and are taken up after restart (read back from Mews first)");
         }
     }
 }

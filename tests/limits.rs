@@ -66,7 +66,17 @@ async fn a_backlog_uses_at_least_95_percent_of_the_rate_limit_without_a_429() {
         .filter(|r| r.arrived < t0 + WINDOW * WINDOWS)
         .count();
     let allowed = LIMIT * WINDOWS as usize;
-    println!("rate_limit_use={used}/{allowed}");
+    // Steady state: request k+LIMIT waits for request k's window to pass.
+    let cycles: Vec<Duration> = requests
+        .windows(LIMIT + 1)
+        .map(|w| w[LIMIT].arrived - w[0].arrived)
+        .collect();
+    let mean = cycles.iter().sum::<Duration>() / cycles.len() as u32;
+    println!(
+        "rate_limit_use={used}/{allowed} mean_gap_between_request_k_and_k+{LIMIT}_ms={} steady_state_use={:.1}%",
+        mean.as_millis(),
+        100.0 * WINDOW.as_secs_f64() / mean.as_secs_f64()
+    );
     assert!(
         used * 100 >= allowed * 95,
         "{used} requests in {WINDOWS} windows, {allowed} allowed"

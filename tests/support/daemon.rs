@@ -218,11 +218,20 @@ impl Daemon {
         self.child.kill().await.expect("SIGKILL");
     }
 
+    /// Waits for the process to exit and for its last log line to be
+    /// collected (the reader sees the end of stderr after the exit).
     pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        match tokio::time::timeout(within, self.child.wait()).await {
+        let status = match tokio::time::timeout(within, self.child.wait()).await {
             Ok(status) => status.expect("wait"),
             Err(_) => panic!("daemon still running after {within:?}:\n{}", self.log()),
-        }
+        };
+        let drained = tokio::time::timeout(within, async {
+            // Err: the reader dropped its sender at the end of stderr.
+            while self.seen.changed().await.is_ok() {}
+        })
+        .await;
+        assert!(drained.is_ok(), "stderr still open after the exit");
+        status
     }
 }
 
