@@ -158,9 +158,11 @@ enum Watch {
 /// messages evenly spread over the rest of the batch are sent next. If all
 /// of them are rejected with the same status and Mews message (RequestId
 /// aside), the rejection is systemic: nothing is dead-lettered and the
-/// account pauses. Otherwise the held rows are dead-lettered and the rest
-/// goes on as one batch. A batch too small to sample is judged message by
-/// message.
+/// account pauses. If a sampled message is accepted or rejected for another
+/// reason, the held rows are dead-lettered; if its answer proves nothing (a
+/// 429, a 5xx, a timeout), they go back to `pending` untouched. Either way
+/// the rest goes on as one batch. A batch too small to sample is judged
+/// message by message.
 #[derive(Debug, Clone, Default)]
 pub struct RejectionWatch {
     state: Watch,
@@ -245,17 +247,38 @@ impl RejectionWatch {
                             systemic: Some(systemic),
                         }
                     }
-                    _ => {
-                        let flush = std::mem::take(held);
-                        self.state = Watch::Done;
-                        Judgement {
-                            record: true,
-                            flush,
-                            systemic: None,
-                        }
+                    // Accepted, or rejected for another reason: the rows
+                    // are at fault one by one; the held ones are dead.
+                    Some(_) => self.conclude(|error| RowOutcome::Dead { error }),
+                    None if matches!(outcome, Outcome::Accepted { .. }) => {
+                        self.conclude(|error| RowOutcome::Dead { error })
                     }
+                    // A 429, a 5xx, a timeout...: the sample proves nothing;
+                    // the held rows go back untouched to be tried again.
+                    None => self.conclude(|_| RowOutcome::Release),
                 }
             }
+        }
+    }
+
+    /// Ends the sampling: the held rows get `held` (their recorded error
+    /// passed in) and every later reply is recorded as it comes.
+    fn conclude(&mut self, held: impl Fn(String) -> RowOutcome) -> Judgement {
+        let flush = match std::mem::take(&mut self.state) {
+            Watch::Sampling { held: rows, .. } => rows
+                .into_iter()
+                .map(|(id, outcome)| match outcome {
+                    RowOutcome::Dead { error } => (id, held(error)),
+                    other => (id, other),
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        self.state = Watch::Done;
+        Judgement {
+            record: true,
+            flush,
+            systemic: None,
         }
     }
 
@@ -421,7 +444,6 @@ mod tests {
             Outcome::Rejected {
                 error: "HTTP 400: Invalid Text (RequestId x)".into(),
             },
-            transient(),
         ] {
             let mut watch = RejectionWatch::default();
             let mut queue = VecDeque::from([rows(2..=2), rows(3..=4)]);
@@ -432,6 +454,22 @@ mod tests {
             assert_eq!(j.flush, dead(1));
             let j = watch.observe(&rows(4..=4), &rejected("b"), &dead(4), &mut queue);
             assert!(j.record && j.flush.is_empty(), "decided for this batch");
+        }
+    }
+
+    #[test]
+    fn a_sample_that_proves_nothing_releases_the_held_rows() {
+        let throttled = Outcome::Throttled {
+            error: "HTTP 429".into(),
+            retry_after: None,
+        };
+        for probe_outcome in [transient(), throttled] {
+            let mut watch = RejectionWatch::default();
+            let mut queue = VecDeque::from([rows(2..=2), rows(3..=4)]);
+            watch.observe(&rows(1..=1), &rejected("a"), &dead(1), &mut queue);
+            let j = watch.observe(&rows(2..=2), &probe_outcome, &[], &mut queue);
+            assert!(j.record && j.systemic.is_none(), "{probe_outcome:?}");
+            assert_eq!(j.flush, [(1, RowOutcome::Release)]);
         }
     }
 
