@@ -1,15 +1,16 @@
 //! The command line: clap definitions, and one library call per subcommand.
 
 use std::path::PathBuf;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Settings, Sources};
+use crate::dead::DeadReport;
 use crate::status::StatusReport;
-use crate::store::{Enqueued, NewMessage, SqliteStore};
+use crate::store::{Enqueued, NewMessage, Requeue, SqliteStore, timestamp};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,10 +51,50 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Dead-lettered rows: list them, send them again, or delete old ones.
+    Dead {
+        #[command(subcommand)]
+        command: DeadCommand,
+    },
     /// Create the database if needed and apply pending migrations.
     Migrate,
     /// Validate the configuration and print it with tokens redacted.
     CheckConfig,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadCommand {
+    /// List dead rows, oldest first, with their text and why they died.
+    List {
+        /// Only this account's rows.
+        #[arg(long)]
+        account: Option<String>,
+        /// Print JSON for scripts (full texts).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead rows back to `pending` (attempts reset, due now). Refuses,
+    /// changing nothing, if any named row is not dead.
+    Requeue {
+        /// Row ids to requeue (`--id 3 --id 4` or `--id 3 4`).
+        #[arg(long = "id", value_name = "N", num_args = 1.., required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<i64>,
+        /// Every dead row (of --account, if given).
+        #[arg(long)]
+        all: bool,
+        /// Only this account's rows.
+        #[arg(long)]
+        account: Option<String>,
+    },
+    /// Delete dead rows that have been dead for longer than the given age.
+    Purge {
+        /// Age such as "30d" or "12h".
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Duration,
+        /// Only this account's rows.
+        #[arg(long)]
+        account: Option<String>,
+    },
 }
 
 impl Cli {
@@ -115,6 +156,7 @@ pub async fn execute(command: Command, settings: Settings) -> anyhow::Result<()>
                 out(&report.render_text(now))?;
             }
         }
+        Command::Dead { command } => dead(command, &settings).await?,
         Command::Migrate => {
             let store = open(&settings).await?;
             out(&format!("migrations applied to {}", store.path().display()))?;
@@ -126,6 +168,86 @@ pub async fn execute(command: Command, settings: Settings) -> anyhow::Result<()>
         }
     }
     Ok(())
+}
+
+async fn dead(command: DeadCommand, settings: &Settings) -> anyhow::Result<()> {
+    let store = open(settings).await?;
+    let now = SystemTime::now();
+    match command {
+        DeadCommand::List { account, json } => {
+            let report = DeadReport {
+                generated_at: timestamp(now),
+                rows: store.dead_rows(account.as_deref()).await?,
+            };
+            if json {
+                out(&serde_json::to_string_pretty(&report)?)?;
+            } else {
+                out(&report.render_text())?;
+            }
+        }
+        DeadCommand::Requeue { ids, all, account } => {
+            let which = if all { Requeue::All } else { Requeue::Ids(ids) };
+            let requeued = store.requeue_dead(&which, account.as_deref(), now).await?;
+            if requeued.is_empty() {
+                out("no dead rows to requeue")?;
+            } else {
+                tracing::warn!(
+                    target: "mews_outbox::audit",
+                    action = "dead requeue",
+                    rows = requeued.len(),
+                    ids = ?requeued,
+                    account = account.as_deref().unwrap_or("*"),
+                    user = std::env::var("USER").unwrap_or_default(),
+                    "an operator requeued dead rows: back to pending, attempts reset"
+                );
+                out(&format!(
+                    "requeued {} dead rows: {}",
+                    requeued.len(),
+                    ids_list(&requeued)
+                ))?;
+            }
+        }
+        DeadCommand::Purge {
+            older_than,
+            account,
+        } => {
+            let cutoff = now
+                .checked_sub(older_than)
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            let purged = store.purge_dead(cutoff, account.as_deref()).await?;
+            let age = humantime::format_duration(older_than);
+            if purged > 0 {
+                tracing::warn!(
+                    target: "mews_outbox::audit",
+                    action = "dead purge",
+                    rows = purged,
+                    older_than = %age,
+                    account = account.as_deref().unwrap_or("*"),
+                    user = std::env::var("USER").unwrap_or_default(),
+                    "an operator deleted dead rows"
+                );
+            }
+            out(&format!(
+                "purged {purged} dead rows dead for more than {age}"
+            ))?;
+        }
+    }
+    Ok(())
+}
+
+/// `1, 2, 3` (at most 20 ids, then how many more).
+fn ids_list(ids: &[i64]) -> String {
+    const SHOWN: usize = 20;
+    let mut text = ids
+        .iter()
+        .take(SHOWN)
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if ids.len() > SHOWN {
+        text += &format!(" and {} more", ids.len() - SHOWN);
+    }
+    text
 }
 
 /// Prints a line of command output; a closed pipe (`| head`) is not an error.

@@ -9,6 +9,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
 
+use crate::limiter::{DEFAULT_RATE_LIMIT, RateLimit};
+
 /// The embedded defaults, layered first.
 const DEFAULTS: &str = include_str!("defaults.toml");
 
@@ -89,10 +91,13 @@ impl MewsSettings {
     }
 }
 
-/// One connected property: its AccessToken.
+/// One connected property: its AccessToken and how fast it may send.
 #[derive(Debug, Clone)]
 pub struct Account {
     pub access_token: SecretString,
+    /// Client-side limit on this account's requests (`messages/add` and
+    /// `messages/getAll` alike).
+    pub rate_limit: RateLimit,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -108,6 +113,9 @@ pub struct DeliverySettings {
     /// On SIGTERM, how long to wait for requests in flight before exiting.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Read back (messages/getAll) rows whose last send had an ambiguous
+    /// outcome before sending them again.
+    pub reconcile: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -127,6 +135,9 @@ pub struct RetrySettings {
     /// Cap on an account's pause.
     #[serde(with = "humantime_serde")]
     pub pause_max: Duration,
+    /// Failed requests in a row (5xx, 408, timeouts, connection errors) after
+    /// which the account pauses as a whole (circuit breaker).
+    pub breaker_failures: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -175,6 +186,7 @@ struct RawMews {
 struct RawAccount {
     access_token: Option<SecretString>,
     access_token_file: Option<PathBuf>,
+    rate_limit: Option<String>,
 }
 
 /// Where settings come from; tests pass their own environment.
@@ -250,10 +262,17 @@ impl Settings {
             let key = format!("accounts.{name}.access_token");
             let token = secret(&key, account.access_token, account.access_token_file)?
                 .ok_or_else(|| invalid(&key, "is required for each account"))?;
+            let rate_limit = match account.rate_limit {
+                None => DEFAULT_RATE_LIMIT,
+                Some(text) => text
+                    .parse()
+                    .map_err(|problem| invalid(format!("accounts.{name}.rate_limit"), problem))?,
+            };
             accounts.insert(
                 name,
                 Account {
                     access_token: token,
+                    rate_limit,
                 },
             );
         }
@@ -268,6 +287,7 @@ impl Settings {
                 "default".to_owned(),
                 Account {
                     access_token: SecretString::from(DEMO_ACCESS_TOKEN),
+                    rate_limit: DEFAULT_RATE_LIMIT,
                 },
             );
         }
@@ -300,6 +320,9 @@ impl Settings {
                 "retry.base_delay",
                 "must be greater than 0 and at most retry.max_delay",
             ));
+        }
+        if r.breaker_failures == 0 {
+            return Err(invalid("retry.breaker_failures", "must be at least 1"));
         }
         if r.pause_base.is_zero() || r.pause_base > r.pause_max {
             return Err(invalid(
@@ -339,20 +362,23 @@ impl std::fmt::Display for Settings {
         writeln!(f, "client_token = \"<redacted>\"")?;
         writeln!(f, "client = {:?}", self.mews.client)?;
         writeln!(f, "request_timeout = {:?}", d(self.mews.request_timeout))?;
-        for name in self.accounts.keys() {
+        for (name, account) in &self.accounts {
             writeln!(f, "\n[accounts.{name}]\naccess_token = \"<redacted>\"")?;
+            writeln!(f, "rate_limit = \"{}\"", account.rate_limit)?;
         }
         let x = &self.delivery;
         writeln!(f, "\n[delivery]\nbatch_size = {}", x.batch_size)?;
         writeln!(f, "poll_interval = {:?}", d(x.poll_interval))?;
         writeln!(f, "max_concurrent_requests = {}", x.max_concurrent_requests)?;
         writeln!(f, "drain_timeout = {:?}", d(x.drain_timeout))?;
+        writeln!(f, "reconcile = {}", x.reconcile)?;
         let r = &self.retry;
         writeln!(f, "\n[retry]\nbase_delay = {:?}", d(r.base_delay))?;
         writeln!(f, "max_delay = {:?}", d(r.max_delay))?;
         writeln!(f, "max_attempts = {}", r.max_attempts)?;
         writeln!(f, "pause_base = {:?}", d(r.pause_base))?;
         writeln!(f, "pause_max = {:?}", d(r.pause_max))?;
+        writeln!(f, "breaker_failures = {}", r.breaker_failures)?;
         writeln!(f, "\n[log]\nlevel = {:?}", self.log.level)?;
         write!(
             f,
@@ -498,6 +524,34 @@ mod tests {
             assert!(!shown.contains("ACCESS-SECRET-2"), "{shown}");
         }
         assert!(!s.mews.is_public_demo());
+    }
+
+    #[test]
+    fn an_account_rate_limit_is_read_defaulted_or_refused_naming_the_key() {
+        let s = load(
+            Some("[accounts.a]\naccess_token = \"x\"\nrate_limit = \"20/3s\"\n[accounts.b]\naccess_token = \"y\"\n[accounts.c]\naccess_token = \"z\"\nrate_limit = \"off\"\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            s.accounts["a"].rate_limit,
+            RateLimit::Window {
+                requests: 20,
+                per: Duration::from_secs(3)
+            }
+        );
+        assert_eq!(s.accounts["b"].rate_limit, DEFAULT_RATE_LIMIT);
+        assert_eq!(s.accounts["c"].rate_limit, RateLimit::Off);
+        let e = error_of(
+            Some("[accounts.a]\naccess_token = \"x\"\nrate_limit = \"fast\"\n"),
+            &[],
+        );
+        assert!(
+            e.contains("accounts.a.rate_limit") && e.contains("200/30s"),
+            "{e}"
+        );
+        let e = error_of(None, &[("MEWS_OUTBOX__RETRY__BREAKER_FAILURES", "0")]);
+        assert!(e.contains("retry.breaker_failures"), "{e}");
     }
 
     #[test]

@@ -50,6 +50,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             client.clone(),
             name.clone(),
             account.access_token.clone(),
+            account.rate_limit,
             settings.delivery.clone(),
             settings.retry.clone(),
             requests.clone(),
@@ -90,6 +91,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 }
 
 fn log_start(settings: &Settings, recovered: u64) {
+    let rate_limits: Vec<String> = settings
+        .accounts
+        .iter()
+        .map(|(name, a)| format!("{name}={}", a.rate_limit))
+        .collect();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         database = %settings.database.path.display(),
@@ -100,6 +106,9 @@ fn log_start(settings: &Settings, recovered: u64) {
         poll_interval = %humantime::format_duration(settings.delivery.poll_interval),
         request_timeout = %humantime::format_duration(settings.mews.request_timeout),
         max_concurrent_requests = settings.delivery.max_concurrent_requests,
+        rate_limits = ?rate_limits,
+        reconcile = settings.delivery.reconcile,
+        breaker_failures = settings.retry.breaker_failures,
         retry_base_delay = %humantime::format_duration(settings.retry.base_delay),
         retry_max_delay = %humantime::format_duration(settings.retry.max_delay),
         retry_max_attempts = settings.retry.max_attempts,
@@ -116,10 +125,17 @@ fn log_start(settings: &Settings, recovered: u64) {
         );
     }
     if recovered > 0 {
-        tracing::warn!(
-            rows = recovered,
-            "rows left `sending` by a previous run are pending again; Mews may already have some of them (possible duplicates)"
-        );
+        if settings.delivery.reconcile {
+            tracing::warn!(
+                rows = recovered,
+                "rows left `sending` by a previous run are pending again; Mews may already have some of them, so they are read back (messages/getAll) before being sent again"
+            );
+        } else {
+            tracing::warn!(
+                rows = recovered,
+                "rows left `sending` by a previous run are pending again; Mews may already have some of them (possible duplicates: delivery.reconcile is off)"
+            );
+        }
     }
 }
 

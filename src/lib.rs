@@ -8,16 +8,25 @@
 //! - [`store`]: the only place with SQL (claim, record, status)
 //! - [`mews`]: the API client and what each response means
 //! - [`retry`]: the retry schedule and `Retry-After`, as pure functions
+//! - [`limiter`]: the per-account rate limit (a sliding-window log)
+//! - [`adapt`]: per-account reactions over many requests: batch size,
+//!   circuit breaker, systemic rejection
+//! - [`reconcile`]: matching ambiguous rows against what Mews has
 //! - [`worker`]: one account's delivery loop (claim → send → record)
 //! - [`daemon`]: `run`: the database lock, the loops, shutdown
 //! - [`status`]: the queue at a glance
+//! - [`dead`]: the dead-letter report
 //! - [`telemetry`]: log formats and levels
 //! - [`cli`]: the command line
 
+pub mod adapt;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod dead;
+pub mod limiter;
 pub mod mews;
+pub mod reconcile;
 pub mod retry;
 pub mod status;
 pub mod store;

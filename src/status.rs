@@ -68,6 +68,9 @@ impl StatusReport {
             if let Some(error) = &a.last_error {
                 out += &format!("\n{}: last error: {error}", a.account);
             }
+            for e in &a.dead_errors {
+                out += &format!("\n{}: dead ×{}: {}", a.account, e.rows, e.error);
+            }
         }
         out.lines()
             .map(str::trim_end)

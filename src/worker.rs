@@ -1,24 +1,30 @@
-//! The delivery loop of one account: claim → send → record, until shutdown.
+//! The delivery loop of one account: claim → (read back) → send → record,
+//! until shutdown.
 //!
 //! What a reply means for each row and for the account is decided by
-//! [`decide`], a pure function; [`AccountWorker`] only does the I/O around it.
+//! [`decide`], a pure function; the account's longer memory (batch size,
+//! circuit breaker, systemic rejection) lives in [`crate::adapt`], the rate
+//! limit in [`crate::limiter`], the read-back matching in
+//! [`crate::reconcile`]. [`AccountWorker`] only does the I/O around them.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use backon::{ExponentialBuilder, Retryable};
 use secrecy::SecretString;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::adapt::{BatchLimit, Breaker, RejectionWatch, SYSTEMIC_SAMPLE};
 use crate::config::{DeliverySettings, RetrySettings};
-use crate::mews::{MewsClient, Outcome, OutgoingMessage, Reply};
+use crate::limiter::{RateLimit, SlidingWindow};
+use crate::mews::{AddedMessage, MewsClient, Outcome, OutgoingMessage, ReadBack, Reply};
+use crate::reconcile;
 use crate::retry::{exponential, retry_delay};
 use crate::store::{AccountPause, ClaimedRow, Outbox, RowOutcome, StoreError};
 
-/// Successful requests in a row after which a shrunk batch limit doubles.
-const GROW_AFTER_SUCCESSES: u32 = 8;
 /// Wait before trying the database again after it failed.
 const STORE_RETRY_DELAY: Duration = Duration::from_secs(1);
 
@@ -31,6 +37,23 @@ pub enum PauseKind {
     Refused,
     /// Mews named a time (Retry-After on a 408/5xx): a floor for the account.
     RetryAfter,
+    /// The circuit breaker opened: repeated 5xx/timeouts/connection errors.
+    Breaker,
+    /// Every sampled message was rejected alike (see [`crate::adapt::RejectionWatch`]).
+    Systemic,
+}
+
+impl PauseKind {
+    /// Starts the pause reason shown by `status`.
+    pub fn label(self) -> &'static str {
+        match self {
+            PauseKind::Throttled => "rate-limited by Mews (429)",
+            PauseKind::Refused => "refused by Mews",
+            PauseKind::RetryAfter => "Mews asked to retry later",
+            PauseKind::Breaker => "circuit breaker open",
+            PauseKind::Systemic => "systemic rejection",
+        }
+    }
 }
 
 /// What a reply means for the account as a whole.
@@ -72,27 +95,26 @@ pub fn decide(
         account: AccountAction::Continue,
         shrink: false,
     };
-    let retry_or_dead = |row: &ClaimedRow, error: &str, retry_after: Option<Duration>| {
+    let delay = |row: &ClaimedRow, floor: Option<Duration>| {
         let attempt = row.attempts.saturating_add(1);
-        if attempt >= retry.max_attempts {
-            RowOutcome::Dead {
-                error: format!("{error} (gave up after {attempt} attempts)"),
-            }
-        } else {
-            let delay = retry_delay(
-                attempt,
-                retry.base_delay,
-                retry.max_delay,
-                jitter,
-                retry_after,
-            );
-            RowOutcome::Retry {
-                at: now + delay,
-                error: error.to_owned(),
-                attempt: true,
-            }
-        }
+        retry_delay(attempt, retry.base_delay, retry.max_delay, jitter, floor)
     };
+    let retry_or_dead =
+        |row: &ClaimedRow, error: &str, floor: Option<Duration>, maybe_stored: bool| {
+            let attempt = row.attempts.saturating_add(1);
+            if attempt >= retry.max_attempts {
+                RowOutcome::Dead {
+                    error: format!("{error} (gave up after {attempt} attempts)"),
+                }
+            } else {
+                RowOutcome::Retry {
+                    at: now + delay(row, floor),
+                    error: error.to_owned(),
+                    attempt: true,
+                    maybe_stored,
+                }
+            }
+        };
     let release_all = |decision: &mut Decision| {
         decision
             .rows
@@ -103,15 +125,12 @@ pub fn decide(
         Outcome::Accepted { by_identifier, .. } => {
             for row in rows {
                 let outcome = match by_identifier.get(&row.id.to_string()) {
-                    Some(message) => RowOutcome::Delivered {
-                        mews_message_id: message.id.clone(),
-                        mews_created_utc: message.created_utc.clone(),
-                        mews_sender: message.sender.kind().to_owned(),
-                    },
+                    Some(message) => delivered(message),
                     None => retry_or_dead(
                         row,
                         "Mews answered 200 without this message's Identifier (it may have been stored)",
                         None,
+                        true,
                     ),
                 };
                 decision.rows.push((row.id, outcome));
@@ -147,17 +166,38 @@ pub fn decide(
                 at_least: *retry_after,
             };
         }
+        Outcome::Unreachable { error } => {
+            // Mews never saw the request: wait, but it is not an attempt.
+            for row in rows {
+                decision.rows.push((
+                    row.id,
+                    RowOutcome::Retry {
+                        at: now + delay(row, None),
+                        error: error.clone(),
+                        attempt: false,
+                        maybe_stored: false,
+                    },
+                ));
+            }
+        }
         Outcome::Transient {
             error,
             retry_after,
+            maybe_stored,
             smaller,
-            ..
+            settle,
         } => {
             decision.shrink = *smaller;
+            // A request Mews may still be working on is neither read back
+            // nor sent again before it has had time to finish.
+            let floor = match (retry_after, settle) {
+                (Some(a), Some(b)) => Some((*a).max(*b)),
+                (a, b) => a.or(*b),
+            };
             for row in rows {
                 decision
                     .rows
-                    .push((row.id, retry_or_dead(row, error, *retry_after)));
+                    .push((row.id, retry_or_dead(row, error, floor, *maybe_stored)));
             }
             if let Some(after) = retry_after {
                 decision.account = AccountAction::Pause {
@@ -171,7 +211,16 @@ pub fn decide(
     decision
 }
 
-/// How long an account pauses, given the pause before (if any).
+/// A row Mews has, as this message.
+fn delivered(message: &AddedMessage) -> RowOutcome {
+    RowOutcome::Delivered {
+        mews_message_id: message.id.clone(),
+        mews_created_utc: message.created_utc.clone(),
+        mews_sender: message.sender.kind().to_owned(),
+    }
+}
+
+/// How long an account pauses, given how many pauses came in a row.
 pub fn pause_length(
     kind: PauseKind,
     at_least: Option<Duration>,
@@ -198,9 +247,22 @@ pub enum Step {
     Paused { until: SystemTime },
     /// The database failed; try again shortly.
     StoreFailed,
+    /// The daemon is stopping.
+    Stopping,
 }
 
-/// Delivers the rows of one account. Owned by one task.
+/// What reading back ambiguous rows came to.
+enum ReadBackResult {
+    /// Every page of the window, newest first.
+    Messages(Vec<AddedMessage>),
+    /// getAll did not answer usefully: send the rows again unchecked.
+    Failed(String),
+    /// The account paused (429) or the daemon is stopping: send nothing.
+    Stop,
+}
+
+/// Delivers the rows of one account. Owned by one task, which sends one
+/// request at a time.
 pub struct AccountWorker<S: Outbox> {
     /// Where the rows are.
     store: S,
@@ -220,10 +282,12 @@ pub struct AccountWorker<S: Outbox> {
     shutdown: CancellationToken,
     /// The account's pause, mirrored in the database.
     pause: Option<AccountPause>,
+    /// This account's request log; `None` when `rate_limit = "off"`.
+    limiter: Option<SlidingWindow>,
     /// Current batch limit: `delivery.batch_size`, halved on 408/413/timeouts.
-    batch_limit: usize,
-    /// Successful requests since the last shrink.
-    successes: u32,
+    batch: BatchLimit,
+    /// Consecutive failed requests, for the circuit breaker.
+    breaker: Breaker,
 }
 
 impl<S: Outbox> AccountWorker<S> {
@@ -233,6 +297,7 @@ impl<S: Outbox> AccountWorker<S> {
         client: MewsClient,
         account: String,
         access_token: SecretString,
+        rate_limit: RateLimit,
         delivery: DeliverySettings,
         retry: RetrySettings,
         requests: Arc<Semaphore>,
@@ -240,7 +305,8 @@ impl<S: Outbox> AccountWorker<S> {
         shutdown: CancellationToken,
         pause: Option<AccountPause>,
     ) -> Self {
-        let batch_limit = delivery.batch_size;
+        let batch = BatchLimit::new(delivery.batch_size);
+        let breaker = Breaker::new(retry.breaker_failures);
         AccountWorker {
             store,
             client,
@@ -252,8 +318,9 @@ impl<S: Outbox> AccountWorker<S> {
             changes,
             shutdown,
             pause,
-            batch_limit,
-            successes: 0,
+            limiter: SlidingWindow::new(rate_limit),
+            batch,
+            breaker,
         }
     }
 
@@ -269,12 +336,14 @@ impl<S: Outbox> AccountWorker<S> {
                 "account is paused (remembered from before the restart)"
             );
         }
+        self.restore_request_log().await;
         while !self.shutdown.is_cancelled() {
             let wake_at = match self.step().await {
                 Step::Worked => continue,
                 Step::Idle { next_due } => next_due,
                 Step::Paused { until } => Some(until),
                 Step::StoreFailed => Some(SystemTime::now() + STORE_RETRY_DELAY),
+                Step::Stopping => break,
             };
             let sleep = wake_at
                 .map(|at| at.duration_since(SystemTime::now()).unwrap_or_default())
@@ -282,7 +351,7 @@ impl<S: Outbox> AccountWorker<S> {
             tokio::select! {
                 _ = self.shutdown.cancelled() => {}
                 _ = tokio::time::sleep(sleep) => {}
-                changed = self.changes.changed(), if !matches!(self.pause, Some(ref p) if p.until > SystemTime::now()) => {
+                changed = self.changes.changed(), if !self.is_paused() => {
                     if changed.is_err() {
                         // The watcher is gone (shutting down): poll instead.
                         tokio::time::sleep(self.delivery.poll_interval).await;
@@ -300,7 +369,17 @@ impl<S: Outbox> AccountWorker<S> {
         {
             return Step::Paused { until: pause.until };
         }
-        let rows = match self.store.claim(&self.account, now, self.batch_limit).await {
+        // Rows stay `pending` (and rows inserted meanwhile can join the
+        // batch) until a request may go.
+        if !self.wait_for_room().await {
+            return Step::Stopping;
+        }
+        let now = SystemTime::now();
+        let rows = match self
+            .store
+            .claim(&self.account, now, self.batch.current())
+            .await
+        {
             Ok(rows) => rows,
             Err(e) => {
                 self.store_failed("claim rows", &e);
@@ -324,7 +403,7 @@ impl<S: Outbox> AccountWorker<S> {
         tracing::error!(account = %self.account, error = %e, "cannot {what}; retrying in {}s", STORE_RETRY_DELAY.as_secs());
     }
 
-    /// Sends claimed rows, splitting on rejection, and records every outcome.
+    /// Reads back, sends (splitting on rejection), and records every outcome.
     async fn deliver(&mut self, rows: Vec<ClaimedRow>) {
         let (rows, unreadable): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.text.is_ok());
         let dead: Vec<_> = unreadable
@@ -342,22 +421,37 @@ impl<S: Outbox> AccountWorker<S> {
             tracing::warn!(account = %self.account, rows = dead.len(), "dead-lettered rows whose text is not UTF-8");
             self.record(&dead).await;
         }
+        let Some(rows) = self.reconcile(rows).await else {
+            return;
+        };
 
         let mut queue = VecDeque::from([rows]);
+        let mut watch = RejectionWatch::default();
         while let Some(batch) = queue.pop_front() {
             if batch.is_empty() {
                 continue;
             }
-            if self.shutdown.is_cancelled() || self.is_paused() {
-                let released: Vec<_> = std::iter::once(batch)
-                    .chain(queue.drain(..))
-                    .flatten()
-                    .map(|r| (r.id, RowOutcome::Release))
+            let reply = if self.shutdown.is_cancelled() || self.is_paused() {
+                None
+            } else {
+                self.send(&batch).await
+            };
+            let Some(reply) = reply else {
+                // Stopping or paused: the rows not sent go back untouched.
+                let released: Vec<_> = watch
+                    .held()
+                    .into_iter()
+                    .chain(
+                        std::iter::once(batch)
+                            .chain(queue.drain(..))
+                            .flatten()
+                            .map(|r| r.id),
+                    )
+                    .map(|id| (id, RowOutcome::Release))
                     .collect();
                 self.record(&released).await;
                 return;
-            }
-            let reply = self.send(&batch).await;
+            };
             let decision = decide(
                 &batch,
                 &reply.outcome,
@@ -378,19 +472,123 @@ impl<S: Outbox> AccountWorker<S> {
                     &decision,
                 );
             }
-            self.record(&decision.rows).await;
-            self.adapt(&reply, &decision);
+            let judged = watch.observe(&batch, &reply.outcome, &decision.rows, &mut queue);
+            if judged.record {
+                self.record(&decision.rows).await;
+            }
+            self.record(&judged.flush).await;
+            if let Some(systemic) = judged.systemic {
+                let released: Vec<_> = systemic
+                    .rows
+                    .iter()
+                    .copied()
+                    .chain(queue.drain(..).flatten().map(|r| r.id))
+                    .map(|id| (id, RowOutcome::Release))
+                    .collect();
+                tracing::error!(
+                    account = %self.account, rows_released = released.len(), error = %systemic.error,
+                    "ALERT: Mews rejected {SYSTEMIC_SAMPLE} single messages from across the batch with the same error and accepted none: this looks systemic (a daemon bug, a proxy answering for Mews, a revoked permission), not bad messages; nothing is dead-lettered, the account pauses"
+                );
+                self.record(&released).await;
+                self.pause(
+                    PauseKind::Systemic,
+                    format!(
+                        "{SYSTEMIC_SAMPLE} of {SYSTEMIC_SAMPLE} sampled messages rejected with {}",
+                        systemic.error
+                    ),
+                    None,
+                )
+                .await;
+                return;
+            }
+            self.adapt(&reply, &decision).await;
             for half in decision.split.into_iter().rev() {
                 queue.push_front(half);
             }
         }
+        let held = watch.finish();
+        self.record(&held).await;
     }
 
     fn is_paused(&self) -> bool {
         matches!(&self.pause, Some(p) if p.until > SystemTime::now())
     }
 
-    async fn send(&self, batch: &[ClaimedRow]) -> Reply {
+    /// Waits until this account's rate limit lets one more request go;
+    /// `false` when stopping meanwhile.
+    async fn wait_for_room(&self) -> bool {
+        let Some(limiter) = &self.limiter else {
+            return true;
+        };
+        let now = Instant::now();
+        // One request at a time per account: none is in flight here, so the
+        // limiter always names a time.
+        let at = limiter.ready_at(now).unwrap_or(now);
+        if at > now {
+            tracing::debug!(account = %self.account, wait_ms = (at - now).as_millis() as u64, "rate limit: waiting for room in the window");
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return false,
+                _ = tokio::time::sleep_until(at) => {}
+            }
+        }
+        true
+    }
+
+    /// Waits until this account's rate limit and the shared bound on
+    /// requests in flight let one more go. `None` when stopping meanwhile.
+    async fn admit(&mut self) -> Option<OwnedSemaphorePermit> {
+        if !self.wait_for_room().await {
+            return None;
+        }
+        let permit = tokio::select! {
+            _ = self.shutdown.cancelled() => return None,
+            // The semaphore is never closed.
+            permit = self.requests.clone().acquire_owned() => permit.ok()?,
+        };
+        if let Some(limiter) = &mut self.limiter {
+            limiter.start();
+        }
+        Some(permit)
+    }
+
+    /// A request admitted by [`AccountWorker::admit`] ended: it takes its
+    /// place in the window, remembered across restarts.
+    async fn request_ended(&mut self) {
+        let Some(limiter) = &mut self.limiter else {
+            return;
+        };
+        let now = Instant::now();
+        limiter.finish(now);
+        let wall = SystemTime::now();
+        let ends: Vec<SystemTime> = limiter.ends().map(|end| wall - (now - end)).collect();
+        if let Err(e) = self.store.save_recent_requests(&self.account, &ends).await {
+            tracing::warn!(account = %self.account, error = %e, "cannot remember the account's recent requests; after a restart the rate limit starts afresh");
+        }
+    }
+
+    async fn restore_request_log(&mut self) {
+        let Some(limiter) = &mut self.limiter else {
+            return;
+        };
+        match self.store.recent_requests(&self.account).await {
+            Ok(ends) => {
+                let (now, wall) = (Instant::now(), SystemTime::now());
+                for end in ends {
+                    // A time ahead of the clock (it was set back) counts as now.
+                    let age = wall.duration_since(end).unwrap_or_default();
+                    if let Some(at) = now.checked_sub(age) {
+                        limiter.remember(at);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(account = %self.account, error = %e, "cannot read the account's recent requests; the rate limit starts afresh")
+            }
+        }
+    }
+
+    /// Sends one batch to messages/add. `None` when stopping before it went.
+    async fn send(&mut self, batch: &[ClaimedRow]) -> Option<Reply> {
         let messages: Vec<OutgoingMessage<'_>> = batch
             .iter()
             .map(|row| OutgoingMessage {
@@ -399,85 +597,225 @@ impl<S: Outbox> AccountWorker<S> {
                 identifier: row.id.to_string(),
             })
             .collect();
-        // The semaphore is never closed, so acquiring only waits.
-        let _permit = self.requests.acquire().await;
+        let permit = self.admit().await?;
         tracing::debug!(account = %self.account, batch = batch.len(), "messages/add: sending");
         let reply = self
             .client
             .add_messages(&self.access_token, &messages)
             .await;
+        drop(permit);
+        self.request_ended().await;
         log_reply(&self.account, batch.len(), &reply);
-        reply
+        Some(reply)
     }
 
-    /// Adjusts the batch limit and the account's pause after a reply.
-    fn adapt(&mut self, reply: &Reply, decision: &Decision) {
-        if decision.shrink && self.batch_limit > 1 {
-            let old = self.batch_limit;
-            self.batch_limit = (old / 2).max(1);
-            self.successes = 0;
-            tracing::warn!(account = %self.account, from = old, to = self.batch_limit, "batch limit lowered after {}", reply.outcome.name());
-        } else if matches!(reply.outcome, Outcome::Accepted { .. }) {
-            self.successes += 1;
-            if self.batch_limit < self.delivery.batch_size && self.successes >= GROW_AFTER_SUCCESSES
-            {
-                let old = self.batch_limit;
-                self.batch_limit = (old * 2).min(self.delivery.batch_size);
-                self.successes = 0;
-                tracing::info!(account = %self.account, from = old, to = self.batch_limit, "batch limit raised after sustained success");
+    /// Rows whose last send may have reached Mews are looked for there
+    /// first; the ones found are delivered, the rest are returned to be sent
+    /// with the others. `None` when nothing is to be sent now (the account
+    /// paused, the daemon is stopping, the database failed): the rows were
+    /// released.
+    async fn reconcile(&mut self, rows: Vec<ClaimedRow>) -> Option<Vec<ClaimedRow>> {
+        if !self.delivery.reconcile || !rows.iter().any(|r| r.needs_reconcile) {
+            return Some(rows);
+        }
+        let (doubtful, mut send): (Vec<_>, Vec<_>) =
+            rows.into_iter().partition(|r| r.needs_reconcile);
+        let release = |rows: &[ClaimedRow], more: &[ClaimedRow]| -> Vec<(i64, RowOutcome)> {
+            rows.iter()
+                .chain(more)
+                .map(|r| (r.id, RowOutcome::Release))
+                .collect()
+        };
+        let messages = match self.read_back(&doubtful).await {
+            ReadBackResult::Messages(messages) => messages,
+            ReadBackResult::Failed(error) => {
+                tracing::warn!(
+                    account = %self.account, rows = doubtful.len(), resent = doubtful.len(), error = %error,
+                    "reconciliation failed: re-sending these rows without checking, Mews may show some of them twice"
+                );
+                send.extend(doubtful);
+                send.sort_by_key(|r| r.id);
+                return Some(send);
+            }
+            ReadBackResult::Stop => {
+                self.record(&release(&doubtful, &send)).await;
+                return None;
+            }
+        };
+        let candidates = reconcile::candidates(&doubtful, &messages);
+        let owned = match self.store.owned_message_ids(&candidates).await {
+            Ok(owned) => owned,
+            Err(e) => {
+                self.store_failed("look up which Mews messages are already ours", &e);
+                self.record(&release(&doubtful, &send)).await;
+                return None;
+            }
+        };
+        let matched = reconcile::match_rows(&doubtful, &messages, &owned);
+        let found: Vec<_> = matched
+            .found
+            .iter()
+            .map(|(id, message)| (*id, delivered(message)))
+            .collect();
+        self.record(&found).await;
+        if let Err(e) = self.store.clear_reconcile(&matched.absent).await {
+            // They stay marked and are read back again next time: harmless.
+            tracing::warn!(account = %self.account, error = %e, "cannot clear the reconciliation mark of rows Mews does not have");
+        }
+        tracing::info!(
+            account = %self.account, reconciled = found.len(), resent = matched.absent.len(),
+            "reconciliation: rows found at Mews are marked delivered, the others are sent again"
+        );
+        let absent: HashSet<i64> = matched.absent.iter().copied().collect();
+        send.extend(doubtful.into_iter().filter(|r| absent.contains(&r.id)));
+        send.sort_by_key(|r| r.id);
+        Some(send)
+    }
+
+    /// Reads the threads of `rows` back from Mews, page by page.
+    async fn read_back(&mut self, rows: &[ClaimedRow]) -> ReadBackResult {
+        let mut threads: Vec<&str> = rows.iter().map(|r| r.message_thread_id.as_str()).collect();
+        threads.sort_unstable();
+        threads.dedup();
+        let window = reconcile::window(rows, SystemTime::now());
+        let mut messages = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..reconcile::MAX_PAGES {
+            if self.is_paused() {
+                return ReadBackResult::Stop;
+            }
+            let Some(permit) = self.admit().await else {
+                return ReadBackResult::Stop;
+            };
+            let back = self
+                .client
+                .get_messages(
+                    &self.access_token,
+                    &threads,
+                    window.clone(),
+                    reconcile::PAGE_SIZE,
+                    cursor.as_deref(),
+                )
+                .await;
+            drop(permit);
+            self.request_ended().await;
+            log_read_back(&self.account, threads.len(), &back);
+            match back.page {
+                Ok(page) => {
+                    let full = page.messages.len() >= reconcile::PAGE_SIZE as usize;
+                    messages.extend(page.messages);
+                    match page.cursor {
+                        Some(next) if full => cursor = Some(next),
+                        _ => return ReadBackResult::Messages(messages),
+                    }
+                }
+                Err(Outcome::Throttled { error, retry_after }) => {
+                    self.pause(PauseKind::Throttled, error, retry_after).await;
+                    return ReadBackResult::Stop;
+                }
+                Err(other) => {
+                    return ReadBackResult::Failed(format!(
+                        "messages/getAll: {}",
+                        other.error().unwrap_or("failed")
+                    ));
+                }
             }
         }
-        match &decision.account {
+        ReadBackResult::Failed(format!(
+            "messages/getAll: more than {} messages in the window",
+            reconcile::MAX_PAGES * reconcile::PAGE_SIZE as usize
+        ))
+    }
+
+    /// Adjusts the batch limit, the circuit breaker and the account's pause
+    /// after a reply.
+    async fn adapt(&mut self, reply: &Reply, decision: &Decision) {
+        let accepted = matches!(reply.outcome, Outcome::Accepted { .. });
+        if decision.shrink {
+            if let Some((from, to)) = self.batch.shrink() {
+                tracing::warn!(account = %self.account, from, to, "batch limit lowered after {}", reply.outcome.name());
+            }
+        } else if accepted && let Some((from, to)) = self.batch.success() {
+            tracing::info!(account = %self.account, from, to, "batch limit raised after sustained success");
+        }
+        let tripped = self.breaker.observe(&reply.outcome);
+        let action = if tripped {
+            // A Retry-After that came with the last failure still holds.
+            let at_least = match &decision.account {
+                AccountAction::Pause { at_least, .. } => *at_least,
+                AccountAction::Continue => None,
+            };
+            AccountAction::Pause {
+                kind: PauseKind::Breaker,
+                reason: format!(
+                    "{} failed requests in a row, the last: {}",
+                    self.retry.breaker_failures,
+                    reply.outcome.error().unwrap_or("failed")
+                ),
+                at_least,
+            }
+        } else {
+            decision.account.clone()
+        };
+        match action {
             AccountAction::Continue => {
-                if matches!(reply.outcome, Outcome::Accepted { .. }) && self.pause.is_some() {
+                if accepted && self.pause.is_some() {
                     self.pause = None;
-                    let store = self.store.clone();
-                    let account = self.account.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = store.clear_pause(&account).await {
-                            tracing::warn!(%account, error = %e, "cannot clear the account's remembered pause");
-                        }
-                    });
+                    if let Err(e) = self.store.clear_pause(&self.account).await {
+                        tracing::warn!(account = %self.account, error = %e, "cannot clear the account's remembered pause");
+                    }
                 }
             }
             AccountAction::Pause {
                 kind,
                 reason,
                 at_least,
-            } => {
-                let streak = self.pause.as_ref().map_or(0, |p| p.streak) + 1;
-                let length = pause_length(*kind, *at_least, streak, &self.retry);
-                let pause = AccountPause {
-                    account: self.account.clone(),
-                    until: SystemTime::now() + length,
-                    reason: reason.clone(),
-                    streak,
-                };
-                let wait = humantime::format_duration(Duration::from_secs(length.as_secs().max(1)));
-                match kind {
-                    PauseKind::Refused => tracing::error!(
-                        account = %self.account, pause = %wait, reason = %reason,
-                        "Mews refused this account's requests: check mews.base_url, mews.client_token and accounts.{}.access_token; no message is dropped, retrying after the pause",
-                        self.account
-                    ),
-                    PauseKind::Throttled => tracing::warn!(
-                        account = %self.account, pause = %wait, reason = %reason,
-                        "Mews rate-limited this account (429); pausing all its requests"
-                    ),
-                    PauseKind::RetryAfter => tracing::warn!(
-                        account = %self.account, pause = %wait, reason = %reason,
-                        "Mews asked to retry later; pausing this account"
-                    ),
-                }
-                self.pause = Some(pause.clone());
-                let store = self.store.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = store.save_pause(&pause).await {
-                        tracing::warn!(account = %pause.account, error = %e, "cannot remember the account's pause");
-                    }
-                });
-            }
+            } => self.pause(kind, reason, at_least).await,
         }
+    }
+
+    /// Pauses the account: no request before the pause ends, also after a
+    /// restart (stored before it is logged).
+    async fn pause(&mut self, kind: PauseKind, reason: String, at_least: Option<Duration>) {
+        let streak = self.pause.as_ref().map_or(0, |p| p.streak) + 1;
+        let length = pause_length(kind, at_least, streak, &self.retry);
+        let pause = AccountPause {
+            account: self.account.clone(),
+            until: SystemTime::now() + length,
+            reason: format!("{}: {reason}", kind.label()),
+            streak,
+        };
+        if let Err(e) = self.store.save_pause(&pause).await {
+            tracing::warn!(account = %pause.account, error = %e, "cannot remember the account's pause; a restart would forget it");
+        }
+        let wait = humantime::format_duration(Duration::from_millis(
+            u64::try_from(length.as_millis()).unwrap_or(u64::MAX),
+        ));
+        let until = crate::store::timestamp(pause.until);
+        match kind {
+            PauseKind::Refused => tracing::error!(
+                account = %self.account, pause = %wait, paused_until = %until, reason = %reason,
+                "Mews refused this account's requests: check mews.base_url, mews.client_token and accounts.{}.access_token; no message is dropped, retrying after the pause",
+                self.account
+            ),
+            PauseKind::Throttled => tracing::warn!(
+                account = %self.account, pause = %wait, paused_until = %until, reason = %reason,
+                "Mews rate-limited this account (429); pausing all its requests"
+            ),
+            PauseKind::RetryAfter => tracing::warn!(
+                account = %self.account, pause = %wait, paused_until = %until, reason = %reason,
+                "Mews asked to retry later; pausing this account"
+            ),
+            PauseKind::Breaker => tracing::error!(
+                account = %self.account, pause = %wait, paused_until = %until, reason = %reason,
+                "circuit breaker open: Mews keeps failing for this account; pausing it, then one request will probe"
+            ),
+            PauseKind::Systemic => tracing::error!(
+                account = %self.account, pause = %wait, paused_until = %until, reason = %reason,
+                "account paused after a systemic rejection; no message was dropped; fix the cause, the account tries again by itself after the pause"
+            ),
+        }
+        self.pause = Some(pause);
     }
 
     /// Stores outcomes, retrying while the database fails (a full disk, a
@@ -504,7 +842,7 @@ impl<S: Outbox> AccountWorker<S> {
             })
             .await;
         if let Err(e) = result {
-            tracing::error!(account = %self.account, rows = outcomes.len(), error = %e, "stopping before the outcomes could be recorded; these rows stay `sending` and will be re-sent after restart");
+            tracing::error!(account = %self.account, rows = outcomes.len(), error = %e, "stopping before the outcomes could be recorded; these rows stay `sending` and are taken up after restart (read back from Mews first)");
         }
     }
 }
@@ -554,14 +892,30 @@ fn log_reply(account: &str, batch: usize, reply: &Reply) {
             unlabelled,
             "messages/add"
         ),
-        Outcome::Rejected { error }
-        | Outcome::TooLarge { error }
-        | Outcome::Unauthorized { error }
-        | Outcome::NotFound { error }
-        | Outcome::Throttled { error, .. }
-        | Outcome::Transient { error, .. } => tracing::warn!(
-            account, batch, outcome = reply.outcome.name(), http_status = status, duration_ms,
-            request_id, error = %error, "messages/add"
+        other => tracing::warn!(
+            account, batch, outcome = other.name(), http_status = status, duration_ms,
+            request_id, error = %other.error().unwrap_or_default(), "messages/add"
+        ),
+    }
+}
+
+fn log_read_back(account: &str, threads: usize, back: &ReadBack) {
+    let duration_ms = u64::try_from(back.elapsed.as_millis()).unwrap_or(u64::MAX);
+    let request_id = back.request_id.as_deref().unwrap_or("-");
+    let status = back.http_status.unwrap_or(0);
+    match &back.page {
+        Ok(page) => tracing::info!(
+            account,
+            threads,
+            http_status = status,
+            duration_ms,
+            request_id,
+            messages = page.messages.len(),
+            "messages/getAll"
+        ),
+        Err(outcome) => tracing::warn!(
+            account, threads, outcome = outcome.name(), http_status = status, duration_ms,
+            request_id, error = %outcome.error().unwrap_or_default(), "messages/getAll"
         ),
     }
 }
@@ -579,6 +933,7 @@ mod tests {
             max_attempts: 3,
             pause_base: Duration::from_secs(30),
             pause_max: Duration::from_secs(900),
+            breaker_failures: 5,
         }
     }
 
@@ -589,6 +944,8 @@ mod tests {
                 message_thread_id: format!("{id:08}-0000-4000-8000-000000000000"),
                 text: Ok(format!("m{id}")),
                 attempts: 0,
+                needs_reconcile: false,
+                first_sent_at: None,
             })
             .collect()
     }
@@ -626,10 +983,20 @@ mod tests {
         assert!(
             matches!(&d.rows[0], (1, RowOutcome::Delivered { mews_message_id, .. }) if mews_message_id == "mews-1")
         );
-        assert!(matches!(
-            &d.rows[1],
-            (2, RowOutcome::Retry { attempt: true, .. })
-        ));
+        assert!(
+            matches!(
+                &d.rows[1],
+                (
+                    2,
+                    RowOutcome::Retry {
+                        attempt: true,
+                        maybe_stored: true,
+                        ..
+                    }
+                )
+            ),
+            "a missing Identifier is read back before it is sent again"
+        );
         assert!(
             matches!(&d.rows[2], (3, RowOutcome::Delivered { mews_message_id, .. }) if mews_message_id == "mews-3")
         );
@@ -709,6 +1076,7 @@ mod tests {
             retry_after: Some(Duration::from_secs(20)),
             maybe_stored: true,
             smaller: false,
+            settle: None,
         };
         let mut rows = rows(2);
         rows[1].attempts = 2;
@@ -720,7 +1088,8 @@ mod tests {
                 RowOutcome::Retry {
                     at: now() + Duration::from_secs(20),
                     error: "HTTP 500".into(),
-                    attempt: true
+                    attempt: true,
+                    maybe_stored: true,
                 }
             )
         );
@@ -740,6 +1109,127 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_failure_to_connect_waits_but_costs_no_attempt() {
+        let d = decide(
+            &rows(2),
+            &Outcome::Unreachable {
+                error: "cannot connect to Mews".into(),
+            },
+            &retry(),
+            now(),
+            0.0,
+        );
+        for (_, outcome) in &d.rows {
+            assert!(
+                matches!(outcome, RowOutcome::Retry { at, attempt: false, maybe_stored: false, .. } if *at > now()),
+                "{outcome:?}"
+            );
+        }
+        assert_eq!(d.account, AccountAction::Continue);
+        assert!(!d.shrink);
+    }
+
+    #[test]
+    fn a_timeout_shrinks_the_batch_and_waits_for_mews_to_finish_before_reading_back() {
+        let outcome = Outcome::Transient {
+            error: "no response within 30s".into(),
+            retry_after: None,
+            maybe_stored: true,
+            smaller: true,
+            settle: Some(Duration::from_secs(30)),
+        };
+        let d = decide(&rows(2), &outcome, &retry(), now(), 0.0);
+        assert!(d.shrink);
+        for (_, outcome) in &d.rows {
+            let RowOutcome::Retry {
+                at,
+                attempt,
+                maybe_stored,
+                ..
+            } = outcome
+            else {
+                panic!("{outcome:?}")
+            };
+            assert!(*attempt && *maybe_stored);
+            assert!(
+                *at >= now() + Duration::from_secs(30),
+                "not before the request settled"
+            );
+        }
+        assert_eq!(
+            d.account,
+            AccountAction::Continue,
+            "no Retry-After, no pause"
+        );
+    }
+
+    #[test]
+    fn a_408_and_a_413_shrink_the_batch() {
+        let timeout_408 = Outcome::Transient {
+            error: "HTTP 408".into(),
+            retry_after: None,
+            maybe_stored: true,
+            smaller: true,
+            settle: None,
+        };
+        assert!(decide(&rows(4), &timeout_408, &retry(), now(), 0.5).shrink);
+        let too_large = Outcome::TooLarge {
+            error: "HTTP 413".into(),
+        };
+        let d = decide(&rows(4), &too_large, &retry(), now(), 0.5);
+        assert!(d.shrink);
+        assert_eq!(d.split.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2]);
+        let d = decide(&rows(1), &too_large, &retry(), now(), 0.5);
+        assert!(matches!(d.rows[..], [(1, RowOutcome::Dead { .. })]));
+    }
+
+    #[test]
+    fn a_404_pauses_like_a_401_and_touches_no_row() {
+        let d = decide(
+            &rows(3),
+            &Outcome::NotFound {
+                error: "HTTP 404".into(),
+            },
+            &retry(),
+            now(),
+            0.5,
+        );
+        assert!(d.rows.iter().all(|(_, o)| *o == RowOutcome::Release));
+        assert!(matches!(
+            d.account,
+            AccountAction::Pause {
+                kind: PauseKind::Refused,
+                at_least: None,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn account_pauses_grow_exponentially_and_honour_mews_floors() {
+        let r = retry();
+        for kind in [PauseKind::Refused, PauseKind::Breaker, PauseKind::Systemic] {
+            let lengths: Vec<u64> = (1..=7)
+                .map(|n| pause_length(kind, None, n, &r).as_secs())
+                .collect();
+            assert_eq!(lengths, [30, 60, 120, 240, 480, 900, 900], "{kind:?}");
+        }
+        let floor = Some(Duration::from_secs(400));
+        assert_eq!(
+            pause_length(PauseKind::Breaker, floor, 1, &r).as_secs(),
+            400
+        );
+        assert_eq!(
+            pause_length(PauseKind::Breaker, floor, 5, &r).as_secs(),
+            480
+        );
+        assert_eq!(
+            pause_length(PauseKind::RetryAfter, floor, 5, &r).as_secs(),
+            400
+        );
     }
 
     mod properties {
@@ -774,18 +1264,29 @@ mod tests {
                     .clone()
                     .prop_map(|error| Outcome::Unauthorized { error }),
                 error.clone().prop_map(|error| Outcome::NotFound { error }),
+                error
+                    .clone()
+                    .prop_map(|error| Outcome::Unreachable { error }),
                 (error.clone(), after.clone())
                     .prop_map(|(error, retry_after)| Outcome::Throttled { error, retry_after }),
-                (error, after, any::<bool>(), any::<bool>()).prop_map(
-                    |(error, retry_after, maybe_stored, smaller)| {
-                        Outcome::Transient {
-                            error,
-                            retry_after,
-                            maybe_stored,
-                            smaller,
+                (
+                    error,
+                    after,
+                    any::<bool>(),
+                    any::<bool>(),
+                    proptest::option::of(0u64..60)
+                )
+                    .prop_map(
+                        |(error, retry_after, maybe_stored, smaller, settle)| {
+                            Outcome::Transient {
+                                error,
+                                retry_after,
+                                maybe_stored,
+                                smaller,
+                                settle: settle.map(Duration::from_secs),
+                            }
                         }
-                    }
-                ),
+                    ),
             ]
         }
 

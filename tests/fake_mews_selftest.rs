@@ -728,3 +728,29 @@ async fn stop_frees_the_port_and_drop_closes_connections() {
     );
     assert_eq!(again.accepted().len(), 1, "a fresh fake starts empty");
 }
+
+#[tokio::test]
+async fn get_all_faults_are_scripted_apart_from_add_faults() {
+    let fake = FakeMews::start().await;
+    fake.script_get_all([Fault::status(500), Fault::status_retry_after(429, "3")]);
+    let add = post(&fake, ADD_PATH, &add_body(&[(Some("1"), "kept")])).await;
+    assert_eq!(add.status, 200, "add faults are a separate queue");
+    post(&fake, GET_ALL_PATH, &get_all_body(10, None))
+        .await
+        .assert_error(500, "Scripted");
+    let throttled = post(&fake, GET_ALL_PATH, &get_all_body(10, None)).await;
+    throttled.assert_error(429, "Scripted");
+    assert_eq!(throttled.retry_after.as_deref(), Some("3"));
+    let page = post(&fake, GET_ALL_PATH, &get_all_body(10, None)).await;
+    assert_eq!(page.status, 200);
+    assert_eq!(page.json()["Messages"][0]["Text"], "kept");
+    let faults: Vec<Option<u16>> = fake
+        .requests()
+        .iter()
+        .map(|r| match &r.fault {
+            Some(Fault::Status { code, .. }) => Some(*code),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(faults, [None, Some(500), Some(429), None]);
+}

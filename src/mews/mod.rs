@@ -12,7 +12,7 @@ use url::Url;
 
 use crate::config::MewsSettings;
 use crate::retry::parse_retry_after;
-pub use wire::{AddedMessage, OutgoingMessage, Sender};
+pub use wire::{AddedMessage, OutgoingMessage, Sender, TimeInterval};
 
 /// Largest response body read; a 1000-message reply echoes every text.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
@@ -39,15 +39,20 @@ pub enum Outcome {
         error: String,
         retry_after: Option<Duration>,
     },
-    /// 408, 5xx, an unexpected status, a transport failure or an unreadable
-    /// 200: worth retrying. `maybe_stored` when Mews may have created the
-    /// messages anyway (the request reached it); `smaller` when a smaller
-    /// batch may succeed (408, client timeout).
+    /// No connection could be made: Mews never saw the request.
+    Unreachable { error: String },
+    /// 408, 5xx, an unexpected status, a transport failure after sending or
+    /// an unreadable 200: worth retrying. `maybe_stored` when Mews may have
+    /// created the messages anyway (the request reached it); `smaller` when
+    /// a smaller batch may succeed (408, client timeout); `settle` when no
+    /// answer came back, so Mews may still be working on the request: do not
+    /// read back or send again before that long has passed.
     Transient {
         error: String,
         retry_after: Option<Duration>,
         maybe_stored: bool,
         smaller: bool,
+        settle: Option<Duration>,
     },
 }
 
@@ -61,7 +66,24 @@ impl Outcome {
             Outcome::Unauthorized { .. } => "unauthorized",
             Outcome::NotFound { .. } => "not_found",
             Outcome::Throttled { .. } => "throttled",
+            Outcome::Unreachable { .. } => "unreachable",
             Outcome::Transient { .. } => "transient",
+        }
+    }
+}
+
+impl Outcome {
+    /// What went wrong; `None` for a 200.
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            Outcome::Accepted { .. } => None,
+            Outcome::Rejected { error }
+            | Outcome::TooLarge { error }
+            | Outcome::Unauthorized { error }
+            | Outcome::NotFound { error }
+            | Outcome::Throttled { error, .. }
+            | Outcome::Unreachable { error }
+            | Outcome::Transient { error, .. } => Some(error),
         }
     }
 }
@@ -89,6 +111,7 @@ pub enum ClientError {
 pub struct MewsClient {
     http: reqwest::Client,
     add_url: Url,
+    get_all_url: Url,
     configuration_url: Url,
     client_token: SecretString,
     client: String,
@@ -108,6 +131,7 @@ impl MewsClient {
         Ok(MewsClient {
             http,
             add_url: join("api/connector/v1/messages/add")?,
+            get_all_url: join("api/connector/v1/messages/getAll")?,
             configuration_url: join("api/connector/v1/configuration/get")?,
             client_token: settings.client_token.clone(),
             client: settings.client.clone(),
@@ -140,7 +164,96 @@ impl MewsClient {
         self.post(&self.configuration_url, &body).await
     }
 
+    /// Reads one page of `messages/getAll`: messages of `threads` created
+    /// within `created`, newest first, older than `cursor`.
+    pub async fn get_messages(
+        &self,
+        access_token: &SecretString,
+        threads: &[&str],
+        created: TimeInterval,
+        count: u32,
+        cursor: Option<&str>,
+    ) -> ReadBack {
+        let body = wire::GetMessagesRequest {
+            client_token: self.client_token.expose_secret(),
+            access_token: access_token.expose_secret(),
+            client: &self.client,
+            message_thread_ids: threads,
+            created_utc: created,
+            limitation: wire::Limitation { count, cursor },
+        };
+        let (response, elapsed) = self.exchange(&self.get_all_url, &body).await;
+        let (http_status, request_id, page) = match response {
+            Err(outcome) => (None, None, Err(outcome)),
+            Ok(r) => {
+                let page = match r.body {
+                    Ok(body) if r.status == 200 => serde_json::from_slice::<
+                        wire::GetMessagesResponse,
+                    >(&body)
+                    .map_err(|e| Outcome::Transient {
+                        error: format!(
+                            "HTTP 200 with an unreadable body ({e}): {}",
+                            snippet(&body)
+                        ),
+                        retry_after: None,
+                        maybe_stored: false,
+                        smaller: false,
+                        settle: None,
+                    }),
+                    Ok(body) => Err(classify(
+                        r.status,
+                        r.retry_after.as_deref(),
+                        &body,
+                        SystemTime::now(),
+                    )),
+                    Err(e) => Err(unreadable_body(r.status, &e)),
+                };
+                (Some(r.status), r.request_id, page)
+            }
+        };
+        ReadBack {
+            http_status,
+            request_id,
+            elapsed,
+            page: page.map(|p| MessagePage {
+                messages: p.messages,
+                cursor: p.cursor,
+            }),
+        }
+    }
+
     async fn post(&self, url: &Url, body: &impl serde::Serialize) -> Reply {
+        let (response, elapsed) = self.exchange(url, body).await;
+        match response {
+            Err(outcome) => Reply {
+                http_status: None,
+                request_id: None,
+                elapsed,
+                outcome,
+            },
+            Ok(r) => {
+                let outcome = match r.body {
+                    Ok(body) => {
+                        classify(r.status, r.retry_after.as_deref(), &body, SystemTime::now())
+                    }
+                    Err(e) => unreadable_body(r.status, &e),
+                };
+                Reply {
+                    http_status: Some(r.status),
+                    request_id: r.request_id,
+                    elapsed,
+                    outcome,
+                }
+            }
+        }
+    }
+
+    /// Sends one request and reads the response; `Err` when none came back.
+    async fn exchange(
+        &self,
+        url: &Url,
+        body: &impl serde::Serialize,
+    ) -> (Result<RawResponse, Outcome>, Duration) {
         let started = Instant::now();
         let sent = self
             .http
@@ -152,15 +265,12 @@ impl MewsClient {
         let response = match sent {
             Ok(response) => response,
             Err(e) => {
-                return Reply {
-                    http_status: None,
-                    request_id: None,
-                    elapsed: started.elapsed(),
-                    outcome: transport_failure(&e, self.request_timeout),
-                };
+                return (
+                    Err(transport_failure(&e, self.request_timeout)),
+                    started.elapsed(),
+                );
             }
         };
-        let status = response.status().as_u16();
         let header = |name: &str| {
             response
                 .headers()
@@ -168,24 +278,59 @@ impl MewsClient {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         };
+        let status = response.status().as_u16();
         let request_id = header("request-id");
         let retry_after = header("retry-after");
-        let outcome = match read_capped(response).await {
-            Ok(body) => classify(status, retry_after.as_deref(), &body, SystemTime::now()),
-            Err(e) => Outcome::Transient {
-                error: format!("HTTP {status} but the response body could not be read: {e}"),
-                retry_after: None,
-                maybe_stored: true,
-                smaller: e.is_timeout(),
-            },
-        };
-        Reply {
-            http_status: Some(status),
-            request_id,
-            elapsed: started.elapsed(),
-            outcome,
-        }
+        let body = read_capped(response).await;
+        (
+            Ok(RawResponse {
+                status,
+                request_id,
+                retry_after,
+                body,
+            }),
+            started.elapsed(),
+        )
     }
+}
+
+/// A response as it came, before anyone says what it means.
+struct RawResponse {
+    status: u16,
+    request_id: Option<String>,
+    retry_after: Option<String>,
+    body: Result<Vec<u8>, BodyError>,
+}
+
+/// A status line arrived but not the whole body: Mews has finished with the
+/// request, so there is nothing to let settle.
+fn unreadable_body(status: u16, e: &BodyError) -> Outcome {
+    Outcome::Transient {
+        error: format!("HTTP {status} but the response body could not be read: {e}"),
+        retry_after: None,
+        maybe_stored: true,
+        smaller: e.is_timeout(),
+        settle: None,
+    }
+}
+
+/// One page of `messages/getAll`.
+#[derive(Debug, Clone)]
+pub struct MessagePage {
+    /// Newest first.
+    pub messages: Vec<AddedMessage>,
+    /// Id of the oldest message returned, to ask for older ones.
+    pub cursor: Option<String>,
+}
+
+/// A `messages/getAll` request's result and what to log about it.
+#[derive(Debug)]
+pub struct ReadBack {
+    pub http_status: Option<u16>,
+    pub request_id: Option<String>,
+    pub elapsed: Duration,
+    /// The page, or what went wrong (as for `messages/add`).
+    pub page: Result<MessagePage, Outcome>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -214,7 +359,8 @@ async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, BodyErr
 }
 
 /// A request that got no response. Only a failure to connect proves that Mews
-/// never saw it.
+/// never saw it; otherwise Mews may still be working on it, for as long as
+/// we waited (a heavy request takes "tens of seconds").
 fn transport_failure(e: &reqwest::Error, timeout: Duration) -> Outcome {
     // reqwest's own message is generic ("client error (Connect)"); the
     // causes say what happened ("Connection refused", a DNS failure).
@@ -231,13 +377,11 @@ fn transport_failure(e: &reqwest::Error, timeout: Duration) -> Outcome {
             retry_after: None,
             maybe_stored: true,
             smaller: true,
+            settle: Some(timeout),
         }
     } else if e.is_connect() {
-        Outcome::Transient {
+        Outcome::Unreachable {
             error: format!("cannot connect to Mews{cause}"),
-            retry_after: None,
-            maybe_stored: false,
-            smaller: false,
         }
     } else {
         Outcome::Transient {
@@ -245,6 +389,7 @@ fn transport_failure(e: &reqwest::Error, timeout: Duration) -> Outcome {
             retry_after: None,
             maybe_stored: true,
             smaller: false,
+            settle: Some(timeout),
         }
     }
 }
@@ -276,6 +421,7 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8], now: System
                 retry_after,
                 maybe_stored: true,
                 smaller: false,
+                settle: None,
             },
         };
     }
@@ -291,12 +437,14 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8], now: System
             retry_after,
             maybe_stored: true,
             smaller: true,
+            settle: None,
         },
         _ => Outcome::Transient {
             error,
             retry_after,
             maybe_stored: status >= 500 || (200..300).contains(&status),
             smaller: false,
+            settle: None,
         },
     }
 }
@@ -314,6 +462,22 @@ fn describe_error(status: u16, body: &[u8]) -> String {
         },
         _ if body.is_empty() => format!("HTTP {status} with an empty body"),
         _ => format!("HTTP {status}: {}", snippet(body)),
+    }
+}
+
+/// An error text without its ` (RequestId …)` part: two rejections for the
+/// same reason differ only there.
+pub fn without_request_id(error: &str) -> String {
+    const MARK: &str = " (RequestId ";
+    match error.find(MARK) {
+        None => error.to_owned(),
+        Some(start) => {
+            let rest = &error[start..];
+            let end = rest
+                .find(')')
+                .map_or(error.len(), |close| start + close + 1);
+            format!("{}{}", &error[..start], &error[end..])
+        }
     }
 }
 
@@ -395,6 +559,19 @@ mod tests {
         assert!(matches!(at(401, None, body), Outcome::Unauthorized { .. }));
         assert!(matches!(at(404, None, ""), Outcome::NotFound { .. }));
         assert!(matches!(at(413, None, ""), Outcome::TooLarge { .. }));
+    }
+
+    #[test]
+    fn request_ids_are_left_out_to_compare_errors() {
+        assert_eq!(
+            without_request_id("HTTP 403: Nope (RequestId r-1) (gave up after 3 attempts)"),
+            "HTTP 403: Nope (gave up after 3 attempts)"
+        );
+        assert_eq!(without_request_id("HTTP 500"), "HTTP 500");
+        assert_eq!(
+            without_request_id("HTTP 400: x (RequestId r"),
+            "HTTP 400: x"
+        );
     }
 
     #[test]

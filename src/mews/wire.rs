@@ -72,6 +72,45 @@ impl Sender {
     }
 }
 
+/// Body of `messages/getAll`.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct GetMessagesRequest<'a> {
+    pub client_token: &'a str,
+    pub access_token: &'a str,
+    pub client: &'a str,
+    pub message_thread_ids: &'a [&'a str],
+    pub created_utc: TimeInterval,
+    pub limitation: Limitation<'a>,
+}
+
+/// `CreatedUtc` filter: `StartUtc <= CreatedUtc < EndUtc`, at most one month.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct TimeInterval {
+    pub start_utc: String,
+    pub end_utc: String,
+}
+
+/// Paging: at most `count` (1..=1000) messages, older than `cursor`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Limitation<'a> {
+    pub count: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<&'a str>,
+}
+
+/// Success body of `messages/getAll`: newest first; `Cursor` is the Id of the
+/// last (oldest) message returned.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct GetMessagesResponse {
+    pub messages: Vec<AddedMessage>,
+    #[serde(default)]
+    pub cursor: Option<String>,
+}
+
 /// Error body: `{"Message": ..., "RequestId": ..., "Details": ...}`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -98,6 +137,35 @@ mod tests {
         .unwrap();
         assert_eq!(tagged.sender.kind(), "Application");
         assert_eq!(plain.sender.kind(), "Application");
+    }
+
+    #[test]
+    fn the_get_all_body_is_the_documented_one() {
+        let threads = ["7f9325f6-ef44-4911-89a8-ae51010a5aa4"];
+        let body = serde_json::to_value(GetMessagesRequest {
+            client_token: "c",
+            access_token: "a",
+            client: "mews-outbox 0.1.0",
+            message_thread_ids: &threads,
+            created_utc: TimeInterval {
+                start_utc: "2026-11-28T07:00:00Z".into(),
+                end_utc: "2026-11-28T08:00:00Z".into(),
+            },
+            limitation: Limitation {
+                count: 1000,
+                cursor: None,
+            },
+        })
+        .unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "ClientToken": "c", "AccessToken": "a", "Client": "mews-outbox 0.1.0",
+                "MessageThreadIds": ["7f9325f6-ef44-4911-89a8-ae51010a5aa4"],
+                "CreatedUtc": {"StartUtc": "2026-11-28T07:00:00Z", "EndUtc": "2026-11-28T08:00:00Z"},
+                "Limitation": {"Count": 1000}
+            })
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod sqlite;
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::time::SystemTime;
 
@@ -57,6 +58,10 @@ pub struct ClaimedRow {
     pub text: Result<String, std::string::FromUtf8Error>,
     /// Attempts before this one.
     pub attempts: u32,
+    /// Mews may already hold this row (see the `needs_reconcile` column).
+    pub needs_reconcile: bool,
+    /// When a request carrying this row was first sent (set by the claim).
+    pub first_sent_at: Option<SystemTime>,
 }
 
 /// What to store for one claimed row.
@@ -67,11 +72,14 @@ pub enum RowOutcome {
         mews_created_utc: String,
         mews_sender: String,
     },
-    /// Back to `pending` until `at`. `attempt` when this counts as an attempt.
+    /// Back to `pending` until `at`. `attempt` when this counts as an
+    /// attempt; `maybe_stored` when Mews may have stored it anyway (the row
+    /// is then read back before it is sent again).
     Retry {
         at: SystemTime,
         error: String,
         attempt: bool,
+        maybe_stored: bool,
     },
     Dead {
         error: String,
@@ -119,6 +127,40 @@ pub struct AccountStatus {
     pub last_error: Option<String>,
     pub paused_until: Option<String>,
     pub pause_reason: Option<String>,
+    /// The most common reasons among this account's dead rows, most common
+    /// first (RequestIds left out so that equal errors group).
+    pub dead_errors: Vec<ErrorCount>,
+}
+
+/// How many dead rows share one `last_error`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ErrorCount {
+    pub error: String,
+    pub rows: u64,
+}
+
+/// A dead row, for `dead list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadRow {
+    pub id: i64,
+    pub account: String,
+    pub message_thread_id: String,
+    /// The text, lossily decoded if a producer stored bytes that are not UTF-8.
+    pub text: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub created_at: String,
+    pub dead_at: Option<String>,
+}
+
+/// Which dead rows `dead requeue` revives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requeue {
+    /// Exactly these rows; refused unless every one is dead (and of the
+    /// account, when one is given).
+    Ids(Vec<i64>),
+    /// Every dead row (of the account, when one is given).
+    All,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +176,9 @@ pub enum StoreError {
         "another mews-outbox daemon is already running on {database} (it holds {lock}); stop it first"
     )]
     AlreadyRunning { database: String, lock: String },
+    /// `dead requeue` named rows that are not dead: nothing was changed.
+    #[error("nothing requeued: {0}")]
+    NotDead(String),
     #[error("cannot open the lock file {path}: {source}")]
     Lock {
         path: String,
@@ -179,6 +224,28 @@ pub trait Outbox: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     fn clear_pause(&self, account: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Marks `sending` rows as checked against Mews and not found there:
+    /// they are sent again as new.
+    fn clear_reconcile(&self, ids: &[i64]) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Which of these Mews message Ids a row of ours already owns.
+    fn owned_message_ids(
+        &self,
+        ids: &[&str],
+    ) -> impl Future<Output = Result<HashSet<String>, StoreError>> + Send;
+
+    /// End times of the account's latest requests (for the rate limiter).
+    fn recent_requests(
+        &self,
+        account: &str,
+    ) -> impl Future<Output = Result<Vec<SystemTime>, StoreError>> + Send;
+
+    fn save_recent_requests(
+        &self,
+        account: &str,
+        ends: &[SystemTime],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 /// `2026-11-28T07:21:07.123Z`: the timestamp format of every time column.

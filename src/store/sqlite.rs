@@ -1,7 +1,7 @@
 //! The SQLite outbox: WAL mode so producers in other processes insert while
 //! the daemon works; set-based claims and updates (one statement per batch).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -16,14 +16,17 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AccountPause, AccountStatus, ClaimedRow, Enqueued, NewMessage, Outbox, RowOutcome, Status,
-    StoreError, parse_timestamp, timestamp,
+    AccountPause, AccountStatus, ClaimedRow, DeadRow, Enqueued, ErrorCount, NewMessage, Outbox,
+    Requeue, RowOutcome, Status, StoreError, parse_timestamp, timestamp,
 };
 
 /// The daemon's migration bookkeeping lives in its own table, so an
 /// application's own sqlx migrations (`_sqlx_migrations`) in the same
 /// database file never collide with ours.
 pub const MIGRATIONS_TABLE: &str = "_mews_outbox_migrations";
+
+/// Most common dead-row errors shown per account by `status`.
+const DEAD_ERRORS_SHOWN: i64 = 3;
 
 /// Pool size: SQLite has one writer at a time; a few connections let reads
 /// (status, next_due) proceed beside a write.
@@ -32,12 +35,17 @@ const POOL_CONNECTIONS: u32 = 4;
 /// Stores one batch of outcomes: `?1` is a JSON array of
 /// `{id, status, attempt, next_attempt_at?, error?, delivered_at?, mews_*?}`.
 /// Only rows still `sending` are touched: an operator may have acted
-/// meanwhile. The unary `+` keeps SQLite from driving the join with the
+/// meanwhile. A row that may be at Mews stays marked until it is delivered
+/// or checked (`clear_reconcile`). The unary `+` keeps SQLite from driving the join with the
 /// status index (which re-reads the whole JSON array for each `sending` row):
 /// the plan must walk the array and look each row up by rowid.
 const RECORD: &str = "UPDATE outbox SET
                  status = u.value ->> 'status',
                  attempts = attempts + (u.value ->> 'attempt'),
+                 needs_reconcile = CASE u.value ->> 'status'
+                     WHEN 'delivered' THEN 0
+                     ELSE max(needs_reconcile, coalesce(u.value ->> 'maybe_stored', 0)) END,
+                 dead_at = CASE u.value ->> 'status' WHEN 'dead' THEN ?2 ELSE dead_at END,
                  next_attempt_at = coalesce(u.value ->> 'next_attempt_at', next_attempt_at),
                  last_error = coalesce(u.value ->> 'error', last_error),
                  delivered_at = u.value ->> 'delivered_at',
@@ -128,12 +136,129 @@ impl SqliteStore {
         }
     }
 
-    /// Puts rows left `sending` by a previous daemon back to `pending`. Only
-    /// safe while holding the [`DaemonLock`]. Returns how many.
+    /// Puts rows left `sending` by a previous daemon back to `pending`, to be
+    /// read back from Mews before they are sent again (the request carrying
+    /// them may have reached Mews). Only safe while holding the
+    /// [`DaemonLock`]. Returns how many.
     pub async fn recover_abandoned(&self) -> Result<u64, StoreError> {
-        let done = sqlx::query("UPDATE outbox SET status = 'pending' WHERE status = 'sending'")
-            .execute(&self.pool)
-            .await?;
+        let done = sqlx::query(
+            "UPDATE outbox SET status = 'pending', needs_reconcile = 1 WHERE status = 'sending'",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Dead rows, oldest first, of one account or all.
+    pub async fn dead_rows(&self, account: Option<&str>) -> Result<Vec<DeadRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, account, message_thread_id, CAST(text AS BLOB) AS text, attempts,
+                    last_error, created_at, dead_at
+             FROM outbox WHERE status = 'dead' AND (?1 IS NULL OR account = ?1)
+             ORDER BY id",
+        )
+        .bind(account)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(DeadRow {
+                    id: row.try_get("id")?,
+                    account: row.try_get("account")?,
+                    message_thread_id: row.try_get("message_thread_id")?,
+                    text: String::from_utf8_lossy(&row.try_get::<Vec<u8>, _>("text")?).into_owned(),
+                    attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(0),
+                    last_error: row.try_get("last_error")?,
+                    created_at: row.try_get("created_at")?,
+                    dead_at: row.try_get("dead_at")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Puts dead rows back to `pending`, due now, with their attempts reset
+    /// and `last_error` saying so. Named rows that are not all dead (or not
+    /// of `account`) are refused as a whole. Returns the ids requeued.
+    pub async fn requeue_dead(
+        &self,
+        which: &Requeue,
+        account: Option<&str>,
+        now: SystemTime,
+    ) -> Result<Vec<i64>, StoreError> {
+        let ids = match which {
+            Requeue::Ids(ids) => Some(serde_json::to_string(ids).unwrap_or_else(|_| "[]".into())),
+            Requeue::All => None,
+        };
+        let mut tx = self.pool.begin().await?;
+        // The write comes first, so the transaction takes the write lock at
+        // once (waiting up to busy_timeout) instead of failing to upgrade.
+        let mut requeued: Vec<i64> = sqlx::query_scalar(
+            "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ?1,
+                 dead_at = NULL,
+                 last_error = 'requeued by an operator at ' || ?1 || coalesce('; was: ' || last_error, '')
+             WHERE status = 'dead'
+               AND (?2 IS NULL OR id IN (SELECT value FROM json_each(?2)))
+               AND (?3 IS NULL OR account = ?3)
+             RETURNING id",
+        )
+        .bind(timestamp(now))
+        .bind(&ids)
+        .bind(account)
+        .fetch_all(&mut *tx)
+        .await?;
+        requeued.sort_unstable();
+        if let Requeue::Ids(wanted) = which {
+            let missing: Vec<i64> = wanted
+                .iter()
+                .copied()
+                .filter(|id| requeued.binary_search(id).is_err())
+                .collect();
+            if !missing.is_empty() {
+                let mut problems = Vec::with_capacity(missing.len());
+                for id in missing {
+                    let found = sqlx::query("SELECT status, account FROM outbox WHERE id = ?1")
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    problems.push(match found {
+                        None => format!("row {id} does not exist"),
+                        Some(row) => {
+                            let status: String = row.try_get("status")?;
+                            let owner: String = row.try_get("account")?;
+                            match account {
+                                Some(a) if status == "dead" && owner != a => {
+                                    format!("row {id} belongs to account {owner}, not {a}")
+                                }
+                                _ => format!("row {id} is {status}, not dead"),
+                            }
+                        }
+                    });
+                }
+                tx.rollback().await?;
+                return Err(StoreError::NotDead(problems.join("; ")));
+            }
+        }
+        tx.commit().await?;
+        Ok(requeued)
+    }
+
+    /// Deletes dead rows that died before `cutoff` (of `account`, or all).
+    /// Returns how many.
+    pub async fn purge_dead(
+        &self,
+        cutoff: SystemTime,
+        account: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM outbox
+             WHERE status = 'dead' AND coalesce(dead_at, created_at) < ?1
+               AND (?2 IS NULL OR account = ?2)",
+        )
+        .bind(timestamp(cutoff))
+        .bind(account)
+        .execute(&self.pool)
+        .await?;
         Ok(done.rows_affected())
     }
 
@@ -208,6 +333,34 @@ impl SqliteStore {
         for row in errors {
             account_entry(&mut accounts, row.try_get("account")?).last_error =
                 row.try_get("last_error")?;
+        }
+        // `error` is last_error without its " (RequestId …)" part, so that
+        // equal errors group: the SQL twin of `mews::without_request_id`.
+        let dead_errors = sqlx::query(
+            "SELECT account, error, n FROM (
+                 SELECT account, error, count(*) AS n,
+                        row_number() OVER (PARTITION BY account ORDER BY count(*) DESC, error) AS rank
+                 FROM (SELECT account,
+                              CASE WHEN p = 0 THEN last_error
+                                   ELSE substr(last_error, 1, p - 1)
+                                        || substr(last_error, p + instr(substr(last_error, p), ')'))
+                              END AS error
+                       FROM (SELECT account, last_error, instr(last_error, ' (RequestId ') AS p
+                             FROM outbox WHERE status = 'dead' AND last_error IS NOT NULL))
+                 GROUP BY account, error)
+             WHERE rank <= ?1
+             ORDER BY account, n DESC, error",
+        )
+        .bind(DEAD_ERRORS_SHOWN)
+        .fetch_all(&self.pool)
+        .await?;
+        for row in dead_errors {
+            account_entry(&mut accounts, row.try_get("account")?)
+                .dead_errors
+                .push(ErrorCount {
+                    error: row.try_get("error")?,
+                    rows: u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0),
+                });
         }
         for pause in self.pauses().await? {
             if pause.until > now {
@@ -348,7 +501,8 @@ impl Outbox for SqliteStore {
                          AND earlier.id < o.id)
                  ORDER BY o.next_attempt_at, o.id
                  LIMIT ?3)
-             RETURNING id, message_thread_id, CAST(text AS BLOB) AS text, attempts",
+             RETURNING id, message_thread_id, CAST(text AS BLOB) AS text, attempts,
+                       needs_reconcile, first_sent_at",
         )
         .bind(account)
         .bind(timestamp(now))
@@ -363,6 +517,11 @@ impl Outbox for SqliteStore {
                     message_thread_id: row.try_get("message_thread_id")?,
                     text: String::from_utf8(row.try_get::<Vec<u8>, _>("text")?),
                     attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(0),
+                    needs_reconcile: row.try_get::<i64, _>("needs_reconcile")? != 0,
+                    first_sent_at: row
+                        .try_get::<Option<String>, _>("first_sent_at")?
+                        .as_deref()
+                        .and_then(parse_timestamp),
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?;
@@ -413,9 +572,15 @@ impl Outbox for SqliteStore {
                     "delivered_at": now, "mews_message_id": mews_message_id,
                     "mews_created_utc": mews_created_utc, "mews_sender": mews_sender,
                 }),
-                RowOutcome::Retry { at, error, attempt } => json!({
+                RowOutcome::Retry {
+                    at,
+                    error,
+                    attempt,
+                    maybe_stored,
+                } => json!({
                     "id": id, "status": "pending", "attempt": i32::from(*attempt),
                     "next_attempt_at": timestamp(*at), "error": error,
+                    "maybe_stored": i32::from(*maybe_stored),
                 }),
                 RowOutcome::Dead { error } => json!({
                     "id": id, "status": "dead", "attempt": 1, "error": error,
@@ -427,6 +592,7 @@ impl Outbox for SqliteStore {
             .collect();
         sqlx::query(RECORD)
             .bind(serde_json::Value::Array(updates).to_string())
+            .bind(&now)
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -482,6 +648,66 @@ impl Outbox for SqliteStore {
              WHERE account = ?1",
         )
         .bind(account)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn clear_reconcile(&self, ids: &[i64]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE outbox SET needs_reconcile = 0
+             WHERE status = 'sending' AND id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(serde_json::to_string(ids).unwrap_or_else(|_| "[]".into()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn owned_message_ids(&self, ids: &[&str]) -> Result<HashSet<String>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let owned: Vec<String> = sqlx::query_scalar(
+            "SELECT mews_message_id FROM outbox
+             WHERE mews_message_id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(serde_json::to_string(ids).unwrap_or_else(|_| "[]".into()))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(owned.into_iter().collect())
+    }
+
+    async fn recent_requests(&self, account: &str) -> Result<Vec<SystemTime>, StoreError> {
+        let stored: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT recent_requests FROM outbox_account_state WHERE account = ?1",
+        )
+        .bind(account)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(text) = stored.flatten() else {
+            return Ok(Vec::new());
+        };
+        // Unreadable memory is no memory: the limiter starts empty.
+        let ends: Vec<String> = serde_json::from_str(&text).unwrap_or_default();
+        Ok(ends.iter().filter_map(|t| parse_timestamp(t)).collect())
+    }
+
+    async fn save_recent_requests(
+        &self,
+        account: &str,
+        ends: &[SystemTime],
+    ) -> Result<(), StoreError> {
+        let ends: Vec<String> = ends.iter().map(|t| timestamp(*t)).collect();
+        sqlx::query(
+            "INSERT INTO outbox_account_state (account, recent_requests) VALUES (?1, ?2)
+             ON CONFLICT (account) DO UPDATE SET recent_requests = excluded.recent_requests",
+        )
+        .bind(account)
+        .bind(serde_json::to_string(&ends).unwrap_or_else(|_| "[]".into()))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -622,6 +848,7 @@ mod tests {
                         at: later,
                         error: "HTTP 500".into(),
                         attempt: true,
+                        maybe_stored: false,
                     },
                 ),
                 (
@@ -670,13 +897,306 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn abandoned_sending_rows_are_recovered() {
+    async fn abandoned_sending_rows_are_recovered_to_be_read_back_first() {
         let (_dir, s) = store().await;
         insert(&s, T1, "x").await;
         let now = SystemTime::now() + Duration::from_secs(1);
-        assert_eq!(s.claim("default", now, 10).await.unwrap().len(), 1);
+        let first = s.claim("default", now, 10).await.unwrap();
+        assert!(!first[0].needs_reconcile);
+        assert_eq!(
+            first[0].first_sent_at.map(timestamp),
+            Some(timestamp(now)),
+            "the claim stamps the first send"
+        );
         assert_eq!(s.recover_abandoned().await.unwrap(), 1);
-        assert_eq!(s.claim("default", now, 10).await.unwrap().len(), 1);
+        let later = now + Duration::from_secs(5);
+        let again = s.claim("default", later, 10).await.unwrap();
+        assert_eq!(again.len(), 1);
+        assert!(
+            again[0].needs_reconcile,
+            "the crashed request may have reached Mews"
+        );
+        assert_eq!(
+            again[0].first_sent_at.map(timestamp),
+            Some(timestamp(now)),
+            "the first send stays the first"
+        );
+    }
+
+    async fn reconcile_flag(s: &SqliteStore, id: i64) -> i64 {
+        sqlx::query_scalar("SELECT needs_reconcile FROM outbox WHERE id = ?1")
+            .bind(id)
+            .fetch_one(s.pool())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_reconcile_mark_is_set_by_doubt_kept_until_checked_and_cleared_by_delivery() {
+        let (_dir, s) = store().await;
+        let id = insert(&s, T1, "x").await;
+        let mut now = SystemTime::now() + Duration::from_secs(1);
+        let mut round = async |outcome: RowOutcome| {
+            assert_eq!(s.claim("default", now, 10).await.unwrap().len(), 1);
+            s.record(&[(id, outcome)], now).await.unwrap();
+            now += Duration::from_secs(1);
+            reconcile_flag(&s, id).await
+        };
+        let retry = |maybe_stored| RowOutcome::Retry {
+            at: SystemTime::now(),
+            error: "e".into(),
+            attempt: true,
+            maybe_stored,
+        };
+        assert_eq!(round(retry(false)).await, 0);
+        assert_eq!(round(retry(true)).await, 1, "a 5xx may have stored it");
+        assert_eq!(round(RowOutcome::Release).await, 1, "a 429 proves nothing");
+        assert_eq!(
+            round(retry(false)).await,
+            1,
+            "nor does a failure to connect"
+        );
+        assert_eq!(
+            round(RowOutcome::Delivered {
+                mews_message_id: "m".into(),
+                mews_created_utc: "c".into(),
+                mews_sender: "Application".into()
+            })
+            .await,
+            0
+        );
+
+        let other = insert(&s, T2, "y").await;
+        s.claim("default", now, 10).await.unwrap();
+        s.record(&[(other, retry(true))], now).await.unwrap();
+        s.claim("default", now + Duration::from_secs(60), 10)
+            .await
+            .unwrap();
+        s.clear_reconcile(&[other]).await.unwrap();
+        assert_eq!(
+            reconcile_flag(&s, other).await,
+            0,
+            "read back and not found"
+        );
+    }
+
+    #[tokio::test]
+    async fn owned_message_ids_are_the_ones_our_rows_hold() {
+        let (_dir, s) = store().await;
+        let id = insert(&s, T1, "x").await;
+        let now = SystemTime::now() + Duration::from_secs(1);
+        s.claim("default", now, 10).await.unwrap();
+        let delivered = RowOutcome::Delivered {
+            mews_message_id: "ours".into(),
+            mews_created_utc: "c".into(),
+            mews_sender: "Application".into(),
+        };
+        s.record(&[(id, delivered)], now).await.unwrap();
+        let owned = s.owned_message_ids(&["ours", "theirs"]).await.unwrap();
+        assert_eq!(owned, HashSet::from(["ours".to_owned()]));
+        assert!(s.owned_message_ids(&[]).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn recent_requests_are_remembered_per_account() {
+        let (_dir, s) = store().await;
+        assert!(s.recent_requests("default").await.unwrap().is_empty());
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_000_000_123);
+        let ends = [t, t + Duration::from_millis(250)];
+        s.save_recent_requests("default", &ends).await.unwrap();
+        s.save_pause(&AccountPause {
+            account: "default".into(),
+            until: t,
+            reason: "r".into(),
+            streak: 1,
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            s.recent_requests("default").await.unwrap(),
+            ends,
+            "a pause does not erase them"
+        );
+        assert!(s.recent_requests("other").await.unwrap().is_empty());
+    }
+
+    /// Inserts rows and makes them dead, `error` each, dead since `at`.
+    async fn dead(s: &SqliteStore, account: &str, errors: &[&str], at: SystemTime) -> Vec<i64> {
+        let mut ids = Vec::new();
+        for error in errors {
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO outbox (message_thread_id, text, account) VALUES (?1, 'x', ?2) RETURNING id",
+            )
+            .bind(T1)
+            .bind(account)
+            .fetch_one(s.pool())
+            .await
+            .unwrap();
+            sqlx::query("UPDATE outbox SET status = 'sending' WHERE id = ?1")
+                .bind(id)
+                .execute(s.pool())
+                .await
+                .unwrap();
+            s.record(
+                &[(
+                    id,
+                    RowOutcome::Dead {
+                        error: (*error).into(),
+                    },
+                )],
+                at,
+            )
+            .await
+            .unwrap();
+            ids.push(id);
+        }
+        ids
+    }
+
+    #[tokio::test]
+    async fn requeue_revives_dead_rows_only_and_refuses_anything_else_as_a_whole() {
+        let (_dir, s) = store().await;
+        let now = SystemTime::now();
+        let a = dead(
+            &s,
+            "default",
+            &["HTTP 403: no (RequestId 1)", "HTTP 403: no (RequestId 2)"],
+            now,
+        )
+        .await;
+        let b = dead(&s, "other", &["HTTP 400: bad"], now).await;
+        let pending = insert(&s, T2, "alive").await;
+
+        let e = s
+            .requeue_dead(&Requeue::Ids(vec![a[0], pending, 999]), None, now)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("row {pending} is pending, not dead"))
+                && e.contains("row 999 does not exist"),
+            "{e}"
+        );
+        let e = s
+            .requeue_dead(&Requeue::Ids(vec![b[0]]), Some("default"), now)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("belongs to account other, not default"), "{e}");
+        assert_eq!(s.dead_rows(None).await.unwrap().len(), 3, "nothing changed");
+
+        assert_eq!(
+            s.requeue_dead(&Requeue::Ids(vec![a[1]]), None, now)
+                .await
+                .unwrap(),
+            [a[1]]
+        );
+        let row =
+            sqlx::query("SELECT status, attempts, last_error, dead_at FROM outbox WHERE id = ?1")
+                .bind(a[1])
+                .fetch_one(s.pool())
+                .await
+                .unwrap();
+        assert_eq!(row.get::<String, _>("status"), "pending");
+        assert_eq!(row.get::<i64, _>("attempts"), 0);
+        assert!(row.get::<Option<String>, _>("dead_at").is_none());
+        let error: String = row.get("last_error");
+        assert!(
+            error.starts_with("requeued by an operator at ")
+                && error.ends_with("; was: HTTP 403: no (RequestId 2)"),
+            "{error}"
+        );
+
+        assert_eq!(
+            s.requeue_dead(&Requeue::All, Some("other"), now)
+                .await
+                .unwrap(),
+            b
+        );
+        assert_eq!(
+            s.requeue_dead(&Requeue::All, None, now).await.unwrap(),
+            [a[0]]
+        );
+        assert!(
+            s.requeue_dead(&Requeue::All, None, now)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn purge_deletes_only_rows_dead_for_longer_than_the_age() {
+        let (_dir, s) = store().await;
+        let now = SystemTime::now();
+        let day = Duration::from_secs(24 * 3600);
+        let old = dead(&s, "default", &["old"], now - 40 * day).await;
+        let old_other = dead(&s, "other", &["old"], now - 40 * day).await;
+        let recent = dead(&s, "default", &["recent"], now - day).await;
+        let pending = insert(&s, T2, "alive").await;
+        sqlx::query("UPDATE outbox SET created_at = '2000-01-01T00:00:00.000Z' WHERE id = ?1")
+            .bind(pending)
+            .execute(s.pool())
+            .await
+            .unwrap();
+
+        assert_eq!(
+            s.purge_dead(now - 30 * day, Some("default")).await.unwrap(),
+            1
+        );
+        let left: Vec<i64> = s
+            .dead_rows(None)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(left, [old_other[0], recent[0]]);
+        assert_eq!(s.purge_dead(now - 30 * day, None).await.unwrap(), 1);
+        assert_eq!(s.dead_rows(None).await.unwrap()[0].id, recent[0]);
+        assert_ne!(old[0], pending);
+        let status: String = sqlx::query_scalar("SELECT status FROM outbox WHERE id = ?1")
+            .bind(pending)
+            .fetch_one(s.pool())
+            .await
+            .unwrap();
+        assert_eq!(status, "pending", "an old pending row is never purged");
+    }
+
+    #[tokio::test]
+    async fn status_groups_dead_errors_without_their_request_ids() {
+        let (_dir, s) = store().await;
+        let now = SystemTime::now();
+        dead(
+            &s,
+            "default",
+            &[
+                "HTTP 403: no (RequestId 1)",
+                "HTTP 403: no (RequestId 2)",
+                "HTTP 403: no (RequestId 3) (gave up after 5 attempts)",
+                "HTTP 400: bad (RequestId 4)",
+                "HTTP 400: bad (RequestId 5)",
+                "HTTP 413",
+                "text is not valid UTF-8; Mews cannot take it",
+            ],
+            now,
+        )
+        .await;
+        let status = s.status(now).await.unwrap();
+        let errors: Vec<(&str, u64)> = status[0]
+            .dead_errors
+            .iter()
+            .map(|e| (e.error.as_str(), e.rows))
+            .collect();
+        assert_eq!(
+            errors,
+            [
+                ("HTTP 400: bad", 2),
+                ("HTTP 403: no", 2),
+                ("HTTP 403: no (gave up after 5 attempts)", 1)
+            ]
+        );
+        assert_eq!(status[0].dead, 7);
     }
 
     #[tokio::test]

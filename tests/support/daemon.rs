@@ -47,11 +47,14 @@ request_timeout = "2s"
 
 [accounts.default]
 access_token = "{ACCESS_TOKEN}"
+rate_limit = "200/30s"
 
 [delivery]
 batch_size = 1000
 poll_interval = "5ms"
+max_concurrent_requests = 4
 drain_timeout = "5s"
+reconcile = true
 
 [retry]
 base_delay = "20ms"
@@ -59,6 +62,7 @@ max_delay = "200ms"
 max_attempts = 5
 pause_base = "100ms"
 pause_max = "1s"
+breaker_failures = 5
 {extra}
 "#,
             db = db.display().to_string()
@@ -215,11 +219,20 @@ impl Daemon {
         self.child.kill().await.expect("SIGKILL");
     }
 
+    /// Waits for the process to exit and for its last log line to be
+    /// collected (the reader sees the end of stderr after the exit).
     pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        match tokio::time::timeout(within, self.child.wait()).await {
+        let status = match tokio::time::timeout(within, self.child.wait()).await {
             Ok(status) => status.expect("wait"),
             Err(_) => panic!("daemon still running after {within:?}:\n{}", self.log()),
-        }
+        };
+        let drained = tokio::time::timeout(within, async {
+            // Err: the reader dropped its sender at the end of stderr.
+            while self.seen.changed().await.is_ok() {}
+        })
+        .await;
+        assert!(drained.is_ok(), "stderr still open after the exit");
+        status
     }
 }
 
@@ -231,14 +244,26 @@ pub async fn insert_rows(
     threads: &[String],
     prefix: &str,
 ) -> Vec<i64> {
+    insert_rows_for(pool, "default", n, threads, prefix).await
+}
+
+/// [`insert_rows`] for another account.
+pub async fn insert_rows_for(
+    pool: &SqlitePool,
+    account: &str,
+    n: usize,
+    threads: &[String],
+    prefix: &str,
+) -> Vec<i64> {
     let mut tx = pool.begin().await.expect("begin");
     let mut ids = Vec::with_capacity(n);
     for i in 0..n {
         let id: i64 = sqlx::query_scalar(
-            "INSERT INTO outbox (message_thread_id, text) VALUES (?1, ?2) RETURNING id",
+            "INSERT INTO outbox (message_thread_id, text, account) VALUES (?1, ?2, ?3) RETURNING id",
         )
         .bind(&threads[i % threads.len()])
         .bind(format!("{prefix} {i}"))
+        .bind(account)
         .fetch_one(&mut *tx)
         .await
         .expect("insert");
@@ -264,11 +289,22 @@ pub async fn count(pool: &SqlitePool, status: &str) -> i64 {
 /// Waits until `SELECT count(*) ... WHERE status = ?` reaches `n`, checking
 /// each time the database changes (PRAGMA data_version on one connection).
 pub async fn wait_for_status(pool: &SqlitePool, status: &str, n: i64) {
-    wait_for_status_within(pool, status, n, WAIT).await
+    wait_for_rows(pool, &format!("status = '{status}'"), n).await;
 }
 
 /// [`wait_for_status`] with a longer limit, for the large scenarios.
 pub async fn wait_for_status_within(pool: &SqlitePool, status: &str, n: i64, within: Duration) {
+    wait_for_rows_within(pool, &format!("status = '{status}'"), n, within).await;
+}
+
+/// Waits until `SELECT count(*) FROM outbox WHERE <condition>` reaches `n`,
+/// checking each time the database changes.
+pub async fn wait_for_rows(pool: &SqlitePool, condition: &str, n: i64) {
+    wait_for_rows_within(pool, condition, n, WAIT).await;
+}
+
+async fn wait_for_rows_within(pool: &SqlitePool, condition: &str, n: i64, within: Duration) {
+    let query = format!("SELECT count(*) FROM outbox WHERE {condition}");
     let mut conn = pool.acquire().await.expect("connection");
     let result = tokio::time::timeout(within, async {
         let mut last_version = -1i64;
@@ -279,8 +315,7 @@ pub async fn wait_for_status_within(pool: &SqlitePool, status: &str, n: i64, wit
                 .expect("data_version");
             if version != last_version {
                 last_version = version;
-                let have: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = ?1")
-                    .bind(status)
+                let have: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(query.clone()))
                     .fetch_one(&mut *conn)
                     .await
                     .expect("count");
@@ -294,10 +329,11 @@ pub async fn wait_for_status_within(pool: &SqlitePool, status: &str, n: i64, wit
     })
     .await;
     if result.is_err() {
-        panic!(
-            "timed out after {within:?} waiting for {n} `{status}` rows; have {}",
-            count(pool, status).await
-        );
+        let have: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(query.clone()))
+            .fetch_one(pool)
+            .await
+            .expect("count");
+        panic!("timed out after {within:?} waiting for {n} rows with {condition}; have {have}");
     }
 }
 
@@ -308,6 +344,7 @@ pub struct Row {
     /// Bytes, since a hostile producer can store text that is not UTF-8.
     pub text: Vec<u8>,
     pub status: String,
+    pub account: String,
     pub attempts: i64,
     pub last_error: Option<String>,
     pub mews_message_id: Option<String>,
@@ -315,9 +352,18 @@ pub struct Row {
     pub mews_sender: Option<String>,
 }
 
+/// Rows of one account.
+pub async fn rows_of(pool: &SqlitePool, account: &str) -> Vec<Row> {
+    rows(pool)
+        .await
+        .into_iter()
+        .filter(|r| r.account == account)
+        .collect()
+}
+
 pub async fn rows(pool: &SqlitePool) -> Vec<Row> {
     sqlx::query_as(
-        "SELECT id, message_thread_id, CAST(text AS BLOB) AS text, status, attempts, last_error,
+        "SELECT id, message_thread_id, CAST(text AS BLOB) AS text, status, account, attempts, last_error,
                 mews_message_id, mews_created_utc, mews_sender
          FROM outbox ORDER BY id",
     )

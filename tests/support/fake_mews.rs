@@ -24,7 +24,8 @@
 //! "Details": null}`.
 //!
 //! Misbehaviour is scripted with [`FakeMews::script`] (one [`Fault`] per
-//! `messages/add` request), with a per-`AccessToken` sliding-window rate
+//! `messages/add` request), [`FakeMews::script_get_all`] (one per
+//! `messages/getAll` request), with a per-`AccessToken` sliding-window rate
 //! limit ([`FakeOptions::rate_limit`]) and with a "poison" predicate on
 //! message texts ([`FakeOptions::poison`]).
 //!
@@ -156,6 +157,9 @@ pub enum Fault {
     DelayThenNormal(Duration),
     /// Store the messages but answer with this status (an ambiguous outcome).
     StoreThenStatus(u16),
+    /// Store the messages, then sleep (server side) before answering
+    /// normally: a client that gives up or dies meanwhile never learns of it.
+    StoreThenDelay(Duration),
     /// Store all messages but leave the last `N` (in request order) out of
     /// the `200` response.
     OmitIdentifiers(usize),
@@ -218,6 +222,7 @@ impl fmt::Debug for Fault {
             Fault::DropAfterStore => f.write_str("DropAfterStore"),
             Fault::DelayThenNormal(d) => f.debug_tuple("DelayThenNormal").field(d).finish(),
             Fault::StoreThenStatus(code) => f.debug_tuple("StoreThenStatus").field(code).finish(),
+            Fault::StoreThenDelay(d) => f.debug_tuple("StoreThenDelay").field(d).finish(),
             Fault::OmitIdentifiers(n) => f.debug_tuple("OmitIdentifiers").field(n).finish(),
             Fault::ExtraIdentifier => f.write_str("ExtraIdentifier"),
             Fault::Raw {
@@ -333,6 +338,7 @@ impl FakeMews {
             state: Mutex::new(ServerState {
                 opts,
                 faults: VecDeque::new(),
+                get_all_faults: VecDeque::new(),
                 stored: Vec::new(),
                 requests: Vec::new(),
                 windows: Default::default(),
@@ -381,6 +387,13 @@ impl FakeMews {
     /// applies it. When the queue is empty requests behave normally.
     pub fn script(&self, faults: impl IntoIterator<Item = Fault>) {
         self.shared.state().faults.extend(faults);
+    }
+
+    /// Queues faults for `messages/getAll` requests, one per request. Only
+    /// `Status`, `Raw`, `DropBeforeStore` and `DelayThenNormal` mean
+    /// something there; any other fault is consumed and ignored.
+    pub fn script_get_all(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.shared.state().get_all_faults.extend(faults);
     }
 
     /// Number of scripted faults not consumed yet.
@@ -532,6 +545,7 @@ struct Shared {
 struct ServerState {
     opts: FakeOptions,
     faults: VecDeque<Fault>,
+    get_all_faults: VecDeque<Fault>,
     stored: Vec<StoredEntry>,
     requests: Vec<(u64, RequestRecord)>,
     /// Admission times per `AccessToken`, oldest first.
@@ -922,7 +936,37 @@ async fn handle(
     } else if path == ADD_PATH {
         add(&shared, &conn, json.as_ref(), &mut record, &mut stored).await
     } else if path == GET_ALL_PATH {
-        get_all(&shared, json.as_ref())
+        let fault = shared.state().get_all_faults.pop_front();
+        record.fault.clone_from(&fault);
+        match fault {
+            Some(Fault::Status {
+                code,
+                retry_after,
+                message,
+            }) => Reply::Error {
+                status: status_or_500(code),
+                message,
+                retry_after,
+            },
+            Some(Fault::Raw {
+                status,
+                content_type,
+                body,
+            }) => Reply::Raw {
+                status: status_or_500(status),
+                content_type,
+                body,
+            },
+            Some(Fault::DropBeforeStore) => {
+                conn.drop_connection();
+                Reply::Dropped
+            }
+            Some(Fault::DelayThenNormal(delay)) => {
+                tokio::time::sleep(delay).await;
+                get_all(&shared, json.as_ref())
+            }
+            _ => get_all(&shared, json.as_ref()),
+        }
     } else {
         configuration(&shared, json.as_ref())
     };
@@ -1150,6 +1194,7 @@ async fn add(
                 "Unexpected error (scripted after storing the messages)",
             );
         }
+        Some(Fault::StoreThenDelay(delay)) => tokio::time::sleep(delay).await,
         Some(Fault::OmitIdentifiers(n)) => items.truncate(items.len().saturating_sub(n)),
         Some(Fault::ExtraIdentifier) => {
             let thread = stored

@@ -1,0 +1,507 @@
+//! How one account adapts to what Mews answers over many requests: the
+//! batch size ([`BatchLimit`]), the circuit breaker ([`Breaker`]) and the
+//! systemic-rejection watch ([`RejectionWatch`]). Pure state machines fed
+//! with outcomes; the worker does the I/O and the logging.
+
+use std::collections::{HashSet, VecDeque};
+
+use crate::mews::{Outcome, without_request_id};
+use crate::store::{ClaimedRow, RowOutcome};
+
+/// Successful requests in a row after which a shrunk batch limit doubles.
+pub const GROW_AFTER_SUCCESSES: u32 = 8;
+
+/// Single messages that must all be rejected alike, with nothing accepted,
+/// before a rejection counts as systemic: the first single the bisection
+/// reaches, plus `SYSTEMIC_SAMPLE - 1` singles taken from across the rest of
+/// the batch.
+pub const SYSTEMIC_SAMPLE: usize = 3;
+
+/// The account's batch limit: halved on 408, 413 and timeouts (down to 1),
+/// doubled back after [`GROW_AFTER_SUCCESSES`] successes in a row (up to
+/// `delivery.batch_size`).
+#[derive(Debug, Clone)]
+pub struct BatchLimit {
+    max: usize,
+    current: usize,
+    successes: u32,
+}
+
+impl BatchLimit {
+    pub fn new(max: usize) -> BatchLimit {
+        BatchLimit {
+            max: max.max(1),
+            current: max.max(1),
+            successes: 0,
+        }
+    }
+
+    pub fn current(&self) -> usize {
+        self.current
+    }
+
+    /// A smaller batch is likely to fare better. Returns `(from, to)` when
+    /// the limit changed.
+    pub fn shrink(&mut self) -> Option<(usize, usize)> {
+        self.successes = 0;
+        let from = self.current;
+        self.current = (from / 2).max(1);
+        (self.current != from).then_some((from, self.current))
+    }
+
+    /// A request was accepted. Returns `(from, to)` when the limit grew.
+    pub fn success(&mut self) -> Option<(usize, usize)> {
+        if self.current >= self.max {
+            return None;
+        }
+        self.successes += 1;
+        if self.successes < GROW_AFTER_SUCCESSES {
+            return None;
+        }
+        self.successes = 0;
+        let from = self.current;
+        self.current = (from * 2).min(self.max);
+        Some((from, self.current))
+    }
+}
+
+/// The circuit breaker: `threshold` failed requests in a row (5xx, 408,
+/// timeouts, connection errors) open it, and the account pauses. After the
+/// pause it is half-open: one more failure opens it again (the pause grows),
+/// an answer that proves Mews works closes it.
+#[derive(Debug, Clone)]
+pub struct Breaker {
+    threshold: u32,
+    failures: u32,
+}
+
+impl Breaker {
+    pub fn new(threshold: u32) -> Breaker {
+        Breaker {
+            threshold: threshold.max(1),
+            failures: 0,
+        }
+    }
+
+    /// Failed requests in a row so far.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// Feeds one reply; `true` when the breaker opens (pause the account).
+    pub fn observe(&mut self, outcome: &Outcome) -> bool {
+        match outcome {
+            Outcome::Transient { .. } | Outcome::Unreachable { .. } => {
+                self.failures += 1;
+                if self.failures >= self.threshold {
+                    // Half-open after the pause: the next failure trips again.
+                    self.failures = self.threshold - 1;
+                    return true;
+                }
+                false
+            }
+            // Mews answered properly: it works.
+            Outcome::Accepted { .. } | Outcome::Rejected { .. } | Outcome::TooLarge { .. } => {
+                self.failures = 0;
+                false
+            }
+            // Handled by their own pauses; they say nothing about Mews's health.
+            Outcome::Throttled { .. } | Outcome::Unauthorized { .. } | Outcome::NotFound { .. } => {
+                false
+            }
+        }
+    }
+}
+
+/// A rejection judged systemic: pause the account, release every row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Systemic {
+    /// The shared error, without RequestId.
+    pub error: String,
+    /// Rows rejected alike (held, not recorded): back to `pending`.
+    pub rows: Vec<i64>,
+}
+
+/// What the worker does with one reply, as far as the watch is concerned.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Judgement {
+    /// Record the decision's row outcomes now; `false` while they are held
+    /// until the sample is judged.
+    pub record: bool,
+    /// Held outcomes to record now (the sample turned out not systemic).
+    pub flush: Vec<(i64, RowOutcome)>,
+    pub systemic: Option<Systemic>,
+}
+
+#[derive(Debug, Clone, Default)]
+enum Watch {
+    /// Nothing accepted and no single rejected yet.
+    #[default]
+    Waiting,
+    /// The first single was rejected with `error`; `probes` are singles
+    /// from across the batch still to be judged.
+    Sampling {
+        error: String,
+        held: Vec<(i64, RowOutcome)>,
+        probes: HashSet<i64>,
+    },
+    /// Decided for this batch: every rejected single is its own fault.
+    Done,
+}
+
+/// Watches one claimed batch for a systemic rejection: a 400/403 that every
+/// message gets (a daemon bug, a proxy answering for Mews, a revoked
+/// permission), as opposed to a few bad messages.
+///
+/// Rule: when the bisection reaches a single rejected message before any
+/// request of the batch was accepted, [`SYSTEMIC_SAMPLE`]` - 1` single
+/// messages evenly spread over the rest of the batch are sent next. If all
+/// of them are rejected with the same status and Mews message (RequestId
+/// aside), the rejection is systemic: nothing is dead-lettered and the
+/// account pauses. If a sampled message is accepted or rejected for another
+/// reason, the held rows are dead-lettered; if its answer proves nothing (a
+/// 429, a 5xx, a timeout), they go back to `pending` untouched. Either way
+/// the rest goes on as one batch. A batch too small to sample is judged
+/// message by message.
+#[derive(Debug, Clone, Default)]
+pub struct RejectionWatch {
+    state: Watch,
+}
+
+impl RejectionWatch {
+    /// Feeds the reply to `batch`; may reorder `queue` (the rows not sent
+    /// yet) to put the sample first.
+    pub fn observe(
+        &mut self,
+        batch: &[ClaimedRow],
+        outcome: &Outcome,
+        outcomes: &[(i64, RowOutcome)],
+        queue: &mut VecDeque<Vec<ClaimedRow>>,
+    ) -> Judgement {
+        let record_now = Judgement {
+            record: true,
+            ..Judgement::default()
+        };
+        let single_rejection = match (batch, outcome) {
+            ([row], Outcome::Rejected { error }) => Some((row.id, without_request_id(error))),
+            _ => None,
+        };
+        match &mut self.state {
+            Watch::Done => record_now,
+            Watch::Waiting => {
+                if matches!(outcome, Outcome::Accepted { .. }) {
+                    self.state = Watch::Done;
+                    return record_now;
+                }
+                let Some((_, error)) = single_rejection else {
+                    return record_now;
+                };
+                let mut rest: Vec<ClaimedRow> = queue.drain(..).flatten().collect();
+                let wanted = SYSTEMIC_SAMPLE - 1;
+                if rest.len() < wanted {
+                    queue.push_back(rest);
+                    self.state = Watch::Done;
+                    return record_now;
+                }
+                // Evenly spread: for two probes, the middle and the last row.
+                let picks: Vec<usize> = (1..=wanted).map(|j| j * rest.len() / wanted - 1).collect();
+                let mut probes = Vec::with_capacity(wanted);
+                for &i in picks.iter().rev() {
+                    probes.push(rest.remove(i));
+                }
+                probes.reverse();
+                let ids = probes.iter().map(|r| r.id).collect();
+                queue.extend(probes.into_iter().map(|p| vec![p]));
+                queue.push_back(rest);
+                self.state = Watch::Sampling {
+                    error,
+                    held: outcomes.to_vec(),
+                    probes: ids,
+                };
+                Judgement::default()
+            }
+            Watch::Sampling {
+                error,
+                held,
+                probes,
+            } => {
+                let probe = match batch {
+                    [row] if probes.contains(&row.id) => row.id,
+                    _ => return record_now,
+                };
+                match single_rejection {
+                    Some((_, e)) if e == *error => {
+                        held.extend_from_slice(outcomes);
+                        probes.remove(&probe);
+                        if !probes.is_empty() {
+                            return Judgement::default();
+                        }
+                        let systemic = Systemic {
+                            error: std::mem::take(error),
+                            rows: held.iter().map(|(id, _)| *id).collect(),
+                        };
+                        self.state = Watch::Done;
+                        Judgement {
+                            record: false,
+                            flush: Vec::new(),
+                            systemic: Some(systemic),
+                        }
+                    }
+                    // Accepted, or rejected for another reason: the rows
+                    // are at fault one by one; the held ones are dead.
+                    Some(_) => self.conclude(|error| RowOutcome::Dead { error }),
+                    None if matches!(outcome, Outcome::Accepted { .. }) => {
+                        self.conclude(|error| RowOutcome::Dead { error })
+                    }
+                    // A 429, a 5xx, a timeout...: the sample proves nothing;
+                    // the held rows go back untouched to be tried again.
+                    None => self.conclude(|_| RowOutcome::Release),
+                }
+            }
+        }
+    }
+
+    /// Ends the sampling: the held rows get `held` (their recorded error
+    /// passed in) and every later reply is recorded as it comes.
+    fn conclude(&mut self, held: impl Fn(String) -> RowOutcome) -> Judgement {
+        let flush = match std::mem::take(&mut self.state) {
+            Watch::Sampling { held: rows, .. } => rows
+                .into_iter()
+                .map(|(id, outcome)| match outcome {
+                    RowOutcome::Dead { error } => (id, held(error)),
+                    other => (id, other),
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        self.state = Watch::Done;
+        Judgement {
+            record: true,
+            flush,
+            systemic: None,
+        }
+    }
+
+    /// Rows held (claimed, not recorded) while the sample is judged.
+    pub fn held(&self) -> Vec<i64> {
+        match &self.state {
+            Watch::Sampling { held, .. } => held.iter().map(|(id, _)| *id).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The batch ended (or stops) before the sample was judged: the held
+    /// outcomes stand.
+    pub fn finish(self) -> Vec<(i64, RowOutcome)> {
+        match self.state {
+            Watch::Sampling { held, .. } => held,
+            _ => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    fn rows(ids: std::ops::RangeInclusive<i64>) -> Vec<ClaimedRow> {
+        ids.map(|id| ClaimedRow {
+            id,
+            message_thread_id: format!("{id:08}-0000-4000-8000-000000000000"),
+            text: Ok(format!("m{id}")),
+            attempts: 0,
+            needs_reconcile: false,
+            first_sent_at: None,
+        })
+        .collect()
+    }
+
+    fn rejected(request_id: &str) -> Outcome {
+        Outcome::Rejected {
+            error: format!("HTTP 403: Forbidden thread (RequestId {request_id})"),
+        }
+    }
+
+    fn dead(id: i64) -> Vec<(i64, RowOutcome)> {
+        vec![(
+            id,
+            RowOutcome::Dead {
+                error: "HTTP 403".into(),
+            },
+        )]
+    }
+
+    fn accepted() -> Outcome {
+        Outcome::Accepted {
+            by_identifier: HashMap::new(),
+            unlabelled: 0,
+        }
+    }
+
+    fn transient() -> Outcome {
+        Outcome::Transient {
+            error: "HTTP 503".into(),
+            retry_after: None,
+            maybe_stored: true,
+            smaller: false,
+            settle: None,
+        }
+    }
+
+    fn ids(queue: &VecDeque<Vec<ClaimedRow>>) -> Vec<Vec<i64>> {
+        queue
+            .iter()
+            .map(|b| b.iter().map(|r| r.id).collect())
+            .collect()
+    }
+
+    #[test]
+    fn the_batch_limit_halves_down_to_one_and_grows_back_after_sustained_success() {
+        let mut limit = BatchLimit::new(1000);
+        assert_eq!(limit.success(), None, "already at the maximum");
+        assert_eq!(limit.shrink(), Some((1000, 500)));
+        assert_eq!(limit.shrink(), Some((500, 250)));
+        for _ in 1..GROW_AFTER_SUCCESSES {
+            assert_eq!(limit.success(), None);
+        }
+        assert_eq!(limit.success(), Some((250, 500)));
+        assert_eq!(
+            limit.shrink(),
+            Some((500, 250)),
+            "a shrink restarts the count"
+        );
+        for _ in 0..20 {
+            limit.shrink();
+        }
+        assert_eq!(limit.current(), 1);
+        assert_eq!(limit.shrink(), None, "never below 1");
+        let mut grown = Vec::new();
+        for _ in 0..GROW_AFTER_SUCCESSES * 12 {
+            grown.extend(limit.success());
+        }
+        assert_eq!(grown.last(), Some(&(512, 1000)), "capped at the maximum");
+        assert_eq!(limit.current(), 1000);
+    }
+
+    #[test]
+    fn the_breaker_opens_after_consecutive_failures_and_reopens_on_the_next_one() {
+        let mut breaker = Breaker::new(3);
+        let unreachable = Outcome::Unreachable {
+            error: "cannot connect".into(),
+        };
+        assert!(!breaker.observe(&transient()));
+        assert!(!breaker.observe(&unreachable));
+        assert!(breaker.observe(&transient()), "third failure in a row");
+        assert!(
+            breaker.observe(&transient()),
+            "half-open: one failure reopens"
+        );
+        assert!(!breaker.observe(&accepted()));
+        assert_eq!(breaker.failures(), 0);
+        assert!(!breaker.observe(&transient()));
+        assert!(
+            !breaker.observe(&rejected("r")),
+            "a 403 proves Mews answers"
+        );
+        assert!(!breaker.observe(&transient()));
+        let throttled = Outcome::Throttled {
+            error: "HTTP 429".into(),
+            retry_after: Some(Duration::from_secs(1)),
+        };
+        assert!(!breaker.observe(&throttled));
+        assert_eq!(breaker.failures(), 1, "a 429 neither counts nor resets");
+    }
+
+    #[test]
+    fn the_same_rejection_for_the_first_single_and_a_spread_sample_is_systemic() {
+        let mut watch = RejectionWatch::default();
+        // Bisection reached row 1 alone; the queue holds the untried halves.
+        let mut queue = VecDeque::from([rows(2..=2), rows(3..=4), rows(5..=8)]);
+        let j = watch.observe(&rows(1..=1), &rejected("a"), &dead(1), &mut queue);
+        assert_eq!(j, Judgement::default(), "row 1 is held, not dead yet");
+        assert_eq!(ids(&queue), [vec![4], vec![8], vec![2, 3, 5, 6, 7]]);
+        assert_eq!(watch.held(), [1]);
+
+        let j = watch.observe(&rows(4..=4), &rejected("b"), &dead(4), &mut queue);
+        assert_eq!(j, Judgement::default());
+        let j = watch.observe(&rows(8..=8), &rejected("c"), &dead(8), &mut queue);
+        assert_eq!(
+            j.systemic,
+            Some(Systemic {
+                error: "HTTP 403: Forbidden thread".into(),
+                rows: vec![1, 4, 8]
+            })
+        );
+        assert!(!j.record && j.flush.is_empty());
+    }
+
+    #[test]
+    fn a_sample_that_is_accepted_or_rejected_differently_dead_letters_only_the_held_rows() {
+        for probe_outcome in [
+            accepted(),
+            Outcome::Rejected {
+                error: "HTTP 400: Invalid Text (RequestId x)".into(),
+            },
+        ] {
+            let mut watch = RejectionWatch::default();
+            let mut queue = VecDeque::from([rows(2..=2), rows(3..=4)]);
+            watch.observe(&rows(1..=1), &rejected("a"), &dead(1), &mut queue);
+            assert_eq!(ids(&queue), [vec![2], vec![4], vec![3]]);
+            let j = watch.observe(&rows(2..=2), &probe_outcome, &[], &mut queue);
+            assert!(j.record && j.systemic.is_none(), "{probe_outcome:?}");
+            assert_eq!(j.flush, dead(1));
+            let j = watch.observe(&rows(4..=4), &rejected("b"), &dead(4), &mut queue);
+            assert!(j.record && j.flush.is_empty(), "decided for this batch");
+        }
+    }
+
+    #[test]
+    fn a_sample_that_proves_nothing_releases_the_held_rows() {
+        let throttled = Outcome::Throttled {
+            error: "HTTP 429".into(),
+            retry_after: None,
+        };
+        for probe_outcome in [transient(), throttled] {
+            let mut watch = RejectionWatch::default();
+            let mut queue = VecDeque::from([rows(2..=2), rows(3..=4)]);
+            watch.observe(&rows(1..=1), &rejected("a"), &dead(1), &mut queue);
+            let j = watch.observe(&rows(2..=2), &probe_outcome, &[], &mut queue);
+            assert!(j.record && j.systemic.is_none(), "{probe_outcome:?}");
+            assert_eq!(j.flush, [(1, RowOutcome::Release)]);
+        }
+    }
+
+    #[test]
+    fn after_an_accepted_request_every_single_is_judged_alone() {
+        let mut watch = RejectionWatch::default();
+        let mut queue = VecDeque::from([rows(3..=4)]);
+        assert!(
+            watch
+                .observe(&rows(5..=6), &accepted(), &[], &mut queue)
+                .record
+        );
+        let j = watch.observe(&rows(1..=1), &rejected("a"), &dead(1), &mut queue);
+        assert!(j.record);
+        assert_eq!(ids(&queue), [vec![3, 4]], "no sample taken");
+    }
+
+    #[test]
+    fn a_batch_too_small_to_sample_is_judged_message_by_message() {
+        let mut watch = RejectionWatch::default();
+        let mut queue = VecDeque::from([rows(2..=2)]);
+        let j = watch.observe(&rows(1..=1), &rejected("a"), &dead(1), &mut queue);
+        assert!(j.record && j.systemic.is_none());
+        assert_eq!(ids(&queue), [vec![2]]);
+        assert!(watch.finish().is_empty());
+    }
+
+    #[test]
+    fn held_rows_stand_when_the_batch_stops_before_the_sample_is_judged() {
+        let mut watch = RejectionWatch::default();
+        let mut queue = VecDeque::from([rows(2..=3)]);
+        watch.observe(&rows(1..=1), &rejected("a"), &dead(1), &mut queue);
+        assert_eq!(watch.finish(), dead(1));
+    }
+}
