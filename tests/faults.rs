@@ -85,6 +85,11 @@ async fn crash_scenario(rows_total: usize, kills_max: usize, seed: u64) {
     let unique: HashSet<&str> = accepted.iter().map(|m| m.text.as_str()).collect();
     assert_eq!(unique.len(), rows_total, "every row reached Mews");
     assert!(
+        dups.is_empty(),
+        "reconciliation (on by default) leaves no duplicate: {} texts",
+        dups.len()
+    );
+    assert!(
         rows.iter()
             .all(|r| r.status == "delivered" && r.mews_message_id.is_some())
     );
@@ -116,7 +121,9 @@ async fn chaos_every_row_ends_delivered_or_dead_and_retry_after_is_honoured() {
             5 => Fault::status(429),
             6 => Fault::DropBeforeStore,
             7 => Fault::DropAfterStore,
-            8 => Fault::DelayThenNormal(Duration::from_millis(2_500)),
+            // Answered after the client gave up (request_timeout 1s), stored before
+            // the read-back (no earlier than request_timeout after the timeout).
+            8 => Fault::DelayThenNormal(Duration::from_millis(1_500)),
             _ => Fault::StoreThenStatus(502),
         });
         // Some normal answers between the faults.
@@ -190,6 +197,10 @@ async fn chaos_every_row_ends_delivered_or_dead_and_retry_after_is_honoured() {
     }
     let unique: HashSet<&str> = accepted.iter().map(|m| m.text.as_str()).collect();
     assert_eq!(unique.len(), ROWS);
+    assert!(
+        dups.is_empty(),
+        "reconciliation (on by default) leaves no duplicate: {dups:?}"
+    );
     println!(
         "chaos: rows={ROWS} delivered={ROWS} dead=0 requests={} faults_injected={injected} duplicates={}",
         requests.len(),
