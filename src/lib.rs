@@ -11,6 +11,7 @@
 //! - [`worker`]: one account's delivery loop (claim → send → record)
 //! - [`daemon`]: `run`: the database lock, the loops, shutdown
 //! - [`status`]: the queue at a glance
+//! - [`secrets`]: token files, systemd credentials, redaction
 //! - [`telemetry`]: log formats and levels
 //! - [`cli`]: the command line
 
@@ -19,6 +20,7 @@ pub mod config;
 pub mod daemon;
 pub mod mews;
 pub mod retry;
+pub mod secrets;
 pub mod status;
 pub mod store;
 pub mod telemetry;

@@ -78,6 +78,10 @@ pause_max = "1s"
             );
         }
         std::fs::write(&config, text).expect("write config");
+        // It holds tokens: the daemon refuses it when every user can read it.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod config");
         Env { dir, db, config }
     }
 
