@@ -9,7 +9,12 @@
 //! - [`mews`]: the API client and what each response means
 //! - [`retry`]: the retry schedule and `Retry-After`, as pure functions
 //! - [`worker`]: one account's delivery loop (claim → send → record)
-//! - [`daemon`]: `run`: the database lock, the loops, shutdown
+//! - [`daemon`]: `run`: the database lock, the loops, reload, shutdown
+//! - [`signals`]: SIGTERM/SIGINT stop, SIGHUP reloads
+//! - [`notify`]: systemd notifications and the watchdog's view of liveness
+//! - [`heartbeat`]: the periodic queue line, alerts, `STATUS=`
+//! - [`housekeeping`]: pruning delivered rows, giving space back
+//! - [`online_check`]: `check-config --online` (tokens against Mews)
 //! - [`status`]: the queue at a glance
 //! - [`secrets`]: token files, systemd credentials, redaction
 //! - [`telemetry`]: log formats and levels
@@ -18,9 +23,14 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod heartbeat;
+pub mod housekeeping;
 pub mod mews;
+pub mod notify;
+pub mod online_check;
 pub mod retry;
 pub mod secrets;
+pub mod signals;
 pub mod status;
 pub mod store;
 pub mod telemetry;

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{DeliverySettings, RetrySettings};
 use crate::mews::{MewsClient, Outcome, OutgoingMessage, Reply};
+use crate::notify::Pulse;
 use crate::retry::{exponential, retry_delay};
 use crate::store::{AccountPause, ClaimedRow, Outbox, RowOutcome, StoreError};
 
@@ -21,6 +22,11 @@ use crate::store::{AccountPause, ClaimedRow, Outbox, RowOutcome, StoreError};
 const GROW_AFTER_SUCCESSES: u32 = 8;
 /// Wait before trying the database again after it failed.
 const STORE_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Longest a database step may take before the watchdog counts the loop as
+/// stuck (a statement waits at most `database.busy_timeout`, 5 s by default).
+const STORE_STEP_BUDGET: Duration = Duration::from_secs(30);
+/// Added to `mews.request_timeout` for the watchdog's patience with a request.
+const REQUEST_SLACK: Duration = Duration::from_secs(10);
 
 /// Why an account stops sending for a while.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,6 +230,8 @@ pub struct AccountWorker<S: Outbox> {
     batch_limit: usize,
     /// Successful requests since the last shrink.
     successes: u32,
+    /// Tells the watchdog this loop is alive (see [`crate::notify::Liveness`]).
+    pulse: Option<Pulse>,
 }
 
 impl<S: Outbox> AccountWorker<S> {
@@ -254,6 +262,25 @@ impl<S: Outbox> AccountWorker<S> {
             pause,
             batch_limit,
             successes: 0,
+            pulse: None,
+        }
+    }
+
+    /// Reports liveness to the watchdog through `pulse`.
+    pub fn with_pulse(mut self, pulse: Pulse) -> Self {
+        self.pulse = Some(pulse);
+        self
+    }
+
+    fn busy(&self, doing: &'static str, within: Duration) {
+        if let Some(pulse) = &self.pulse {
+            pulse.busy(doing, within);
+        }
+    }
+
+    fn waiting(&self) {
+        if let Some(pulse) = &self.pulse {
+            pulse.waiting();
         }
     }
 
@@ -270,6 +297,7 @@ impl<S: Outbox> AccountWorker<S> {
             );
         }
         while !self.shutdown.is_cancelled() {
+            self.busy("claiming rows", STORE_STEP_BUDGET);
             let wake_at = match self.step().await {
                 Step::Worked => continue,
                 Step::Idle { next_due } => next_due,
@@ -279,6 +307,7 @@ impl<S: Outbox> AccountWorker<S> {
             let sleep = wake_at
                 .map(|at| at.duration_since(SystemTime::now()).unwrap_or_default())
                 .unwrap_or(Duration::from_secs(3600));
+            self.waiting();
             tokio::select! {
                 _ = self.shutdown.cancelled() => {}
                 _ = tokio::time::sleep(sleep) => {}
@@ -387,13 +416,21 @@ impl<S: Outbox> AccountWorker<S> {
             })
             .collect();
         // The semaphore is never closed, so acquiring only waits.
+        self.waiting();
         let _permit = self.requests.acquire().await;
+        self.busy(
+            "waiting for Mews",
+            self.client.request_timeout() + REQUEST_SLACK,
+        );
         tracing::debug!(account = %self.account, batch = batch.len(), "messages/add: sending");
         let reply = self
             .client
             .add_messages(&self.access_token, &messages)
             .await;
         log_reply(&self.account, batch.len(), &reply);
+        if let Some(pulse) = &self.pulse {
+            pulse.outcome(&self.account, reply.outcome.name(), reply.http_status);
+        }
         reply
     }
 
@@ -475,7 +512,10 @@ impl<S: Outbox> AccountWorker<S> {
         if outcomes.is_empty() {
             return;
         }
-        let attempt = || async { self.store.record(outcomes, SystemTime::now()).await };
+        let attempt = || async {
+            self.busy("recording outcomes", STORE_STEP_BUDGET);
+            self.store.record(outcomes, SystemTime::now()).await
+        };
         let result = attempt
             .retry(
                 ExponentialBuilder::new()

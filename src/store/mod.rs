@@ -3,6 +3,7 @@
 //! A PostgreSQL store (several daemons claiming with `FOR UPDATE SKIP
 //! LOCKED`, leases instead of start-up recovery) would implement the same trait.
 
+pub mod maintenance;
 pub mod sqlite;
 
 use std::future::Future;
@@ -134,6 +135,12 @@ pub enum StoreError {
         "another mews-outbox daemon is already running on {database} (it holds {lock}); stop it first"
     )]
     AlreadyRunning { database: String, lock: String },
+    #[error("cannot create the database file {path}: {source}")]
+    Create {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot open the lock file {path}: {source}")]
     Lock {
         path: String,
