@@ -94,12 +94,39 @@ pause_max = "1s"
         Daemon::start(&self.config, &["run"])
     }
 
+    /// Starts `mews-outbox run` with extra environment variables.
+    pub fn start_with_env(&self, vars: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with_env(&self.config, &["run"], vars)
+    }
+
+    /// Replaces the config file (kept private: it holds tokens).
+    pub fn rewrite_config(&self, text: &str) {
+        std::fs::write(&self.config, text).expect("write config");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&self.config, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod config");
+    }
+
+    pub fn config_text(&self) -> String {
+        std::fs::read_to_string(&self.config).expect("read config")
+    }
+
     /// Runs a CLI command to completion: (exit status, stdout, stderr).
     pub async fn cli(&self, args: &[&str]) -> (ExitStatus, String, String) {
+        self.cli_with_env(args, &[]).await
+    }
+
+    /// Like [`Env::cli`], with extra environment variables.
+    pub async fn cli_with_env(
+        &self,
+        args: &[&str],
+        vars: &[(&str, &str)],
+    ) -> (ExitStatus, String, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_mews-outbox"))
             .arg("--config")
             .arg(&self.config)
             .args(args)
+            .envs(vars.iter().copied())
             .output()
             .await
             .expect("run mews-outbox");
@@ -137,11 +164,18 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(config: &Path, args: &[&str]) -> Daemon {
+        Daemon::start_with_env(config, args, &[])
+    }
+
+    /// Like [`Daemon::start`], with extra environment variables (they win
+    /// over the default `RUST_LOG`).
+    pub fn start_with_env(config: &Path, args: &[&str], vars: &[(&str, &str)]) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mews-outbox"))
             .arg("--config")
             .arg(config)
             .args(args)
             .env("RUST_LOG", "mews_outbox=debug,info")
+            .envs(vars.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -164,6 +198,37 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.child.id().expect("daemon still running")
+    }
+
+    /// Lines logged so far that contain `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.lines
+            .lock()
+            .expect("log lock")
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits until `n` logged lines contain `needle`.
+    pub async fn wait_for_log_count(&mut self, needle: &str, n: usize) {
+        let found = tokio::time::timeout(WAIT, async {
+            while self.count_log(needle) < n {
+                if self.seen.changed().await.is_err() {
+                    panic!(
+                        "daemon output ended without {n}× {needle:?}:\n{}",
+                        self.log()
+                    );
+                }
+            }
+        })
+        .await;
+        if found.is_err() {
+            panic!(
+                "fewer than {n} lines with {needle:?} within {WAIT:?}:\n{}",
+                self.log()
+            );
+        }
     }
 
     /// Everything logged so far.
