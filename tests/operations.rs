@@ -3,6 +3,8 @@
 //! modes under `STATE_DIRECTORY`, heartbeat and alert lines, and that no
 //! token ever reaches any output, even at trace level.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
@@ -329,8 +331,7 @@ async fn the_heartbeat_reports_the_queue_and_warns_about_old_and_dead_rows() {
     let beat = daemon
         .log()
         .lines()
-        .filter(|l| l.contains(" heartbeat "))
-        .last()
+        .rfind(|l| l.contains(" heartbeat "))
         .unwrap()
         .to_owned();
     for field in [

@@ -140,7 +140,12 @@ pause_max = "1s"
     /// A pool on the outbox file, as a producer would open it. Creates the
     /// schema first (through the CLI, the supported way).
     pub async fn producer(&self) -> SqlitePool {
-        let (status, _, err) = self.cli(&["migrate"]).await;
+        self.producer_with_env(&[]).await
+    }
+
+    /// Like [`Env::producer`], migrating with extra environment variables.
+    pub async fn producer_with_env(&self, vars: &[(&str, &str)]) -> SqlitePool {
+        let (status, _, err) = self.cli_with_env(&["migrate"], vars).await;
         assert!(status.success(), "migrate failed: {err}");
         SqlitePoolOptions::new()
             .max_connections(2)
