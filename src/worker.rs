@@ -23,8 +23,9 @@ const GROW_AFTER_SUCCESSES: u32 = 8;
 /// Wait before trying the database again after it failed.
 const STORE_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Longest a database step may take before the watchdog counts the loop as
-/// stuck (a statement waits at most `database.busy_timeout`, 5 s by default).
-const STORE_STEP_BUDGET: Duration = Duration::from_secs(30);
+/// stuck: a statement waits at most `database.busy_timeout` (5 s by default)
+/// for a lock; recording a full batch can take seconds on its own.
+const STORE_STEP_BUDGET: Duration = Duration::from_secs(60);
 /// Added to `mews.request_timeout` for the watchdog's patience with a request.
 const REQUEST_SLACK: Duration = Duration::from_secs(10);
 
