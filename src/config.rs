@@ -272,6 +272,13 @@ impl Settings {
         let mut builder = config::Config::builder()
             .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
         if let Some(file) = &sources.file {
+            // The config crate reports any unreadable file as "not found".
+            if let Err(e) = std::fs::File::open(file) {
+                return Err(ConfigError::Unparsable(format!(
+                    "cannot read the configuration file {}: {e}",
+                    file.display()
+                )));
+            }
             builder = builder.add_source(
                 config::File::from(file.as_path())
                     .format(config::FileFormat::Toml)
