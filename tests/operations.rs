@@ -154,7 +154,7 @@ async fn sighup_adds_an_account_without_dropping_the_request_in_flight_and_refus
     fake.script([Fault::DelayThenNormal(Duration::from_millis(1500))]);
     insert_rows(&db, 1, &threads(1), "in flight").await;
     let mut daemon = env.start().ready().await;
-    fake.wait_for_requests(1, WAIT).await;
+    daemon.wait_for_log("messages/add: sending").await;
 
     // Rows of an account the running configuration does not know wait.
     let thread = threads(1);
@@ -169,6 +169,15 @@ async fn sighup_adds_an_account_without_dropping_the_request_in_flight_and_refus
     daemon.signal("HUP");
     daemon.wait_for_log("configuration reloaded").await;
     wait_for_status(&db, "delivered", 2).await;
+
+    // The reload waited for the request that was in flight (Mews took 1.5 s).
+    let log = daemon.log();
+    let line_of = |needle: &str| log.lines().position(|l| l.contains(needle)).unwrap();
+    assert!(
+        line_of("reload requested") < line_of("outcome=\"accepted\"")
+            && line_of("outcome=\"accepted\"") < line_of("configuration reloaded"),
+        "{log}"
+    );
 
     // The request in flight finished and was recorded once: no duplicate, no lost row.
     assert_eq!(fake.accepted().len(), 2, "{:#?}", fake.accepted());
