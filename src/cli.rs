@@ -59,7 +59,12 @@ pub enum Command {
     /// Create the database if needed and apply pending migrations.
     Migrate,
     /// Validate the configuration and print it with tokens redacted.
-    CheckConfig,
+    CheckConfig {
+        /// Also call Mews `configuration/get` with each account's tokens;
+        /// exits non-zero when any account fails.
+        #[arg(long)]
+        online: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,13 +111,17 @@ impl Cli {
     }
 }
 
-/// Runs one subcommand with loaded settings.
-pub async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
+/// Runs one subcommand with settings loaded from `sources` (`run` loads
+/// them again on SIGHUP).
+pub async fn execute(command: Command, settings: Settings, sources: Sources) -> anyhow::Result<()> {
     match command {
         Command::Run => {
             let shutdown = CancellationToken::new();
-            tokio::spawn(cancel_on_signal(shutdown.clone()));
-            crate::daemon::run(settings, shutdown).await?;
+            let (reload_requests, reloads) = tokio::sync::mpsc::channel(1);
+            let signals =
+                crate::signals::Signals::install().context("cannot install signal handlers")?;
+            tokio::spawn(signals.forward(shutdown.clone(), reload_requests));
+            crate::daemon::run(settings, sources, shutdown, reloads).await?;
         }
         Command::Enqueue {
             thread,
@@ -161,10 +170,25 @@ pub async fn execute(command: Command, settings: Settings) -> anyhow::Result<()>
             let store = open(&settings).await?;
             out(&format!("migrations applied to {}", store.path().display()))?;
         }
-        Command::CheckConfig => {
+        Command::CheckConfig { online } => {
             out(&format!(
                 "# configuration is valid; effective settings (tokens redacted):\n{settings}"
             ))?;
+            if online {
+                let checks = crate::online_check::check_accounts(&settings).await?;
+                out(&format!(
+                    "\n# online check against {}:\n{}",
+                    settings.mews.base_url,
+                    crate::online_check::render(&checks)
+                ))?;
+                let failed = checks.iter().filter(|c| !c.passed).count();
+                if failed > 0 {
+                    bail!(
+                        "{failed} of {} accounts failed the online check",
+                        checks.len()
+                    );
+                }
+            }
         }
     }
     Ok(())
@@ -263,22 +287,4 @@ async fn open(settings: &Settings) -> anyhow::Result<SqliteStore> {
     SqliteStore::open(&settings.database.path, settings.database.busy_timeout)
         .await
         .with_context(|| format!("cannot open {}", settings.database.path.display()))
-}
-
-/// Cancels `shutdown` on the first SIGTERM or SIGINT.
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop the daemon with SIGKILL");
-        return;
-    };
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::info!(signal = name, "shutdown requested");
-    shutdown.cancel();
 }

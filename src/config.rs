@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
+
+use crate::secrets::{self, SecretError};
 use serde::Deserialize;
 use url::Url;
 
@@ -36,13 +38,13 @@ pub enum ConfigError {
     Load(#[from] config::ConfigError),
     #[error("configuration: `{key}` {problem}")]
     Invalid { key: String, problem: String },
-    #[error("configuration: cannot read `{key}` file {path}: {source}")]
-    SecretFile {
-        key: String,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A token file or credential that is missing, unreadable or too open.
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    /// The file could not be parsed; the message has every token redacted
+    /// (a parse error quotes the offending line).
+    #[error("configuration: {0}")]
+    Unparsable(String),
 }
 
 fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
@@ -62,13 +64,27 @@ pub struct Settings {
     pub delivery: DeliverySettings,
     pub retry: RetrySettings,
     pub log: LogSettings,
+    pub alert: AlertSettings,
+    pub retention: RetentionSettings,
+}
+
+/// The database file name under systemd's `StateDirectory=`.
+pub const STATE_DIRECTORY_DATABASE: &str = "outbox.db";
+
+#[derive(Debug, Clone)]
+pub struct DatabaseSettings {
+    /// SQLite file holding the `outbox` table; created when missing. When
+    /// not configured: `$STATE_DIRECTORY/outbox.db` under systemd, else
+    /// `outbox.db` in the working directory.
+    pub path: PathBuf,
+    /// How long a writer waits for a lock held by another connection.
+    pub busy_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DatabaseSettings {
-    /// SQLite file holding the `outbox` table; created when missing.
-    pub path: PathBuf,
+struct RawDatabase {
+    path: Option<PathBuf>,
     /// How long a writer waits for a lock held by another connection.
     #[serde(with = "humantime_serde")]
     pub busy_timeout: Duration,
@@ -81,6 +97,9 @@ pub struct MewsSettings {
     /// `Client` field of each request: name and version.
     pub client: String,
     pub request_timeout: Duration,
+    /// Accept token files (and a configuration file holding a token) that
+    /// every user can read.
+    pub allow_world_readable_token_files: bool,
 }
 
 impl MewsSettings {
@@ -146,28 +165,55 @@ pub struct LogSettings {
     /// tracing filter, e.g. `info` or `mews_outbox=debug`; `RUST_LOG` wins.
     pub level: String,
     pub format: LogFormat,
+    /// Interval of the heartbeat line (queue counts and ages); 0 turns it off.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
-    /// Text on a terminal, JSON lines otherwise.
+    /// journald when stderr is connected to the journal, else text.
     Auto,
+    /// Human text; colour only on a terminal.
     Text,
+    /// One JSON object a line.
     Json,
+    /// Native journald entries with structured fields.
+    Journald,
+}
+
+/// Conditions worth a warning in the log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertSettings {
+    /// Warn when the oldest pending row is older than this; 0 turns it off.
+    #[serde(with = "humantime_serde")]
+    pub max_pending_age: Duration,
+}
+
+/// How long rows are kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Delivered rows are deleted this long after delivery; 0 keeps them forever.
+    #[serde(with = "humantime_serde")]
+    pub delivered: Duration,
 }
 
 /// The shape of the layered sources before validation.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Raw {
-    database: DatabaseSettings,
+    database: RawDatabase,
     mews: RawMews,
     #[serde(default)]
     accounts: BTreeMap<String, RawAccount>,
     delivery: DeliverySettings,
     retry: RetrySettings,
     log: LogSettings,
+    alert: AlertSettings,
+    retention: RetentionSettings,
 }
 
 #[derive(Deserialize)]
@@ -179,6 +225,7 @@ struct RawMews {
     client: Option<String>,
     #[serde(with = "humantime_serde")]
     request_timeout: Duration,
+    allow_world_readable_token_files: bool,
 }
 
 #[derive(Deserialize)]
@@ -197,12 +244,53 @@ pub struct Sources {
     pub env: Option<BTreeMap<String, String>>,
 }
 
+impl Sources {
+    /// A variable of the environment the settings are loaded from.
+    fn var(&self, name: &str) -> Option<String> {
+        match &self.env {
+            Some(env) => env.get(name).cloned(),
+            None => std::env::var(name).ok(),
+        }
+        .filter(|v| !v.is_empty())
+    }
+
+    /// Token values given in the file or the environment, for redacting
+    /// error messages that might quote them.
+    fn token_values(&self) -> Vec<String> {
+        let mut values = self
+            .file
+            .as_ref()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .map(|text| secrets::token_values_in_toml(&text))
+            .unwrap_or_default();
+        let env: Vec<(String, String)> = match &self.env {
+            Some(env) => env.clone().into_iter().collect(),
+            None => std::env::vars().collect(),
+        };
+        values.extend(
+            env.into_iter()
+                .filter(|(k, _)| {
+                    k.starts_with(ENV_PREFIX) && k.to_ascii_uppercase().ends_with("TOKEN")
+                })
+                .map(|(_, v)| v),
+        );
+        values
+    }
+}
+
 impl Settings {
     /// Loads defaults, the file and the environment, then validates.
     pub fn load(sources: &Sources) -> Result<Settings, ConfigError> {
         let mut builder = config::Config::builder()
             .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
         if let Some(file) = &sources.file {
+            // The config crate reports any unreadable file as "not found".
+            if let Err(e) = std::fs::File::open(file) {
+                return Err(ConfigError::Unparsable(format!(
+                    "cannot read the configuration file {}: {e}",
+                    file.display()
+                )));
+            }
             builder = builder.add_source(
                 config::File::from(file.as_path())
                     .format(config::FileFormat::Toml)
@@ -214,11 +302,36 @@ impl Settings {
             .separator("__")
             .try_parsing(true)
             .source(sources.env.clone().map(|m| m.into_iter().collect()));
-        let raw: Raw = builder.add_source(env).build()?.try_deserialize()?;
-        Self::validate(raw)
+        let raw: Raw = builder
+            .add_source(env)
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| {
+                let values = sources.token_values();
+                let values: Vec<&str> = values.iter().map(String::as_str).collect();
+                ConfigError::Unparsable(secrets::redact(&e.to_string(), &values))
+            })?;
+        let allow_world_readable = raw.mews.allow_world_readable_token_files;
+        if let Some(file) = &sources.file
+            && file_holds_a_token(file)
+        {
+            secrets::check_config_file(file, allow_world_readable)?;
+        }
+        Self::validate(raw, sources)
     }
 
-    fn validate(raw: Raw) -> Result<Settings, ConfigError> {
+    fn validate(raw: Raw, sources: &Sources) -> Result<Settings, ConfigError> {
+        let credentials = sources.var("CREDENTIALS_DIRECTORY");
+        let allow_world_readable = raw.mews.allow_world_readable_token_files;
+        let secret = |key: &str, inline, file, credential: &str| {
+            secret(
+                key,
+                inline,
+                file,
+                secrets::credential(credentials.as_deref(), credential),
+                allow_world_readable,
+            )
+        };
         let base_url = Url::parse(raw.mews.base_url.trim())
             .ok()
             .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
@@ -237,6 +350,7 @@ impl Settings {
             "mews.client_token",
             raw.mews.client_token,
             raw.mews.client_token_file,
+            secrets::CLIENT_TOKEN_CREDENTIAL,
         )?
         .or_else(|| is_demo_url.then(|| SecretString::from(DEMO_CLIENT_TOKEN)))
         .ok_or_else(|| {
@@ -260,8 +374,21 @@ impl Settings {
         let mut accounts = BTreeMap::new();
         for (name, account) in raw.accounts {
             let key = format!("accounts.{name}.access_token");
-            let token = secret(&key, account.access_token, account.access_token_file)?
-                .ok_or_else(|| invalid(&key, "is required for each account"))?;
+            let token = secret(
+                &key,
+                account.access_token,
+                account.access_token_file,
+                &secrets::access_token_credential(&name),
+            )?
+            .ok_or_else(|| {
+                invalid(
+                    &key,
+                    format!(
+                        "is required for each account (or `{key}_file`, or the systemd credential {})",
+                        secrets::access_token_credential(&name)
+                    ),
+                )
+            })?;
             let rate_limit = match account.rate_limit {
                 None => DEFAULT_RATE_LIMIT,
                 Some(text) => text
@@ -330,22 +457,32 @@ impl Settings {
                 "must be greater than 0 and at most retry.pause_max",
             ));
         }
-        if raw.database.path.as_os_str().is_empty() {
-            return Err(invalid("database.path", "must not be empty"));
-        }
+        let database_path = match raw.database.path {
+            Some(path) if path.as_os_str().is_empty() => {
+                return Err(invalid("database.path", "must not be empty"));
+            }
+            Some(path) => path,
+            None => default_database_path(sources.var("STATE_DIRECTORY").as_deref()),
+        };
 
         Ok(Settings {
-            database: raw.database,
+            database: DatabaseSettings {
+                path: database_path,
+                busy_timeout: raw.database.busy_timeout,
+            },
             mews: MewsSettings {
                 base_url,
                 client_token,
                 client,
                 request_timeout: raw.mews.request_timeout,
+                allow_world_readable_token_files: allow_world_readable,
             },
             accounts,
             delivery: raw.delivery,
             retry: raw.retry,
             log: raw.log,
+            alert: raw.alert,
+            retention: raw.retention,
         })
     }
 }
@@ -362,6 +499,11 @@ impl std::fmt::Display for Settings {
         writeln!(f, "client_token = \"<redacted>\"")?;
         writeln!(f, "client = {:?}", self.mews.client)?;
         writeln!(f, "request_timeout = {:?}", d(self.mews.request_timeout))?;
+        writeln!(
+            f,
+            "allow_world_readable_token_files = {}",
+            self.mews.allow_world_readable_token_files
+        )?;
         for (name, account) in &self.accounts {
             writeln!(f, "\n[accounts.{name}]\naccess_token = \"<redacted>\"")?;
             writeln!(f, "rate_limit = \"{}\"", account.rate_limit)?;
@@ -380,30 +522,59 @@ impl std::fmt::Display for Settings {
         writeln!(f, "pause_max = {:?}", d(r.pause_max))?;
         writeln!(f, "breaker_failures = {}", r.breaker_failures)?;
         writeln!(f, "\n[log]\nlevel = {:?}", self.log.level)?;
-        write!(
+        writeln!(
             f,
             "format = {:?}",
             format!("{:?}", self.log.format).to_lowercase()
+        )?;
+        writeln!(f, "heartbeat = {:?}", d(self.log.heartbeat))?;
+        writeln!(
+            f,
+            "\n[alert]\nmax_pending_age = {:?}",
+            d(self.alert.max_pending_age)
+        )?;
+        write!(
+            f,
+            "\n[retention]\ndelivered = {:?}",
+            d(self.retention.delivered)
         )
     }
 }
 
-/// A token given inline or in a file (never both); empty is refused.
+/// A token given inline, in a file, or as a systemd credential (exactly one
+/// of them, or none); empty is refused.
 fn secret(
     key: &str,
     inline: Option<SecretString>,
     file: Option<PathBuf>,
+    credential: Option<PathBuf>,
+    allow_world_readable: bool,
 ) -> Result<Option<SecretString>, ConfigError> {
-    let value = match (inline, file) {
-        (Some(_), Some(_)) => {
+    let file_key = format!("{key}_file");
+    let value = match (inline, file, credential) {
+        (Some(_), Some(_), _) => {
             return Err(invalid(
                 key,
-                format!("and `{key}_file` are both set: keep one"),
+                format!("and `{file_key}` are both set: keep one"),
             ));
         }
-        (Some(value), None) => value,
-        (None, Some(path)) => read_secret_file(&format!("{key}_file"), &path)?,
-        (None, None) => return Ok(None),
+        (Some(_), None, Some(cred)) | (None, Some(_), Some(cred)) => {
+            return Err(invalid(
+                key,
+                format!(
+                    "is set in the configuration and also passed as the systemd credential {}: keep one",
+                    cred.display()
+                ),
+            ));
+        }
+        (Some(value), None, None) => value,
+        (None, Some(path), None) => {
+            secrets::read_token_file(&file_key, &path, allow_world_readable)?
+        }
+        (None, None, Some(path)) => {
+            secrets::read_token_file(&format!("{key} credential"), &path, allow_world_readable)?
+        }
+        (None, None, None) => return Ok(None),
     };
     if value.expose_secret().trim().is_empty() {
         return Err(invalid(key, "must not be empty"));
@@ -411,13 +582,40 @@ fn secret(
     Ok(Some(value))
 }
 
-fn read_secret_file(key: &str, path: &Path) -> Result<SecretString, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
-        key: key.to_owned(),
-        path: path.to_owned(),
-        source,
-    })?;
-    Ok(SecretString::from(text.trim().to_owned()))
+/// `$STATE_DIRECTORY/outbox.db` under systemd (the first directory when
+/// several are listed), else `outbox.db` in the working directory.
+fn default_database_path(state_directory: Option<&str>) -> PathBuf {
+    match state_directory.and_then(|dirs| dirs.split(':').next()) {
+        Some(dir) if !dir.is_empty() => Path::new(dir).join(STATE_DIRECTORY_DATABASE),
+        _ => PathBuf::from(STATE_DIRECTORY_DATABASE),
+    }
+}
+
+/// Whether the file sets a token inline (not through `*_file`); such a file
+/// must be as private as a token file.
+fn file_holds_a_token(file: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return false;
+    };
+    let Ok(parsed) = config::Config::builder()
+        .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+        .build()
+    else {
+        return false;
+    };
+    if parsed.get_string("mews.client_token").is_ok() {
+        return true;
+    }
+    parsed
+        .get_table("accounts")
+        .map(|accounts| {
+            accounts.keys().any(|name| {
+                parsed
+                    .get_string(&format!("accounts.{name}.access_token"))
+                    .is_ok()
+            })
+        })
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -429,6 +627,9 @@ mod tests {
         let path = dir.path().join("c.toml");
         if let Some(text) = file {
             std::fs::write(&path, text).unwrap();
+            // A file with a token must not be world-readable.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
         Settings::load(&Sources {
             file: file.map(|_| path.clone()),
@@ -559,6 +760,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("token");
         std::fs::write(&token, "FROM-FILE\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o640)).unwrap();
         let s = load(
             Some(&format!(
                 "[accounts.a]\naccess_token_file = {:?}\n",
@@ -568,6 +771,107 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.accounts["a"].access_token.expose_secret(), "FROM-FILE");
+    }
+
+    #[test]
+    fn under_systemd_the_database_defaults_to_the_state_directory() {
+        let s = load(None, &[("STATE_DIRECTORY", "/var/lib/mews-outbox")]).unwrap();
+        assert_eq!(
+            s.database.path,
+            PathBuf::from("/var/lib/mews-outbox/outbox.db")
+        );
+        let s = load(
+            Some("[database]\npath = \"/srv/o.db\"\n"),
+            &[("STATE_DIRECTORY", "/var/lib/mews-outbox")],
+        )
+        .unwrap();
+        assert_eq!(s.database.path, PathBuf::from("/srv/o.db"), "explicit wins");
+    }
+
+    #[test]
+    fn tokens_can_come_from_systemd_credentials() {
+        let creds = tempfile::tempdir().unwrap();
+        for (name, token) in [
+            ("mews-outbox.client_token", "CRED-C\n"),
+            ("mews-outbox.access_token.hotel", "CRED-A"),
+        ] {
+            // As systemd passes them: private to the service.
+            use std::os::unix::fs::PermissionsExt;
+            let path = creds.path().join(name);
+            std::fs::write(&path, token).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+        }
+        let dir = creds.path().to_str().unwrap();
+        let s = load(
+            Some("[mews]\nbase_url = \"https://api.mews.com\"\n[accounts.hotel]\n"),
+            &[("CREDENTIALS_DIRECTORY", dir)],
+        )
+        .unwrap();
+        assert_eq!(s.mews.client_token.expose_secret(), "CRED-C");
+        assert_eq!(s.accounts["hotel"].access_token.expose_secret(), "CRED-A");
+
+        let e = error_of(
+            Some(
+                "[mews]\nbase_url = \"https://api.mews.com\"\nclient_token = \"INLINE-1\"\n[accounts.hotel]\n",
+            ),
+            &[("CREDENTIALS_DIRECTORY", dir)],
+        );
+        assert!(
+            e.contains("mews.client_token") && e.contains("keep one"),
+            "{e}"
+        );
+        assert!(!e.contains("INLINE-1") && !e.contains("CRED-C"), "{e}");
+    }
+
+    #[test]
+    fn a_world_readable_configuration_file_with_a_token_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let load_mode = |text: &str, mode: u32| {
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            Settings::load(&Sources {
+                file: Some(path.clone()),
+                env: Some(BTreeMap::new()),
+            })
+        };
+        let with_token = "[mews]\nclient_token = \"SECRET-9\"\n";
+        let e = load_mode(with_token, 0o644).unwrap_err().to_string();
+        assert!(
+            e.contains(&path.display().to_string()) && e.contains("chmod"),
+            "{e}"
+        );
+        assert!(!e.contains("SECRET-9"), "{e}");
+        load_mode(with_token, 0o640).unwrap();
+        load_mode("[delivery]\nbatch_size = 5\n", 0o644).unwrap();
+        load_mode(
+            &format!("{with_token}allow_world_readable_token_files = true\n"),
+            0o644,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_parse_error_does_not_quote_the_token() {
+        for text in [
+            "[mews]\nclient_token = \"SECRET-UNTERMINATED\n",
+            "[mews]\nclient_token = SECRET-BARE\n",
+            "[accounts.a]\naccess_token = \"SECRET-OK\"\nbogus key\n",
+        ] {
+            let e = error_of(Some(text), &[]);
+            for secret in ["SECRET-UNTERMINATED", "SECRET-BARE", "SECRET-OK"] {
+                assert!(!e.contains(secret), "{text:?} => {e}");
+            }
+        }
+        let e = error_of(
+            None,
+            &[
+                ("MEWS_OUTBOX__ACCOUNTS__A__ACCESS_TOKEN", "ENV-SECRET-1"),
+                ("MEWS_OUTBOX__DELIVERY__BATCH_SIZE", "x"),
+            ],
+        );
+        assert!(!e.contains("ENV-SECRET-1"), "{e}");
     }
 
     /// config/mews-outbox.toml documents every key with its default,

@@ -1,21 +1,29 @@
-//! `mews-outbox run`: takes the database, starts one delivery loop per
-//! account, and stops them cleanly when told to.
+//! `mews-outbox run`: takes the database, runs one delivery loop per account
+//! plus housekeeping, reports to systemd (ready, status, watchdog), reloads
+//! the configuration on request and stops cleanly when told to.
+//!
+//! The loops of one configuration form a [`Generation`]. A reload builds the
+//! new configuration first (a bad one is refused and the running one kept),
+//! then lets the old generation finish its requests in flight, and starts a
+//! new one: no request is cut off and no row is left `sending`.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use secrecy::ExposeSecret;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Settings;
+use crate::config::{ConfigError, Settings, Sources};
+use crate::heartbeat::{Heartbeat, paused_accounts, status_line};
 use crate::mews::{ClientError, MewsClient};
+use crate::notify::{Liveness, Notifier, watchdog_interval};
 use crate::store::{Outbox, SqliteStore, StoreError};
 use crate::worker::AccountWorker;
 
-/// How often the daemon looks for rows of accounts it does not know.
-const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(60);
+/// How often `STATUS=` is refreshed for `systemctl status` (under systemd only).
+const STATUS_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -26,68 +34,301 @@ pub enum DaemonError {
 }
 
 /// Runs the daemon until `shutdown` is cancelled, then lets requests in
-/// flight finish (up to `delivery.drain_timeout`) and returns.
-pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), DaemonError> {
+/// flight finish (up to `delivery.drain_timeout`) and returns. Each message
+/// on `reloads` reloads the configuration from `sources`.
+pub async fn run(
+    settings: Settings,
+    sources: Sources,
+    shutdown: CancellationToken,
+    mut reloads: mpsc::Receiver<()>,
+) -> Result<(), DaemonError> {
+    let notifier = Notifier::from_env();
     let store = SqliteStore::open(&settings.database.path, settings.database.busy_timeout).await?;
     let _lock = store.lock_for_daemon()?;
     let recovered = store.recover_abandoned().await?;
     let client = MewsClient::new(&settings.mews)?;
     log_start(&settings, recovered);
 
-    let names: Vec<&str> = settings.accounts.keys().map(String::as_str).collect();
-    warn_unknown_accounts(&store, &names).await;
+    let liveness = Liveness::default();
+    let mut heartbeat = Heartbeat::start(&store, SystemTime::now()).await;
+    let mut generation = Generation::start(&store, &settings, client, &liveness).await?;
+    let mut settings = settings;
 
-    let workers = shutdown.child_token();
-    let changes = store
-        .watch_changes(settings.delivery.poll_interval, workers.clone())
-        .await?;
-    let requests = Arc::new(Semaphore::new(settings.delivery.max_concurrent_requests));
-    let pauses = store.pauses().await?;
-    let mut tasks = JoinSet::new();
-    for (name, account) in &settings.accounts {
-        let worker = AccountWorker::new(
-            store.clone(),
-            client.clone(),
-            name.clone(),
-            account.access_token.clone(),
-            account.rate_limit,
-            settings.delivery.clone(),
-            settings.retry.clone(),
-            requests.clone(),
-            changes.clone(),
-            workers.clone(),
-            pauses.iter().find(|p| &p.account == name).cloned(),
-        );
-        tasks.spawn(worker.run());
+    let pinger = CancellationToken::new();
+    if let Some(every) = watchdog_interval() {
+        tokio::spawn(ping_watchdog(
+            liveness.clone(),
+            notifier.clone(),
+            every,
+            pinger.clone(),
+        ));
     }
+    notifier.ready(&current_status(&store, &liveness).await);
     tracing::info!(accounts = settings.accounts.len(), "ready: delivering");
 
-    let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
-    housekeeping.tick().await;
+    let mut beats = heartbeat_interval(&settings);
+    let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = housekeeping.tick() => warn_unknown_accounts(&store, &names).await,
+            Some(()) = reloads.recv() => {
+                notifier.reloading();
+                (settings, generation) =
+                    reload(&store, settings, &sources, generation, &liveness).await?;
+                beats = heartbeat_interval(&settings);
+                notifier.ready(&current_status(&store, &liveness).await);
+            }
+            _ = tick(&mut beats) => {
+                if let Err(e) = heartbeat.beat(&store, settings.alert.max_pending_age, SystemTime::now()).await {
+                    tracing::warn!(error = %e, "cannot read the queue for the heartbeat");
+                }
+            }
+            _ = status_tick.tick(), if notifier.is_enabled() => {
+                notifier.status(&current_status(&store, &liveness).await);
+            }
         }
     }
 
+    notifier.stopping();
     tracing::info!(
         drain_timeout = %humantime::format_duration(settings.delivery.drain_timeout),
         "stopping: no new claims; waiting for requests in flight"
     );
-    workers.cancel();
-    let drained = tokio::time::timeout(settings.delivery.drain_timeout, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
+    if !generation.stop(settings.delivery.drain_timeout).await {
         tracing::warn!(
             "requests still in flight after the drain timeout; their rows stay `sending` and are taken up again at the next start"
         );
     }
+    pinger.cancel();
     store.pool().close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The loops running for one configuration.
+struct Generation {
+    /// Cancelled to stop these loops: each finishes its request in flight.
+    stop: CancellationToken,
+    /// The account loops, the change watcher's users and housekeeping.
+    tasks: JoinSet<()>,
+}
+
+impl Generation {
+    async fn start(
+        store: &SqliteStore,
+        settings: &Settings,
+        client: MewsClient,
+        liveness: &Liveness,
+    ) -> Result<Generation, DaemonError> {
+        let stop = CancellationToken::new();
+        let changes = store
+            .watch_changes(settings.delivery.poll_interval, stop.clone())
+            .await?;
+        let requests = Arc::new(Semaphore::new(settings.delivery.max_concurrent_requests));
+        let pauses = store.pauses().await?;
+        let mut tasks = JoinSet::new();
+        for (name, account) in &settings.accounts {
+            let worker = AccountWorker::new(
+                store.clone(),
+                client.clone(),
+                name.clone(),
+                account.access_token.clone(),
+                account.rate_limit,
+                settings.delivery.clone(),
+                settings.retry.clone(),
+                requests.clone(),
+                changes.clone(),
+                stop.clone(),
+                pauses.iter().find(|p| &p.account == name).cloned(),
+            )
+            .with_pulse(liveness.register(format!("account {name}")));
+            tasks.spawn(worker.run());
+        }
+        tasks.spawn(crate::housekeeping::run(
+            store.clone(),
+            settings.accounts.keys().cloned().collect(),
+            settings.retention.delivered,
+            liveness.register("housekeeping"),
+            stop.clone(),
+        ));
+        Ok(Generation { stop, tasks })
+    }
+
+    /// Stops the loops after their requests in flight, waiting at most
+    /// `drain_timeout`; then aborts what is left. True when all finished.
+    async fn stop(mut self, drain_timeout: Duration) -> bool {
+        self.stop.cancel();
+        let drained = tokio::time::timeout(drain_timeout, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await
+        .is_ok();
+        if !drained {
+            self.tasks.abort_all();
+            while self.tasks.join_next().await.is_some() {}
+        }
+        drained
+    }
+}
+
+/// Loads the configuration again and, when it is valid, swaps the loops.
+/// A refused configuration keeps the running generation untouched. Fails
+/// only when neither the new nor the old configuration can be started.
+async fn reload(
+    store: &SqliteStore,
+    current: Settings,
+    sources: &Sources,
+    generation: Generation,
+    liveness: &Liveness,
+) -> Result<(Settings, Generation), DaemonError> {
+    let prepared = Settings::load(sources)
+        .map_err(ReloadError::Config)
+        .and_then(|new| {
+            let client = MewsClient::new(&new.mews).map_err(ReloadError::Client)?;
+            Ok((new, client))
+        });
+    let (new, client) = match prepared {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                "configuration reload REFUSED: the new configuration is invalid; still running with the previous one (fix the file, then reload again)"
+            );
+            return Ok((current, generation));
+        }
+    };
+    warn_restart_needed(&current, &new);
+    if new.log.level != current.log.level {
+        crate::telemetry::set_level(&new.log.level);
+    }
+
+    let drained = generation.stop(current.delivery.drain_timeout).await;
+    let abandoned = store.recover_abandoned().await?;
+    if !drained {
+        tracing::warn!(
+            rows = abandoned,
+            "reload: requests still in flight after delivery.drain_timeout were abandoned; their rows are pending again (Mews may already have some: possible duplicates)"
+        );
+    }
+    match Generation::start(store, &new, client, liveness).await {
+        Ok(generation) => {
+            tracing::info!(
+                accounts = ?new.accounts.keys().collect::<Vec<_>>(),
+                base_url = %new.mews.base_url,
+                batch_size = new.delivery.batch_size,
+                max_concurrent_requests = new.delivery.max_concurrent_requests,
+                "configuration reloaded (tokens redacted)"
+            );
+            Ok((new, generation))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start delivery with the reloaded configuration; going back to the previous one");
+            let client = MewsClient::new(&current.mews)?;
+            let generation = Generation::start(store, &current, client, liveness).await?;
+            Ok((current, generation))
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReloadError {
+    #[error(transparent)]
+    Config(ConfigError),
+    #[error(transparent)]
+    Client(ClientError),
+}
+
+/// Settings a running daemon cannot change.
+fn warn_restart_needed(current: &Settings, new: &Settings) {
+    let mut ignored = Vec::new();
+    if new.database.path != current.database.path {
+        ignored.push("database.path");
+    }
+    if new.database.busy_timeout != current.database.busy_timeout {
+        ignored.push("database.busy_timeout");
+    }
+    if new.log.format != current.log.format {
+        ignored.push("log.format");
+    }
+    if !ignored.is_empty() {
+        tracing::warn!(
+            settings = %ignored.join(", "),
+            "these settings take effect only at the next restart; the running values are kept"
+        );
+    }
+}
+
+fn heartbeat_interval(settings: &Settings) -> Option<tokio::time::Interval> {
+    let every = settings.log.heartbeat;
+    (!every.is_zero()).then(|| {
+        let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval
+    })
+}
+
+/// The next tick, or never when there is no interval.
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn current_status(store: &SqliteStore, liveness: &Liveness) -> String {
+    let now = SystemTime::now();
+    let read = async {
+        let summary = store.queue_summary(now).await?;
+        let paused = paused_accounts(&store.pauses().await?, now);
+        Ok::<_, StoreError>((summary, paused))
+    };
+    match read.await {
+        Ok((summary, paused)) => status_line(
+            &summary,
+            &paused,
+            liveness.last_outcome().as_ref(),
+            now,
+            Instant::now(),
+        ),
+        Err(e) => format!("cannot read the queue: {e}"),
+    }
+}
+
+/// Pings the systemd watchdog every half interval while no loop is stuck
+/// past the deadline it promised; a stuck loop stops the pings, and systemd
+/// restarts the service.
+async fn ping_watchdog(
+    liveness: Liveness,
+    notifier: Notifier,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every / 2);
+    let mut complained = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let overdue = liveness.overdue(Instant::now());
+        if overdue.is_empty() {
+            notifier.watchdog();
+            complained = false;
+        } else if !complained {
+            complained = true;
+            for stuck in overdue {
+                tracing::error!(
+                    task = %stuck.name,
+                    doing = stuck.doing,
+                    late_by_s = stuck.late_by.as_secs(),
+                    "a delivery task is stuck; no more watchdog pings, so systemd restarts the service (WatchdogSec=)"
+                );
+            }
+        }
+    }
 }
 
 fn log_start(settings: &Settings, recovered: u64) {
@@ -112,6 +353,8 @@ fn log_start(settings: &Settings, recovered: u64) {
         retry_base_delay = %humantime::format_duration(settings.retry.base_delay),
         retry_max_delay = %humantime::format_duration(settings.retry.max_delay),
         retry_max_attempts = settings.retry.max_attempts,
+        retention_delivered = %humantime::format_duration(settings.retention.delivered),
+        heartbeat = %humantime::format_duration(settings.log.heartbeat),
         "mews-outbox starting (tokens redacted)"
     );
     if settings.mews.is_public_demo()
@@ -136,19 +379,5 @@ fn log_start(settings: &Settings, recovered: u64) {
                 "rows left `sending` by a previous run are pending again; Mews may already have some of them (possible duplicates: delivery.reconcile is off)"
             );
         }
-    }
-}
-
-async fn warn_unknown_accounts(store: &SqliteStore, configured: &[&str]) {
-    match store.flag_unknown_accounts(configured).await {
-        Ok(unknown) => {
-            for (account, rows) in unknown {
-                tracing::warn!(
-                    %account, rows,
-                    "rows name an account that is not configured; they wait: add [accounts.{account}] with its access_token"
-                );
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "cannot check for unconfigured accounts"),
     }
 }

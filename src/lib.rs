@@ -13,9 +13,15 @@
 //!   circuit breaker, systemic rejection
 //! - [`reconcile`]: matching ambiguous rows against what Mews has
 //! - [`worker`]: one account's delivery loop (claim → send → record)
-//! - [`daemon`]: `run`: the database lock, the loops, shutdown
+//! - [`daemon`]: `run`: the database lock, the loops, reload, shutdown
+//! - [`signals`]: SIGTERM/SIGINT stop, SIGHUP reloads
+//! - [`notify`]: systemd notifications and the watchdog's view of liveness
+//! - [`heartbeat`]: the periodic queue line, alerts, `STATUS=`
+//! - [`housekeeping`]: pruning delivered rows, giving space back
+//! - [`online_check`]: `check-config --online` (tokens against Mews)
 //! - [`status`]: the queue at a glance
 //! - [`dead`]: the dead-letter report
+//! - [`secrets`]: token files, systemd credentials, redaction
 //! - [`telemetry`]: log formats and levels
 //! - [`cli`]: the command line
 
@@ -24,10 +30,16 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dead;
+pub mod heartbeat;
+pub mod housekeeping;
 pub mod limiter;
 pub mod mews;
+pub mod notify;
+pub mod online_check;
 pub mod reconcile;
 pub mod retry;
+pub mod secrets;
+pub mod signals;
 pub mod status;
 pub mod store;
 pub mod telemetry;

@@ -10,7 +10,8 @@ use mews_outbox::config::Settings;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings = match Settings::load(&cli.sources()) {
+    let sources = cli.sources();
+    let settings = match Settings::load(&sources) {
         Ok(settings) => settings,
         Err(e) => {
             eprintln!("mews-outbox: {e}");
@@ -18,7 +19,7 @@ async fn main() -> ExitCode {
         }
     };
     mews_outbox::telemetry::init(&settings.log);
-    match execute(cli.command, settings).await {
+    match execute(cli.command, settings, sources).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mews-outbox: {e:#}");

@@ -21,12 +21,19 @@ use crate::adapt::{BatchLimit, Breaker, RejectionWatch, SYSTEMIC_SAMPLE};
 use crate::config::{DeliverySettings, RetrySettings};
 use crate::limiter::{RateLimit, SlidingWindow};
 use crate::mews::{AddedMessage, MewsClient, Outcome, OutgoingMessage, ReadBack, Reply};
+use crate::notify::Pulse;
 use crate::reconcile;
 use crate::retry::{exponential, retry_delay};
 use crate::store::{AccountPause, ClaimedRow, Outbox, RowOutcome, StoreError};
 
 /// Wait before trying the database again after it failed.
 const STORE_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Longest a database step may take before the watchdog counts the loop as
+/// stuck: a statement waits at most `database.busy_timeout` (5 s by default)
+/// for a lock; recording a full batch can take seconds on its own.
+const STORE_STEP_BUDGET: Duration = Duration::from_secs(60);
+/// Added to `mews.request_timeout` for the watchdog's patience with a request.
+const REQUEST_SLACK: Duration = Duration::from_secs(10);
 
 /// Why an account stops sending for a while.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,6 +295,8 @@ pub struct AccountWorker<S: Outbox> {
     batch: BatchLimit,
     /// Consecutive failed requests, for the circuit breaker.
     breaker: Breaker,
+    /// Tells the watchdog this loop is alive (see [`crate::notify::Liveness`]).
+    pulse: Option<Pulse>,
 }
 
 impl<S: Outbox> AccountWorker<S> {
@@ -321,6 +330,25 @@ impl<S: Outbox> AccountWorker<S> {
             limiter: SlidingWindow::new(rate_limit),
             batch,
             breaker,
+            pulse: None,
+        }
+    }
+
+    /// Reports liveness to the watchdog through `pulse`.
+    pub fn with_pulse(mut self, pulse: Pulse) -> Self {
+        self.pulse = Some(pulse);
+        self
+    }
+
+    fn busy(&self, doing: &'static str, within: Duration) {
+        if let Some(pulse) = &self.pulse {
+            pulse.busy(doing, within);
+        }
+    }
+
+    fn waiting(&self) {
+        if let Some(pulse) = &self.pulse {
+            pulse.waiting();
         }
     }
 
@@ -338,6 +366,7 @@ impl<S: Outbox> AccountWorker<S> {
         }
         self.restore_request_log().await;
         while !self.shutdown.is_cancelled() {
+            self.busy("claiming rows", STORE_STEP_BUDGET);
             let wake_at = match self.step().await {
                 Step::Worked => continue,
                 Step::Idle { next_due } => next_due,
@@ -348,6 +377,7 @@ impl<S: Outbox> AccountWorker<S> {
             let sleep = wake_at
                 .map(|at| at.duration_since(SystemTime::now()).unwrap_or_default())
                 .unwrap_or(Duration::from_secs(3600));
+            self.waiting();
             tokio::select! {
                 _ = self.shutdown.cancelled() => {}
                 _ = tokio::time::sleep(sleep) => {}
@@ -597,7 +627,12 @@ impl<S: Outbox> AccountWorker<S> {
                 identifier: row.id.to_string(),
             })
             .collect();
+        self.waiting();
         let permit = self.admit().await?;
+        self.busy(
+            "waiting for Mews",
+            self.client.request_timeout() + REQUEST_SLACK,
+        );
         tracing::debug!(account = %self.account, batch = batch.len(), "messages/add: sending");
         let reply = self
             .client
@@ -606,6 +641,9 @@ impl<S: Outbox> AccountWorker<S> {
         drop(permit);
         self.request_ended().await;
         log_reply(&self.account, batch.len(), &reply);
+        if let Some(pulse) = &self.pulse {
+            pulse.outcome(&self.account, reply.outcome.name(), reply.http_status);
+        }
         Some(reply)
     }
 
@@ -826,7 +864,10 @@ impl<S: Outbox> AccountWorker<S> {
         if outcomes.is_empty() {
             return;
         }
-        let attempt = || async { self.store.record(outcomes, SystemTime::now()).await };
+        let attempt = || async {
+            self.busy("recording outcomes", STORE_STEP_BUDGET);
+            self.store.record(outcomes, SystemTime::now()).await
+        };
         let result = attempt
             .retry(
                 ExponentialBuilder::new()

@@ -213,9 +213,11 @@ async fn a_429_retry_after_in_seconds_holds_the_account_and_costs_no_attempt() {
 #[tokio::test]
 async fn a_429_retry_after_as_an_http_date_is_honoured() {
     let fake = FakeMews::start().await;
-    // Two seconds ahead, truncated to whole seconds by the format: at least 1 s.
-    let at = std::time::SystemTime::now() + Duration::from_secs(2);
-    fake.script([Fault::status_retry_after(429, httpdate::fmt_http_date(at))]);
+    // Arrivals are Instants; this anchor turns the date into one.
+    let (anchor_wall, anchor) = (std::time::SystemTime::now(), Instant::now());
+    // Far enough ahead that setting up cannot use it up.
+    let date = httpdate::fmt_http_date(anchor_wall + Duration::from_secs(4));
+    fake.script([Fault::status_retry_after(429, date.clone())]);
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
     insert_rows(&db, 1, &threads(1), "dated").await;
@@ -223,10 +225,19 @@ async fn a_429_retry_after_as_an_http_date_is_honoured() {
     let _daemon = env.start();
     wait_for_status(&db, "delivered", 1).await;
     let requests = fake.add_requests();
-    let gap = requests[1].arrived - requests[0].arrived;
+    let not_before = anchor
+        + httpdate::parse_http_date(&date)
+            .unwrap()
+            .duration_since(anchor_wall)
+            .unwrap();
     assert!(
-        gap >= Duration::from_millis(900),
-        "next request after {gap:?}"
+        requests[0].arrived < not_before,
+        "the 429 came before the date"
+    );
+    assert!(
+        requests[1].arrived >= not_before,
+        "the next request came {:?} before {date}",
+        not_before - requests[1].arrived
     );
 }
 

@@ -57,6 +57,20 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The error text of every outcome but `Accepted`.
+    fn error_mut(&mut self) -> Option<&mut String> {
+        match self {
+            Outcome::Accepted { .. } => None,
+            Outcome::Rejected { error }
+            | Outcome::TooLarge { error }
+            | Outcome::Unauthorized { error }
+            | Outcome::NotFound { error }
+            | Outcome::Throttled { error, .. }
+            | Outcome::Unreachable { error }
+            | Outcome::Transient { error, .. } => Some(error),
+        }
+    }
+
     /// A short name for logs.
     pub fn name(&self) -> &'static str {
         match self {
@@ -139,6 +153,11 @@ impl MewsClient {
         })
     }
 
+    /// How long a request may take before it counts as failed.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
     /// Posts one batch to `messages/add`. Never fails: every failure is an [`Outcome`].
     pub async fn add_messages(
         &self,
@@ -151,7 +170,8 @@ impl MewsClient {
             client: &self.client,
             messages,
         };
-        self.post(&self.add_url, &body).await
+        let reply = self.post(&self.add_url, &body).await;
+        self.redact(reply, access_token)
     }
 
     /// Calls `configuration/get`: a harmless request that proves the tokens work.
@@ -161,7 +181,23 @@ impl MewsClient {
             "AccessToken": access_token.expose_secret(),
             "Client": self.client,
         });
-        self.post(&self.configuration_url, &body).await
+        let reply = self.post(&self.configuration_url, &body).await;
+        self.redact(reply, access_token)
+    }
+
+    /// Error texts quote Mews's answer, which is not ours to trust: should it
+    /// ever echo a token, the token must not reach the logs or `last_error`.
+    fn redact(&self, mut reply: Reply, access_token: &SecretString) -> Reply {
+        if let Some(error) = reply.outcome.error_mut() {
+            *error = crate::secrets::redact(
+                error,
+                &[
+                    self.client_token.expose_secret(),
+                    access_token.expose_secret(),
+                ],
+            );
+        }
+        reply
     }
 
     /// Reads one page of `messages/getAll`: messages of `threads` created

@@ -3,6 +3,7 @@
 //! A PostgreSQL store (several daemons claiming with `FOR UPDATE SKIP
 //! LOCKED`, leases instead of start-up recovery) would implement the same trait.
 
+pub mod maintenance;
 pub mod sqlite;
 
 use std::collections::HashSet;
@@ -179,6 +180,12 @@ pub enum StoreError {
     /// `dead requeue` named rows that are not dead: nothing was changed.
     #[error("nothing requeued: {0}")]
     NotDead(String),
+    #[error("cannot create the database file {path}: {source}")]
+    Create {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot open the lock file {path}: {source}")]
     Lock {
         path: String,

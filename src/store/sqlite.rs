@@ -73,6 +73,10 @@ pub struct DaemonLock {
 impl SqliteStore {
     /// Opens (creating if missing) the database and applies pending migrations.
     pub async fn open(path: &Path, busy_timeout: Duration) -> Result<SqliteStore, StoreError> {
+        super::maintenance::create_database_file(path).map_err(|source| StoreError::Create {
+            path: path.display().to_string(),
+            source,
+        })?;
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)

@@ -84,6 +84,10 @@ breaker_failures = 5
             );
         }
         std::fs::write(&config, text).expect("write config");
+        // It holds tokens: the daemon refuses it when every user can read it.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod config");
         Env { dir, db, config }
     }
 
@@ -96,12 +100,39 @@ breaker_failures = 5
         Daemon::start(&self.config, &["run"])
     }
 
+    /// Starts `mews-outbox run` with extra environment variables.
+    pub fn start_with_env(&self, vars: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with_env(&self.config, &["run"], vars)
+    }
+
+    /// Replaces the config file (kept private: it holds tokens).
+    pub fn rewrite_config(&self, text: &str) {
+        std::fs::write(&self.config, text).expect("write config");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&self.config, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod config");
+    }
+
+    pub fn config_text(&self) -> String {
+        std::fs::read_to_string(&self.config).expect("read config")
+    }
+
     /// Runs a CLI command to completion: (exit status, stdout, stderr).
     pub async fn cli(&self, args: &[&str]) -> (ExitStatus, String, String) {
+        self.cli_with_env(args, &[]).await
+    }
+
+    /// Like [`Env::cli`], with extra environment variables.
+    pub async fn cli_with_env(
+        &self,
+        args: &[&str],
+        vars: &[(&str, &str)],
+    ) -> (ExitStatus, String, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_mews-outbox"))
             .arg("--config")
             .arg(&self.config)
             .args(args)
+            .envs(vars.iter().copied())
             .output()
             .await
             .expect("run mews-outbox");
@@ -115,7 +146,12 @@ breaker_failures = 5
     /// A pool on the outbox file, as a producer would open it. Creates the
     /// schema first (through the CLI, the supported way).
     pub async fn producer(&self) -> SqlitePool {
-        let (status, _, err) = self.cli(&["migrate"]).await;
+        self.producer_with_env(&[]).await
+    }
+
+    /// Like [`Env::producer`], migrating with extra environment variables.
+    pub async fn producer_with_env(&self, vars: &[(&str, &str)]) -> SqlitePool {
+        let (status, _, err) = self.cli_with_env(&["migrate"], vars).await;
         assert!(status.success(), "migrate failed: {err}");
         SqlitePoolOptions::new()
             .max_connections(2)
@@ -139,11 +175,18 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(config: &Path, args: &[&str]) -> Daemon {
+        Daemon::start_with_env(config, args, &[])
+    }
+
+    /// Like [`Daemon::start`], with extra environment variables (they win
+    /// over the default `RUST_LOG`).
+    pub fn start_with_env(config: &Path, args: &[&str], vars: &[(&str, &str)]) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mews-outbox"))
             .arg("--config")
             .arg(config)
             .args(args)
             .env("RUST_LOG", "mews_outbox=debug,info")
+            .envs(vars.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -154,8 +197,16 @@ impl Daemon {
         let (tx, seen) = watch::channel(0);
         let collected = lines.clone();
         tokio::spawn(async move {
-            let mut reader = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
+            // Bytes, not `lines()`: a line that is not UTF-8 must not end the log.
+            let mut reader = BufReader::new(stderr);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                let line = match reader.read_until(b'\n', &mut buf).await {
+                    Ok(0) => break,
+                    Ok(_) => String::from_utf8_lossy(&buf).trim_end().to_owned(),
+                    Err(e) => format!("<cannot read the daemon's stderr: {e}>"),
+                };
                 let mut all = collected.lock().expect("log lock");
                 all.push(line);
                 let _ = tx.send(all.len());
@@ -166,6 +217,37 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.child.id().expect("daemon still running")
+    }
+
+    /// Lines logged so far that contain `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.lines
+            .lock()
+            .expect("log lock")
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits until `n` logged lines contain `needle`.
+    pub async fn wait_for_log_count(&mut self, needle: &str, n: usize) {
+        let found = tokio::time::timeout(WAIT, async {
+            while self.count_log(needle) < n {
+                if self.seen.changed().await.is_err() {
+                    panic!(
+                        "daemon output ended without {n}× {needle:?}:\n{}",
+                        self.log()
+                    );
+                }
+            }
+        })
+        .await;
+        if found.is_err() {
+            panic!(
+                "fewer than {n} lines with {needle:?} within {WAIT:?}:\n{}",
+                self.log()
+            );
+        }
     }
 
     /// Everything logged so far.
@@ -187,7 +269,11 @@ impl Daemon {
                     return line.clone();
                 }
                 if self.seen.changed().await.is_err() {
-                    panic!("daemon output ended without {needle:?}:\n{}", self.log());
+                    let exit = self.child.wait().await;
+                    panic!(
+                        "daemon output ended ({exit:?}) without {needle:?}:\n{}",
+                        self.log()
+                    );
                 }
             }
         })

@@ -1,0 +1,132 @@
+//! Housekeeping, in its own task so it never holds up delivery: flags rows of
+//! accounts that are not configured, deletes delivered rows older than
+//! `retention.delivered` in small batches (producers' inserts get the write
+//! lock between two batches), and gives the freed pages back so the file does
+//! not grow without bound. Dead rows are never deleted here.
+
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::notify::Pulse;
+use crate::store::{SqliteStore, StoreError};
+
+/// How often housekeeping runs (the first run is right at start).
+pub const INTERVAL: Duration = Duration::from_secs(60);
+/// Rows deleted per transaction: a few milliseconds of write lock.
+pub const PRUNE_BATCH: usize = 500;
+/// Pages given back per transaction (2 MB of 4 KiB pages).
+pub const VACUUM_PAGES: u32 = 512;
+/// Pause between two batches, so producers are never blocked for long.
+const BATCH_PAUSE: Duration = Duration::from_millis(10);
+/// The longest one batch may take before the watchdog counts the task as stuck.
+const BATCH_BUDGET: Duration = Duration::from_secs(30);
+
+/// What one housekeeping pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pass {
+    /// Delivered rows deleted.
+    pub pruned: u64,
+    /// Free pages given back to the file system.
+    pub pages_freed: i64,
+}
+
+/// Deletes rows delivered more than `retention` before `now` (none when
+/// `retention` is 0), then gives free pages back. Stops early, between two
+/// batches, when `stop` is cancelled.
+pub async fn prune_and_vacuum(
+    store: &SqliteStore,
+    retention: Duration,
+    now: SystemTime,
+    pulse: Option<&Pulse>,
+    stop: &CancellationToken,
+) -> Result<Pass, StoreError> {
+    let busy = || {
+        if let Some(pulse) = pulse {
+            pulse.busy("housekeeping", BATCH_BUDGET);
+        }
+    };
+    let mut pass = Pass::default();
+    if let Some(before) = (!retention.is_zero())
+        .then(|| now.checked_sub(retention))
+        .flatten()
+    {
+        loop {
+            busy();
+            let deleted = store.prune_delivered(before, PRUNE_BATCH).await?;
+            pass.pruned += deleted;
+            if deleted < PRUNE_BATCH as u64 || stop.is_cancelled() {
+                break;
+            }
+            tokio::time::sleep(BATCH_PAUSE).await;
+        }
+    }
+    loop {
+        busy();
+        let freed = store.give_back_free_pages(VACUUM_PAGES).await?;
+        pass.pages_freed += freed;
+        if freed == 0 || stop.is_cancelled() {
+            break;
+        }
+        tokio::time::sleep(BATCH_PAUSE).await;
+    }
+    Ok(pass)
+}
+
+/// Runs housekeeping every [`INTERVAL`] until `stop` is cancelled.
+pub async fn run(
+    store: SqliteStore,
+    accounts: Vec<String>,
+    retention: Duration,
+    pulse: Pulse,
+    stop: CancellationToken,
+) {
+    match store.auto_vacuum_mode().await {
+        Ok(2) | Err(_) => {}
+        Ok(_) => tracing::warn!(
+            database = %store.path().display(),
+            "this database file was not created with auto_vacuum=INCREMENTAL, so pruned space is reused but never given back; to fix, stop the daemon and run `sqlite3 FILE 'PRAGMA auto_vacuum=INCREMENTAL; VACUUM;'`"
+        ),
+    }
+    let mut tick = tokio::time::interval(INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        pulse.waiting();
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        pulse.busy("housekeeping", BATCH_BUDGET);
+        warn_unknown_accounts(&store, &accounts).await;
+        match prune_and_vacuum(&store, retention, SystemTime::now(), Some(&pulse), &stop).await {
+            Ok(pass) if pass != Pass::default() => tracing::info!(
+                pruned = pass.pruned,
+                pages_freed = pass.pages_freed,
+                retention = %humantime::format_duration(retention),
+                "housekeeping: deleted delivered rows past retention.delivered and gave free space back"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                error = %e,
+                "housekeeping failed (delivery is not affected); trying again in {}s",
+                INTERVAL.as_secs()
+            ),
+        }
+    }
+}
+
+/// Logs accounts that have pending rows but no configuration.
+pub async fn warn_unknown_accounts(store: &SqliteStore, configured: &[String]) {
+    let configured: Vec<&str> = configured.iter().map(String::as_str).collect();
+    match store.flag_unknown_accounts(&configured).await {
+        Ok(unknown) => {
+            for (account, rows) in unknown {
+                tracing::warn!(
+                    %account, rows,
+                    "rows name an account that is not configured; they wait: add [accounts.{account}] with its access_token"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot check for unconfigured accounts"),
+    }
+}

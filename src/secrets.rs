@@ -1,0 +1,210 @@
+//! Where tokens come from besides the TOML: files, systemd credentials
+//! (`$CREDENTIALS_DIRECTORY/<name>`), and the checks that keep them private
+//! (a file with a token must not be readable by every user on the machine).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+
+/// Credential holding the ClientToken (`LoadCredential=mews-outbox.client_token:...`).
+pub const CLIENT_TOKEN_CREDENTIAL: &str = "mews-outbox.client_token";
+/// Prefix of each account's AccessToken credential: `mews-outbox.access_token.<account>`.
+pub const ACCESS_TOKEN_CREDENTIAL_PREFIX: &str = "mews-outbox.access_token.";
+
+/// The credential name of an account's AccessToken.
+pub fn access_token_credential(account: &str) -> String {
+    format!("{ACCESS_TOKEN_CREDENTIAL_PREFIX}{account}")
+}
+
+/// A token file that cannot be used. Messages name the file and the fix,
+/// never the token.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("configuration: cannot read `{key}` file {path}: {source}")]
+    Unreadable {
+        key: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "configuration: {what} {path} is readable by every user on this machine (mode {mode:04o}); \
+         run `chmod o-rwx {path}` (e.g. `chmod 0640 {path}`, owner root, group mews-outbox), \
+         or set mews.allow_world_readable_token_files = true to accept this"
+    )]
+    WorldReadable {
+        /// What the file is: "`accounts.x.access_token_file`", "the configuration file (it holds a token)".
+        what: String,
+        path: PathBuf,
+        mode: u32,
+    },
+}
+
+/// Reads a token from `path`, trimmed, refusing a world-readable file unless
+/// `allow_world_readable`.
+pub fn read_token_file(
+    key: &str,
+    path: &Path,
+    allow_world_readable: bool,
+) -> Result<SecretString, SecretError> {
+    let unreadable = |source| SecretError::Unreadable {
+        key: key.to_owned(),
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(unreadable)?;
+    // Checked on the open file, so a rename in between cannot swap it.
+    let mode = file.metadata().map_err(unreadable)?.permissions().mode();
+    if !allow_world_readable {
+        refuse_world_readable(&format!("`{key}`"), path, mode)?;
+    }
+    let text = std::io::read_to_string(file).map_err(unreadable)?;
+    Ok(SecretString::from(text.trim().to_owned()))
+}
+
+/// Refuses a file whose mode lets every user read it.
+pub fn refuse_world_readable(what: &str, path: &Path, mode: u32) -> Result<(), SecretError> {
+    if mode & 0o004 != 0 {
+        return Err(SecretError::WorldReadable {
+            what: what.to_owned(),
+            path: path.to_owned(),
+            mode: mode & 0o7777,
+        });
+    }
+    Ok(())
+}
+
+/// Checks the configuration file when it holds a token itself.
+pub fn check_config_file(path: &Path, allow_world_readable: bool) -> Result<(), SecretError> {
+    if allow_world_readable {
+        return Ok(());
+    }
+    let mode = std::fs::metadata(path)
+        .map_err(|source| SecretError::Unreadable {
+            key: "--config".into(),
+            path: path.to_owned(),
+            source,
+        })?
+        .permissions()
+        .mode();
+    refuse_world_readable("the configuration file (it holds a token)", path, mode)
+}
+
+/// The path of credential `name` when systemd passed it, i.e. when
+/// `credentials_directory` is set and the file exists there.
+pub fn credential(credentials_directory: Option<&str>, name: &str) -> Option<PathBuf> {
+    // Only the first entry: systemd sets a single directory.
+    let dir = credentials_directory?.split(':').next()?;
+    if dir.is_empty() || name.contains('/') {
+        return None;
+    }
+    let path = Path::new(dir).join(name);
+    path.is_file().then_some(path)
+}
+
+/// Replaces every occurrence of each secret in `text` with `<redacted>`.
+/// For messages built from input that might echo a token (a parse error
+/// quoting a line of the configuration, an error body from Mews).
+pub fn redact(text: &str, secrets: &[&str]) -> String {
+    let mut out = text.to_owned();
+    for secret in secrets {
+        let secret = secret.trim();
+        // Very short values would redact ordinary words; no real token is that short.
+        if secret.len() >= 4 && out.contains(secret) {
+            out = out.replace(secret, "<redacted>");
+        }
+    }
+    out
+}
+
+/// Token values as they appear in a TOML text, including a truncated one
+/// (an unterminated string), so an error quoting the line can be redacted.
+pub fn token_values_in_toml(text: &str) -> Vec<String> {
+    let mut values = Vec::new();
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let key = key.trim().trim_matches('"').to_ascii_lowercase();
+        if !key.ends_with("token") {
+            continue;
+        }
+        let value = value.trim();
+        let unquoted = value
+            .trim_start_matches(['"', '\''])
+            .trim_end_matches(['"', '\''])
+            .trim();
+        for candidate in [value, unquoted] {
+            if !candidate.is_empty() {
+                values.push(candidate.to_owned());
+            }
+        }
+    }
+    // Longest first, so a value is replaced before a part of it.
+    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    values
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    fn write(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_world_readable_token_file_is_refused_naming_the_file_and_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "t", "SECRET-VALUE\n", 0o644);
+        let e = read_token_file("accounts.a.access_token_file", &path, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&path.display().to_string()), "{e}");
+        assert!(e.contains("chmod"), "{e}");
+        assert!(e.contains("0644"), "{e}");
+        assert!(e.contains("accounts.a.access_token_file"), "{e}");
+        assert!(!e.contains("SECRET-VALUE"), "{e}");
+
+        let allowed = read_token_file("k", &path, true).unwrap();
+        assert_eq!(allowed.expose_secret(), "SECRET-VALUE");
+    }
+
+    #[test]
+    fn a_group_readable_token_file_is_fine() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "t", "  tok-1 \n", 0o640);
+        assert_eq!(
+            read_token_file("k", &path, false).unwrap().expose_secret(),
+            "tok-1"
+        );
+    }
+
+    #[test]
+    fn credentials_are_found_only_when_systemd_passed_them() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), CLIENT_TOKEN_CREDENTIAL, "c", 0o400);
+        let d = dir.path().to_str().unwrap();
+        assert!(credential(Some(d), CLIENT_TOKEN_CREDENTIAL).is_some());
+        assert!(credential(Some(d), &access_token_credential("x")).is_none());
+        assert!(credential(None, CLIENT_TOKEN_CREDENTIAL).is_none());
+        assert!(credential(Some(d), "../etc/passwd").is_none());
+    }
+
+    #[test]
+    fn token_values_are_found_even_in_a_broken_line() {
+        let text = "[mews]\nclient_token = \"ABCDEF-1\nbase_url = \"x\"\n[accounts.a]\naccess_token='GHIJ-2'\n";
+        let values = token_values_in_toml(text);
+        let message = "TOML parse error at line 2: client_token = \"ABCDEF-1 ... 'GHIJ-2'";
+        let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+        let redacted = redact(message, &refs);
+        assert!(!redacted.contains("ABCDEF-1"), "{redacted}");
+        assert!(!redacted.contains("GHIJ-2"), "{redacted}");
+        assert!(redacted.contains("line 2"), "{redacted}");
+    }
+}

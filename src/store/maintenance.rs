@@ -1,0 +1,174 @@
+//! The daemon's upkeep of its own database: the queue summary behind the
+//! heartbeat and the watchdog STATUS, pruning delivered rows in small
+//! batches, and giving freed pages back to the file system.
+
+use std::collections::BTreeMap;
+use std::io::ErrorKind;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::time::SystemTime;
+
+use sqlx::Row;
+
+use super::{SqliteStore, Status, StoreError, parse_timestamp, timestamp};
+
+/// Mode of a database file the daemon creates: producers in the group write to it.
+pub const DATABASE_FILE_MODE: u32 = 0o660;
+
+/// Creates `path` as an empty file with mode 0660 when it does not exist.
+/// SQLite treats an empty file as a new database and gives `-wal`/`-shm`
+/// the database file's mode; left to itself it would create 0644 & ~umask,
+/// which the producers' group cannot write. Returns whether it created it.
+pub fn create_database_file(path: &Path) -> std::io::Result<bool> {
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(DATABASE_FILE_MODE)
+        .open(path)
+    {
+        Ok(file) => {
+            // The umask may have taken the group's write bit away.
+            file.set_permissions(std::fs::Permissions::from_mode(DATABASE_FILE_MODE))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// One account's share of the queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccountQueue {
+    pub pending: u64,
+    pub sending: u64,
+    pub dead: u64,
+    /// `created_at` of the oldest pending row.
+    pub oldest_pending: Option<SystemTime>,
+}
+
+/// The queue at one moment, for the heartbeat and `STATUS=`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueSummary {
+    /// Accounts with pending, sending or dead rows.
+    pub accounts: BTreeMap<String, AccountQueue>,
+    /// Rows delivered after the given time.
+    pub delivered_since: u64,
+}
+
+impl QueueSummary {
+    pub fn pending(&self) -> u64 {
+        self.accounts.values().map(|a| a.pending).sum()
+    }
+    pub fn sending(&self) -> u64 {
+        self.accounts.values().map(|a| a.sending).sum()
+    }
+    pub fn dead(&self) -> u64 {
+        self.accounts.values().map(|a| a.dead).sum()
+    }
+    pub fn oldest_pending(&self) -> Option<SystemTime> {
+        self.accounts
+            .values()
+            .filter_map(|a| a.oldest_pending)
+            .min()
+    }
+}
+
+/// Freed pages at which housekeeping gives space back (about 4 MB of 4 KiB
+/// pages): below that, new rows reuse them anyway.
+const VACUUM_THRESHOLD_PAGES: i64 = 1024;
+
+impl SqliteStore {
+    /// Counts of unfinished and dead rows per account (through the status
+    /// index; delivered rows are not counted) and deliveries since `since`.
+    pub async fn queue_summary(&self, since: SystemTime) -> Result<QueueSummary, StoreError> {
+        let mut summary = QueueSummary::default();
+        let rows = sqlx::query(
+            "SELECT account, status, count(*) AS n,
+                    min(CASE WHEN status = 'pending' THEN created_at END) AS oldest
+             FROM outbox WHERE status IN ('pending', 'sending', 'dead')
+             GROUP BY account, status",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        for row in rows {
+            let entry = summary.accounts.entry(row.try_get("account")?).or_default();
+            let n = u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0);
+            match Status::parse(row.try_get("status")?) {
+                Some(Status::Pending) => {
+                    entry.pending = n;
+                    entry.oldest_pending = row
+                        .try_get::<Option<String>, _>("oldest")?
+                        .as_deref()
+                        .and_then(parse_timestamp);
+                }
+                Some(Status::Sending) => entry.sending = n,
+                Some(Status::Dead) => entry.dead = n,
+                Some(Status::Delivered) | None => {}
+            }
+        }
+        let delivered: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM outbox WHERE status = 'delivered' AND delivered_at > ?1",
+        )
+        .bind(timestamp(since))
+        .fetch_one(self.pool())
+        .await?;
+        summary.delivered_since = u64::try_from(delivered).unwrap_or(0);
+        Ok(summary)
+    }
+
+    /// Deletes up to `limit` rows delivered before `before`, oldest first, in
+    /// one short transaction. Returns how many. Dead rows are never touched.
+    pub async fn prune_delivered(
+        &self,
+        before: SystemTime,
+        limit: usize,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM outbox WHERE id IN (
+                 SELECT id FROM outbox
+                 WHERE status = 'delivered' AND delivered_at < ?1
+                 ORDER BY delivered_at LIMIT ?2)",
+        )
+        .bind(timestamp(before))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Pages on the free list (space a prune left inside the file).
+    pub async fn free_pages(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("PRAGMA freelist_count")
+            .fetch_one(self.pool())
+            .await?)
+    }
+
+    /// Gives up to `pages` free pages back to the file system (the file
+    /// shrinks), when the free list is large enough to be worth it. Needs
+    /// `auto_vacuum = INCREMENTAL`, which every database the daemon created
+    /// has. Returns the pages given back.
+    pub async fn give_back_free_pages(&self, pages: u32) -> Result<i64, StoreError> {
+        let before = self.free_pages().await?;
+        if before < VACUUM_THRESHOLD_PAGES {
+            return Ok(0);
+        }
+        let mut conn = self.pool().acquire().await?;
+        // A PRAGMA takes no bound parameters; `pages` is a number.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "PRAGMA incremental_vacuum({pages})"
+        )))
+        .execute(&mut *conn)
+        .await?;
+        let after: i64 = sqlx::query_scalar("PRAGMA freelist_count")
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(before - after)
+    }
+
+    /// `PRAGMA auto_vacuum`: 0 none, 1 full, 2 incremental.
+    pub async fn auto_vacuum_mode(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("PRAGMA auto_vacuum")
+            .fetch_one(self.pool())
+            .await?)
+    }
+}

@@ -1,0 +1,143 @@
+//! Housekeeping on a real SQLite file: delivered rows past retention are
+//! deleted, dead rows are kept, and under a steady flow of
+//! insert → deliver → prune the file stops growing (and shrinks back after a
+//! burst, through incremental vacuum).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use mews_outbox::housekeeping::prune_and_vacuum;
+use mews_outbox::store::{SqliteStore, timestamp};
+use tokio_util::sync::CancellationToken;
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+async fn store(dir: &Path) -> SqliteStore {
+    SqliteStore::open(&dir.join("outbox.db"), Duration::from_secs(5))
+        .await
+        .unwrap()
+}
+
+/// Inserts `n` rows (1 KB of text each) as a producer would, delivered at
+/// `at`, in one transaction; returns their ids. (Delivery itself is tested
+/// elsewhere; here only the rows' life after it matters.)
+async fn deliver(store: &SqliteStore, n: usize, at: SystemTime) -> Vec<i64> {
+    sqlx::query_scalar(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1)
+         INSERT INTO outbox (message_thread_id, text, status, delivered_at, mews_message_id)
+         SELECT '7f9325f6-ef44-4911-89a8-ae51010a5aa4', hex(randomblob(500)), 'delivered', ?2,
+                lower(hex(randomblob(16)))
+         FROM n
+         RETURNING id",
+    )
+    .bind(i64::try_from(n).unwrap())
+    .bind(timestamp(at))
+    .fetch_all(store.pool())
+    .await
+    .unwrap()
+}
+
+fn file_size(dir: &Path) -> u64 {
+    std::fs::metadata(dir.join("outbox.db")).unwrap().len()
+}
+
+async fn rows_with_status(store: &SqliteStore, status: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = ?1")
+        .bind(status)
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn delivered_rows_past_retention_are_deleted_and_dead_rows_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    let start = SystemTime::now();
+    let old = deliver(&store, 1200, start - 8 * DAY).await;
+    let recent = deliver(&store, 10, start - DAY).await;
+    // A dead row, delivered-looking in age but dead: kept until an operator acts.
+    let dead = deliver(&store, 1, start - 30 * DAY).await;
+    sqlx::query("UPDATE outbox SET status = 'dead', last_error = 'refused' WHERE id = ?1")
+        .bind(dead[0])
+        .execute(store.pool())
+        .await
+        .unwrap();
+
+    let pass = prune_and_vacuum(&store, 7 * DAY, start, None, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        pass.pruned,
+        old.len() as u64,
+        "in batches of 500: 500 + 500 + 200"
+    );
+    assert_eq!(
+        rows_with_status(&store, "delivered").await,
+        recent.len() as i64
+    );
+    assert_eq!(rows_with_status(&store, "dead").await, 1);
+
+    // retention.delivered = 0 keeps everything.
+    let pass = prune_and_vacuum(
+        &store,
+        Duration::ZERO,
+        start + 365 * DAY,
+        None,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(pass.pruned, 0);
+    assert_eq!(
+        rows_with_status(&store, "delivered").await,
+        recent.len() as i64
+    );
+}
+
+#[tokio::test]
+async fn under_a_steady_flow_the_file_stays_bounded_and_shrinks_after_a_burst() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    assert_eq!(store.auto_vacuum_mode().await.unwrap(), 2, "INCREMENTAL");
+    let stop = CancellationToken::new();
+    let mut day = SystemTime::now();
+
+    // Steady flow: each "day" 2000 rows are delivered and those older than
+    // a day are pruned.
+    let mut sizes = Vec::new();
+    for _ in 0..6 {
+        deliver(&store, 2000, day).await;
+        day += DAY + Duration::from_secs(1);
+        prune_and_vacuum(&store, DAY, day, None, &stop)
+            .await
+            .unwrap();
+        sizes.push(file_size(dir.path()));
+    }
+    let first = sizes[0];
+    let max = *sizes.iter().max().unwrap();
+    assert!(
+        max <= first + first / 5,
+        "the file keeps growing under a steady flow: {sizes:?}"
+    );
+
+    // A burst ten times the usual flow, then back to normal: once the burst
+    // is past retention the space goes back to the file system.
+    deliver(&store, 20_000, day).await;
+    let peak = file_size(dir.path());
+    day += DAY + Duration::from_secs(1);
+    let pass = prune_and_vacuum(&store, DAY, day, None, &stop)
+        .await
+        .unwrap();
+    assert_eq!(pass.pruned, 20_000);
+    assert!(pass.pages_freed > 0);
+    let after = file_size(dir.path());
+    assert!(
+        after < peak / 4,
+        "incremental vacuum gave the burst's space back: peak {peak} B, after {after} B"
+    );
+    assert!(store.free_pages().await.unwrap() < 1024);
+    println!("steady sizes {sizes:?} B; burst peak {peak} B, after prune {after} B");
+}
