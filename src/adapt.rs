@@ -306,17 +306,7 @@ mod tests {
     use std::collections::HashMap;
     use std::time::Duration;
 
-    fn rows(ids: std::ops::RangeInclusive<i64>) -> Vec<ClaimedRow> {
-        ids.map(|id| ClaimedRow {
-            id,
-            message_thread_id: format!("{id:08}-0000-4000-8000-000000000000"),
-            text: Ok(format!("m{id}")),
-            attempts: 0,
-            needs_reconcile: false,
-            first_sent_at: None,
-        })
-        .collect()
-    }
+    use crate::store::test_rows as rows;
 
     fn rejected(request_id: &str) -> Outcome {
         Outcome::Rejected {

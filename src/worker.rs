@@ -979,16 +979,7 @@ mod tests {
     }
 
     fn rows(n: i64) -> Vec<ClaimedRow> {
-        (1..=n)
-            .map(|id| ClaimedRow {
-                id,
-                message_thread_id: format!("{id:08}-0000-4000-8000-000000000000"),
-                text: Ok(format!("m{id}")),
-                attempts: 0,
-                needs_reconcile: false,
-                first_sent_at: None,
-            })
-            .collect()
+        crate::store::test_rows(1..=n)
     }
 
     fn now() -> SystemTime {

@@ -84,9 +84,7 @@ impl Outcome {
             Outcome::Transient { .. } => "transient",
         }
     }
-}
 
-impl Outcome {
     /// What went wrong; `None` for a 200.
     pub fn error(&self) -> Option<&str> {
         match self {

@@ -264,3 +264,17 @@ pub fn timestamp(t: SystemTime) -> String {
 pub fn parse_timestamp(s: &str) -> Option<SystemTime> {
     humantime::parse_rfc3339_weak(s.trim_end_matches('Z')).ok()
 }
+
+/// Claimed rows `ids`, one thread each, as unit tests of the delivery logic need them.
+#[cfg(test)]
+pub(crate) fn test_rows(ids: std::ops::RangeInclusive<i64>) -> Vec<ClaimedRow> {
+    ids.map(|id| ClaimedRow {
+        id,
+        message_thread_id: format!("{id:08}-0000-4000-8000-000000000000"),
+        text: Ok(format!("m{id}")),
+        attempts: 0,
+        needs_reconcile: false,
+        first_sent_at: None,
+    })
+    .collect()
+}
