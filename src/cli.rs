@@ -167,7 +167,7 @@ pub async fn execute(command: Command, settings: Settings, sources: Sources) -> 
         }
         Command::Dead { command } => dead(command, &settings).await?,
         Command::Migrate => {
-            let store = open(&settings).await?;
+            let store = create_or_open(&settings).await?;
             out(&format!("migrations applied to {}", store.path().display()))?;
         }
         Command::CheckConfig { online } => {
@@ -283,7 +283,22 @@ fn out(text: &str) -> std::io::Result<()> {
     }
 }
 
+/// Opens an existing outbox. A missing file is an error, not a new empty
+/// outbox: a command run where the daemon does not look (another directory,
+/// `database.path` unset outside systemd) must not queue messages nobody
+/// sends or report on an empty queue.
 async fn open(settings: &Settings) -> anyhow::Result<SqliteStore> {
+    let path = &settings.database.path;
+    if !path.exists() {
+        bail!(
+            "there is no outbox database at {}: set database.path (or --config) to the daemon's database, or create it with `mews-outbox migrate`",
+            path.display()
+        );
+    }
+    create_or_open(settings).await
+}
+
+async fn create_or_open(settings: &Settings) -> anyhow::Result<SqliteStore> {
     SqliteStore::open(&settings.database.path, settings.database.busy_timeout)
         .await
         .with_context(|| format!("cannot open {}", settings.database.path.display()))

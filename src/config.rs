@@ -457,6 +457,12 @@ impl Settings {
                 "must be greater than 0 and at most retry.pause_max",
             ));
         }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&raw.log.level) {
+            return Err(invalid(
+                "log.level",
+                format!("is not a log filter such as \"info\" or \"mews_outbox=debug,warn\": {e}"),
+            ));
+        }
         let database_path = match raw.database.path {
             Some(path) if path.as_os_str().is_empty() => {
                 return Err(invalid("database.path", "must not be empty"));
@@ -692,6 +698,12 @@ mod tests {
         let e = error_of(Some("[accounts.hotel]\naccess_token = \"  \"\n"), &[]);
         assert!(e.contains("accounts.hotel.access_token"), "{e}");
         assert!(e.contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn a_log_level_that_is_not_a_filter_is_refused() {
+        let e = error_of(Some("[log]\nlevel = \"loud[\"\n"), &[]);
+        assert!(e.contains("log.level"), "{e}");
     }
 
     #[test]

@@ -449,6 +449,18 @@ async fn the_command_line_enqueues_reports_status_and_checks_config_without_toke
     let env = Env::new(&fake.base_url);
     let thread = threads(1).remove(0);
 
+    // Commands other than `migrate` and `run` never create an empty outbox.
+    for command in [
+        &["status"][..],
+        &["enqueue", "--thread", &thread, "--text", "x"],
+    ] {
+        let (failed, _, err) = env.cli(command).await;
+        assert!(!failed.success());
+        assert!(err.contains("there is no outbox database at"), "{err}");
+    }
+    assert!(!env.db.exists());
+    assert!(env.cli(&["migrate"]).await.0.success());
+
     let (ok, id, _) = env
         .cli(&[
             "enqueue",
