@@ -37,6 +37,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use mews_outbox::store::sqlite::sql;
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -55,6 +56,8 @@ const WAIT: Duration = Duration::from_secs(600);
 struct Options {
     messages: usize,
     quick: bool,
+    /// Stop after the floor (for profiling the SQL alone).
+    floor_only: bool,
 }
 
 impl Options {
@@ -94,6 +97,7 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
     let mut options = Options {
         messages: 1_000_000,
         quick: false,
+        floor_only: false,
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -101,6 +105,7 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
             // cargo bench passes --bench to harness = false targets.
             "--bench" => {}
             "--quick" => options.quick = true,
+            "--floor-only" => options.floor_only = true,
             "--messages" => {
                 let n = args.next().ok_or("--messages needs a number")?;
                 options.messages = n
@@ -144,6 +149,9 @@ async fn run(options: Options) {
     .await
     .expect("floor");
     println!("floor_msgs_per_s={floor_rate:.0}");
+    if options.floor_only {
+        return;
+    }
 
     // Drain.
     let mut daemon = Daemon::start(&config);
@@ -251,6 +259,8 @@ fn open(db: &Path) -> rusqlite::Connection {
         .expect("wal");
     conn.pragma_update(None, "synchronous", "normal")
         .expect("synchronous");
+    conn.pragma_update(None, "temp_store", "memory")
+        .expect("temp_store");
     conn
 }
 
@@ -277,27 +287,32 @@ fn prefill(db: &Path, n: usize, threads: &[String]) {
         .expect("checkpoint");
 }
 
-/// The floor: the same database work as the daemon, without HTTP: claim a
-/// batch per account in turn with the daemon's statement, write the same
-/// result columns with its record statement, one transaction each.
+/// The floor: the same database work as the daemon, without HTTP and with
+/// the leanest code: one connection, cached prepared statements, the
+/// daemon's own statements ([`sql`]); per account in turn, lease a batch,
+/// write the same result columns, one transaction each.
 fn floor(db: &Path, n: usize) -> f64 {
     let conn = open(db);
     let started = Instant::now();
     let mut done = 0usize;
     let mut serial = 0u64;
     let mut json = String::new();
+    let (mut claiming, mut recording) = (Duration::ZERO, Duration::ZERO);
     loop {
         let mut claimed_any = false;
         for account in ACCOUNTS {
             let now = timestamp(SystemTime::now());
-            let mut claim = conn.prepare_cached(CLAIM_SQL).expect("prepare claim");
-            let rows: Vec<(i64, String, Vec<u8>, i64)> = claim
-                .query_map((account, &now, 1000i64), |r| {
+            let claim_started = Instant::now();
+            let rows: Vec<(i64, String, Vec<u8>, i64)> = conn
+                .prepare_cached(sql::CLAIM)
+                .expect("prepare claim")
+                .query_map((account, &now, 1000), |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
                 })
                 .expect("claim")
                 .collect::<Result<_, _>>()
-                .expect("claim rows");
+                .expect("claimed rows");
+            claiming += claim_started.elapsed();
             if rows.is_empty() {
                 continue;
             }
@@ -316,10 +331,12 @@ fn floor(db: &Path, n: usize) -> f64 {
                 );
             }
             json.push(']');
-            conn.prepare_cached(RECORD_SQL)
+            let record_started = Instant::now();
+            conn.prepare_cached(sql::RECORD)
                 .expect("prepare record")
                 .execute([&json])
                 .expect("record");
+            recording += record_started.elapsed();
             done += rows.len();
         }
         if !claimed_any {
@@ -327,34 +344,9 @@ fn floor(db: &Path, n: usize) -> f64 {
         }
     }
     assert_eq!(done, n, "the floor delivered every row");
+    eprintln!("floor: claims {claiming:.2?}, records {recording:.2?}");
     n as f64 / started.elapsed().as_secs_f64()
 }
-
-const CLAIM_SQL: &str = "UPDATE outbox
-             SET status = 'sending', first_sent_at = coalesce(first_sent_at, ?2)
-             WHERE id IN (
-                 SELECT o.id FROM outbox AS o
-                 WHERE o.account = ?1 AND o.status = 'pending' AND o.next_attempt_at <= ?2
-                   AND NOT EXISTS (
-                       SELECT 1 FROM outbox AS earlier
-                       WHERE earlier.message_thread_id = o.message_thread_id
-                         AND earlier.status IN ('pending', 'sending')
-                         AND earlier.id < o.id)
-                 ORDER BY o.next_attempt_at, o.id
-                 LIMIT ?3)
-             RETURNING id, message_thread_id, CAST(text AS BLOB) AS text, attempts";
-
-const RECORD_SQL: &str = "UPDATE outbox SET
-                 status = u.value ->> 'status',
-                 attempts = attempts + (u.value ->> 'attempt'),
-                 next_attempt_at = coalesce(u.value ->> 'next_attempt_at', next_attempt_at),
-                 last_error = coalesce(u.value ->> 'error', last_error),
-                 delivered_at = u.value ->> 'delivered_at',
-                 mews_message_id = u.value ->> 'mews_message_id',
-                 mews_created_utc = u.value ->> 'mews_created_utc',
-                 mews_sender = u.value ->> 'mews_sender'
-             FROM json_each(?1) AS u
-             WHERE outbox.id = u.value ->> 'id' AND outbox.status = 'sending'";
 
 fn timestamp(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()

@@ -84,7 +84,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             "requests still in flight after the drain timeout; their rows stay `sending` and are taken up again at the next start"
         );
     }
-    store.pool().close().await;
+    store.close().await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -25,14 +25,18 @@ use super::{
 /// database file never collide with ours.
 pub const MIGRATIONS_TABLE: &str = "_mews_outbox_migrations";
 
-/// Pool size: SQLite has one writer at a time; a few connections let reads
-/// (status, next_due) proceed beside a write.
-const POOL_CONNECTIONS: u32 = 4;
+/// Reader pool size: `next_due` and `status` read beside a write.
+const READ_CONNECTIONS: u32 = 4;
 
 /// Handle to an outbox database. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
+    /// Reads: `next_due`, `status`, pauses.
     pool: SqlitePool,
+    /// Every write of this process goes through this one connection, so the
+    /// daemon's own writes queue in memory instead of meeting SQLite's busy
+    /// handler (which sleeps at least 1 ms per collision).
+    writer: SqlitePool,
     options: SqliteConnectOptions,
     path: PathBuf,
 }
@@ -57,13 +61,21 @@ impl SqliteStore {
             // roll back the last commits (a `delivered` mark may be redone:
             // a possible duplicate, never a lost row).
             .synchronous(SqliteSynchronous::Normal)
+            // Statement journals (a claim or record fires triggers, which
+            // need one) stay in memory instead of a temporary file.
+            .pragma("temp_store", "memory")
             .busy_timeout(busy_timeout);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
         let pool = SqlitePoolOptions::new()
-            .max_connections(POOL_CONNECTIONS)
+            .max_connections(READ_CONNECTIONS)
             .connect_with(options.clone())
             .await?;
         let store = SqliteStore {
             pool,
+            writer,
             options,
             path: path.to_owned(),
         };
@@ -74,7 +86,7 @@ impl SqliteStore {
     async fn migrate(&self) -> Result<(), StoreError> {
         let mut migrator = sqlx::migrate!("./migrations");
         migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
-        migrator.run(&self.pool).await?;
+        migrator.run(&self.writer).await?;
         Ok(())
     }
 
@@ -114,7 +126,7 @@ impl SqliteStore {
     /// safe while holding the [`DaemonLock`]. Returns how many.
     pub async fn recover_abandoned(&self) -> Result<u64, StoreError> {
         let done = sqlx::query("UPDATE outbox SET status = 'pending' WHERE status = 'sending'")
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(done.rows_affected())
     }
@@ -131,7 +143,7 @@ impl SqliteStore {
         .bind(&message.text)
         .bind(&message.identifier)
         .bind(&message.account)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.writer)
         .await
         .map_err(refused)?;
         if let Some(id) = inserted {
@@ -222,7 +234,7 @@ impl SqliteStore {
                AND account NOT IN (SELECT value FROM json_each(?1))",
         )
         .bind(&configured)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         rows.into_iter()
             .map(|row| {
@@ -270,8 +282,15 @@ impl SqliteStore {
         Ok(rx)
     }
 
+    /// The reading pool (tests and tools query through it).
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// Closes every connection (at shutdown).
+    pub async fn close(&self) {
+        self.writer.close().await;
+        self.pool.close().await;
     }
 }
 
@@ -317,26 +336,12 @@ impl Outbox for SqliteStore {
         now: SystemTime,
         limit: usize,
     ) -> Result<Vec<ClaimedRow>, StoreError> {
-        let rows = sqlx::query(
-            "UPDATE outbox
-             SET status = 'sending', first_sent_at = coalesce(first_sent_at, ?2)
-             WHERE id IN (
-                 SELECT o.id FROM outbox AS o
-                 WHERE o.account = ?1 AND o.status = 'pending' AND o.next_attempt_at <= ?2
-                   AND NOT EXISTS (
-                       SELECT 1 FROM outbox AS earlier
-                       WHERE earlier.message_thread_id = o.message_thread_id
-                         AND earlier.status IN ('pending', 'sending')
-                         AND earlier.id < o.id)
-                 ORDER BY o.next_attempt_at, o.id
-                 LIMIT ?3)
-             RETURNING id, message_thread_id, CAST(text AS BLOB) AS text, attempts",
-        )
-        .bind(account)
-        .bind(timestamp(now))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(sql::CLAIM)
+            .bind(account)
+            .bind(timestamp(now))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.writer)
+            .await?;
         let mut claimed = rows
             .into_iter()
             .map(|row| {
@@ -357,20 +362,11 @@ impl Outbox for SqliteStore {
         account: &str,
         now: SystemTime,
     ) -> Result<Option<SystemTime>, StoreError> {
-        let next: Option<String> = sqlx::query_scalar(
-            "SELECT o.next_attempt_at FROM outbox AS o
-             WHERE o.account = ?1 AND o.status = 'pending' AND o.next_attempt_at > ?2
-               AND NOT EXISTS (
-                   SELECT 1 FROM outbox AS earlier
-                   WHERE earlier.message_thread_id = o.message_thread_id
-                     AND earlier.status IN ('pending', 'sending')
-                     AND earlier.id < o.id)
-             ORDER BY o.next_attempt_at LIMIT 1",
-        )
-        .bind(account)
-        .bind(timestamp(now))
-        .fetch_optional(&self.pool)
-        .await?;
+        let next: Option<String> = sqlx::query_scalar(sql::NEXT_DUE)
+            .bind(account)
+            .bind(timestamp(now))
+            .fetch_one(&self.pool)
+            .await?;
         Ok(next.as_deref().and_then(parse_timestamp))
     }
 
@@ -407,23 +403,10 @@ impl Outbox for SqliteStore {
                 }),
             })
             .collect();
-        // Only rows still `sending` are touched: an operator may have acted meanwhile.
-        sqlx::query(
-            "UPDATE outbox SET
-                 status = u.value ->> 'status',
-                 attempts = attempts + (u.value ->> 'attempt'),
-                 next_attempt_at = coalesce(u.value ->> 'next_attempt_at', next_attempt_at),
-                 last_error = coalesce(u.value ->> 'error', last_error),
-                 delivered_at = u.value ->> 'delivered_at',
-                 mews_message_id = u.value ->> 'mews_message_id',
-                 mews_created_utc = u.value ->> 'mews_created_utc',
-                 mews_sender = u.value ->> 'mews_sender'
-             FROM json_each(?1) AS u
-             WHERE outbox.id = u.value ->> 'id' AND outbox.status = 'sending'",
-        )
-        .bind(serde_json::Value::Array(updates).to_string())
-        .execute(&self.pool)
-        .await?;
+        sqlx::query(sql::RECORD)
+            .bind(serde_json::Value::Array(updates).to_string())
+            .execute(&self.writer)
+            .await?;
         Ok(())
     }
 
@@ -465,7 +448,7 @@ impl Outbox for SqliteStore {
         .bind(timestamp(pause.until))
         .bind(&pause.reason)
         .bind(i64::from(pause.streak))
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -477,7 +460,7 @@ impl Outbox for SqliteStore {
              WHERE account = ?1",
         )
         .bind(account)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -488,6 +471,51 @@ impl FromStr for Status {
     fn from_str(s: &str) -> Result<Status, String> {
         Status::parse(s).ok_or_else(|| format!("unknown status {s:?}"))
     }
+}
+
+/// The statements of the delivery path, public so that the benchmark's
+/// floor (`benches/drain.rs`) runs exactly the same SQL without the daemon.
+/// Each is one statement per batch; their query plans are checked by
+/// `the_delivery_statements_use_their_indexes`.
+pub mod sql {
+    /// Leases up to `?3` due heads of account `?1` as `sending`, oldest due
+    /// first: one range of `outbox_thread_head_ready`, then rowid lookups.
+    /// Per-thread order holds by construction: only a thread's oldest
+    /// unfinished row is its head (migration `..04_thread_heads`). The
+    /// triggers then mark these heads as in flight.
+    pub const CLAIM: &str = "
+        UPDATE outbox
+        SET status = 'sending', first_sent_at = coalesce(first_sent_at, ?2)
+        WHERE id IN (
+            SELECT head_id FROM outbox_thread_head
+            WHERE account = ?1 AND ready_at <= ?2
+            ORDER BY ready_at, head_id
+            LIMIT ?3)
+          AND +status = 'pending'
+        RETURNING id, message_thread_id, CAST(text AS BLOB) AS text, attempts";
+
+    /// When the next head of account `?1` becomes due after `?2`.
+    pub const NEXT_DUE: &str = "
+        SELECT min(ready_at) FROM outbox_thread_head
+        WHERE account = ?1 AND ready_at > ?2";
+
+    /// Stores the outcomes `?1` (a JSON array of objects, one per row). Only
+    /// rows still `sending` are touched: an operator may have acted
+    /// meanwhile. The unary `+` keeps the planner on the rowid: through the
+    /// `status` index it would read every `json_each` item for every row in
+    /// flight.
+    pub const RECORD: &str = "
+        UPDATE outbox SET
+            status = u.value ->> 'status',
+            attempts = attempts + (u.value ->> 'attempt'),
+            next_attempt_at = coalesce(u.value ->> 'next_attempt_at', next_attempt_at),
+            last_error = coalesce(u.value ->> 'error', last_error),
+            delivered_at = u.value ->> 'delivered_at',
+            mews_message_id = u.value ->> 'mews_message_id',
+            mews_created_utc = u.value ->> 'mews_created_utc',
+            mews_sender = u.value ->> 'mews_sender'
+        FROM json_each(?1) AS u
+        WHERE outbox.id = u.value ->> 'id' AND +outbox.status = 'sending'";
 }
 
 #[cfg(test)]
@@ -680,6 +708,58 @@ mod tests {
         let _held = s.lock_for_daemon().unwrap();
         let e = s.lock_for_daemon().unwrap_err();
         assert!(matches!(e, StoreError::AlreadyRunning { .. }), "{e}");
+    }
+
+    /// `EXPLAIN QUERY PLAN` of a statement, one line per step.
+    async fn plan(store: &SqliteStore, statement: &str) -> String {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN QUERY PLAN {statement}"
+        )))
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+        rows.iter()
+            .map(|r| r.get::<String, _>("detail"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[tokio::test]
+    async fn the_delivery_statements_use_their_indexes() {
+        let (_dir, s) = store().await;
+        let cases: [(&str, &str, &[&str]); 4] = [
+            (
+                "claim",
+                sql::CLAIM,
+                &[
+                    "INTEGER PRIMARY KEY (rowid=?)",
+                    "outbox_thread_head_ready (account=? AND ready_at<?)",
+                ],
+            ),
+            ("record", sql::RECORD, &["INTEGER PRIMARY KEY (rowid=?)"]),
+            (
+                "recover_abandoned",
+                "UPDATE outbox SET status = 'pending' WHERE status = 'sending'",
+                &["outbox_status (status=?)"],
+            ),
+            (
+                "next_due",
+                sql::NEXT_DUE,
+                &["outbox_thread_head_ready (account=? AND ready_at>?)"],
+            ),
+        ];
+        for (name, statement, expected) in cases {
+            let plan = plan(&s, statement).await;
+            for index in expected {
+                assert!(plan.contains(index), "{name}: no {index} in\n{plan}");
+            }
+            for line in plan.lines() {
+                assert!(
+                    !(line.starts_with("SCAN") && line.contains("outbox")),
+                    "{name}: full scan in\n{plan}"
+                );
+            }
+        }
     }
 
     #[test]
