@@ -3,6 +3,7 @@
 //! what the daemon costs while idle and how fast it starts.
 //!
 //! `cargo bench --bench drain -- [--messages N] [--quick]`
+//! (`cargo test --all-targets` runs it too, as a smoke test on 2,000 rows)
 //!
 //! Phases, in one run, on one database file:
 //! 1. prefill N rows over 1,000 threads and 4 accounts (one transaction);
@@ -99,10 +100,15 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
         quick: false,
         floor_only: false,
     };
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this
+    // binary without it: then it is a quick smoke test of every phase.
+    if !args.iter().any(|a| a == "--bench") {
+        options.messages = 2_000;
+        options.quick = true;
+    }
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            // cargo bench passes --bench to harness = false targets.
             "--bench" => {}
             "--quick" => options.quick = true,
             "--floor-only" => options.floor_only = true,

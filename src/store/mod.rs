@@ -4,6 +4,7 @@
 //! LOCKED`, leases instead of start-up recovery) would implement the same trait.
 
 pub mod sqlite;
+mod wal_watch;
 
 use std::future::Future;
 use std::time::SystemTime;

@@ -15,6 +15,7 @@ use sqlx::{ConnectOptions, Connection, Row, SqliteConnection, SqlitePool};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::wal_watch::WalWatch;
 use super::{
     AccountPause, AccountStatus, ClaimedRow, Enqueued, NewMessage, Outbox, RowOutcome, Status,
     StoreError, parse_timestamp, timestamp,
@@ -24,6 +25,14 @@ use super::{
 /// application's own sqlx migrations (`_sqlx_migrations`) in the same
 /// database file never collide with ours.
 pub const MIGRATIONS_TABLE: &str = "_mews_outbox_migrations";
+
+/// After a burst of WAL writes, how long to wait for quiet before checking
+/// that no commit went unseen (see [`SqliteStore::watch_changes`]).
+pub const WAL_RECHECK: Duration = Duration::from_millis(5);
+
+/// While the WAL is watched, how often `PRAGMA data_version` is checked
+/// anyway, in case a write was missed (inotify queue overflow).
+pub const SAFETY_POLL: Duration = Duration::from_secs(1);
 
 /// Reader pool size: `next_due` and `status` read beside a write.
 const READ_CONNECTIONS: u32 = 4;
@@ -246,25 +255,80 @@ impl SqliteStore {
             .collect()
     }
 
-    /// Watches for commits by any other connection (producers, other
-    /// processes) by polling `PRAGMA data_version` on a dedicated connection
-    /// every `interval`; the returned receiver changes on each. A cheap
-    /// query: polling it costs far less than a claim.
+    /// Watches for commits by other connections (producers in other
+    /// processes, and this process's own writes); the returned receiver
+    /// changes on each.
+    ///
+    /// Wakes on writes to the WAL file ([`WalWatch`]): no cost while idle,
+    /// well under a millisecond from a producer's commit. A write can be seen
+    /// a moment before the commit is (SQLite publishes it in the shared WAL
+    /// index right after), so each burst of writes is followed, after
+    /// [`WAL_RECHECK`] of quiet, by a check of `PRAGMA data_version`; and
+    /// that check also runs every [`SAFETY_POLL`]. Where the WAL cannot be
+    /// watched, `PRAGMA data_version` is polled every `poll_interval`.
     pub async fn watch_changes(
         &self,
-        interval: Duration,
+        poll_interval: Duration,
         shutdown: CancellationToken,
     ) -> Result<watch::Receiver<u64>, StoreError> {
         let mut conn = self.options.clone().connect().await?;
         let mut last = data_version(&mut conn).await?;
         let (tx, rx) = watch::channel(0u64);
+        let mut wal_path = self.path.clone().into_os_string();
+        wal_path.push("-wal");
+        let mut wal = match WalWatch::new(Path::new(&wal_path)) {
+            Ok(wal) => {
+                tracing::debug!(wal = %Path::new(&wal_path).display(), "watching the WAL file for commits");
+                Some(wal)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    wal = %Path::new(&wal_path).display(), error = %e,
+                    poll_interval = %humantime::format_duration(poll_interval),
+                    "cannot watch the WAL file; polling the database for new rows instead"
+                );
+                None
+            }
+        };
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
+            let mut tick = tokio::time::interval(if wal.is_some() {
+                SAFETY_POLL
+            } else {
+                poll_interval
+            });
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut recheck_at: Option<tokio::time::Instant> = None;
             loop {
+                let recheck = async {
+                    match recheck_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let written = async {
+                    match wal.as_mut() {
+                        Some(wal) => wal.written().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tick.tick() => {}
+                    _ = recheck => recheck_at = None,
+                    written = written => {
+                        match written {
+                            Ok(()) => {
+                                tx.send_modify(|n| *n = n.wrapping_add(1));
+                                recheck_at = Some(tokio::time::Instant::now() + WAL_RECHECK);
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "lost the watch on the WAL file; polling the database for new rows instead");
+                                wal = None;
+                                tick = tokio::time::interval(poll_interval);
+                            }
+                        }
+                        continue;
+                    }
                 }
                 match data_version(&mut conn).await {
                     Ok(version) if version != last => {
