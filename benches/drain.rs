@@ -299,6 +299,9 @@ fn prefill(db: &Path, n: usize, threads: &[String]) {
 /// write the same result columns, one transaction each.
 fn floor(db: &Path, n: usize) -> f64 {
     let conn = open(db);
+    if let Ok(sql) = std::env::var("BENCH_FLOOR_SQL") {
+        conn.execute_batch(&sql).expect("BENCH_FLOOR_SQL");
+    }
     let started = Instant::now();
     let mut done = 0usize;
     let mut serial = 0u64;
@@ -333,14 +336,14 @@ fn floor(db: &Path, n: usize) -> f64 {
                 }
                 let _ = write!(
                     json,
-                    r#"{{"id":{id},"status":"delivered","attempt":0,"delivered_at":"{now}","mews_message_id":"{serial:08x}-0000-4000-8000-000000000000","mews_created_utc":"{now}","mews_sender":"Application"}}"#
+                    r#"[{id},"{serial:08x}-0000-4000-8000-000000000000","{now}","Application"]"#
                 );
             }
             json.push(']');
             let record_started = Instant::now();
-            conn.prepare_cached(sql::RECORD)
+            conn.prepare_cached(sql::RECORD_DELIVERED)
                 .expect("prepare record")
-                .execute([&json])
+                .execute([&json, &now])
                 .expect("record");
             recording += record_started.elapsed();
             done += rows.len();

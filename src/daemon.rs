@@ -35,7 +35,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     log_start(&settings, recovered);
 
     let names: Vec<&str> = settings.accounts.keys().map(String::as_str).collect();
-    warn_unknown_accounts(&store, &names).await;
 
     let workers = shutdown.child_token();
     let changes = store
@@ -61,8 +60,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     }
     tracing::info!(accounts = settings.accounts.len(), "ready: delivering");
 
+    // The first tick is immediate: rows of unknown accounts are reported
+    // right after start-up, without delaying it (counting them reads every
+    // pending row of a large backlog).
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
-    housekeeping.tick().await;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
