@@ -475,21 +475,23 @@ impl Outbox for SqliteStore {
             }
         }
         delivered.push(']');
-        let mut tx = self.writer.begin().await?;
-        if delivered.len() > 2 {
-            sqlx::query(sql::RECORD_DELIVERED)
-                .bind(&delivered)
-                .bind(&now)
-                .execute(&mut *tx)
-                .await?;
+        let delivered = (delivered.len() > 2)
+            .then(|| sqlx::query(sql::RECORD_DELIVERED).bind(delivered).bind(now));
+        let others = (!others.is_empty())
+            .then(|| sqlx::query(sql::RECORD).bind(serde_json::Value::Array(others).to_string()));
+        match (delivered, others) {
+            // One statement is its own transaction: no BEGIN/COMMIT round trips.
+            (Some(only), None) | (None, Some(only)) => {
+                only.execute(&self.writer).await?;
+            }
+            (Some(delivered), Some(others)) => {
+                let mut tx = self.writer.begin().await?;
+                delivered.execute(&mut *tx).await?;
+                others.execute(&mut *tx).await?;
+                tx.commit().await?;
+            }
+            (None, None) => {}
         }
-        if !others.is_empty() {
-            sqlx::query(sql::RECORD)
-                .bind(serde_json::Value::Array(others).to_string())
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
         Ok(())
     }
 
