@@ -291,11 +291,13 @@ impl SqliteStore {
             }
         };
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(if wal.is_some() {
+            // `last` was read just now: the first check is one period away.
+            let period = if wal.is_some() {
                 SAFETY_POLL
             } else {
                 poll_interval
-            });
+            };
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut recheck_at: Option<tokio::time::Instant> = None;
             loop {
@@ -864,6 +866,34 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_commit_by_another_process_wakes_the_watcher_without_polling() {
+        let (dir, s) = store().await;
+        let shutdown = CancellationToken::new();
+        // An hour between polls: only the WAL watch can see the insert in time.
+        let mut changes = s
+            .watch_changes(Duration::from_secs(3600), shutdown.clone())
+            .await
+            .unwrap();
+        let mut producer = SqliteConnectOptions::new()
+            .filename(dir.path().join("o.db"))
+            .connect()
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO outbox (message_thread_id, text) VALUES (?1, 'hi')")
+            .bind(T1)
+            .execute(&mut producer)
+            .await
+            .unwrap();
+        // Well under SAFETY_POLL, so the safety poll cannot be what wakes it.
+        tokio::time::timeout(SAFETY_POLL / 2, changes.changed())
+            .await
+            .expect("woken by the commit")
+            .unwrap();
+        shutdown.cancel();
     }
 
     #[test]
