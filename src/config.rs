@@ -124,7 +124,8 @@ pub struct Account {
 pub struct DeliverySettings {
     /// Messages per request, 1..=1000.
     pub batch_size: usize,
-    /// How often the daemon looks for rows committed by producers.
+    /// How often the daemon looks for rows committed by producers when it
+    /// cannot watch the WAL file (otherwise writes to it wake the daemon).
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
     /// Requests in flight at once, across accounts.

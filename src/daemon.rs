@@ -101,7 +101,7 @@ pub async fn run(
         );
     }
     pinger.cancel();
-    store.pool().close().await;
+    store.close().await;
     tracing::info!("stopped");
     Ok(())
 }

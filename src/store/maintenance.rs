@@ -131,7 +131,7 @@ impl SqliteStore {
         )
         .bind(timestamp(before))
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         Ok(done.rows_affected())
     }
@@ -152,7 +152,7 @@ impl SqliteStore {
         if before < VACUUM_THRESHOLD_PAGES {
             return Ok(0);
         }
-        let mut conn = self.pool().acquire().await?;
+        let mut conn = self.writer().acquire().await?;
         // A PRAGMA takes no bound parameters; `pages` is a number.
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "PRAGMA incremental_vacuum({pages})"

@@ -5,6 +5,7 @@
 
 pub mod maintenance;
 pub mod sqlite;
+mod wal_watch;
 
 use std::collections::HashSet;
 use std::future::Future;

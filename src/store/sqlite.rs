@@ -15,6 +15,7 @@ use sqlx::{ConnectOptions, Connection, Row, SqliteConnection, SqlitePool};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::wal_watch::WalWatch;
 use super::{
     AccountPause, AccountStatus, ClaimedRow, DeadRow, Enqueued, ErrorCount, NewMessage, Outbox,
     Requeue, RowOutcome, Status, StoreError, parse_timestamp, timestamp,
@@ -28,37 +29,26 @@ pub const MIGRATIONS_TABLE: &str = "_mews_outbox_migrations";
 /// Most common dead-row errors shown per account by `status`.
 const DEAD_ERRORS_SHOWN: i64 = 3;
 
-/// Pool size: SQLite has one writer at a time; a few connections let reads
-/// (status, next_due) proceed beside a write.
-const POOL_CONNECTIONS: u32 = 4;
+/// After a burst of WAL writes, how long to wait for quiet before checking
+/// that no commit went unseen (see [`SqliteStore::watch_changes`]).
+pub const WAL_RECHECK: Duration = Duration::from_millis(5);
 
-/// Stores one batch of outcomes: `?1` is a JSON array of
-/// `{id, status, attempt, next_attempt_at?, error?, delivered_at?, mews_*?}`.
-/// Only rows still `sending` are touched: an operator may have acted
-/// meanwhile. A row that may be at Mews stays marked until it is delivered
-/// or checked (`clear_reconcile`). The unary `+` keeps SQLite from driving the join with the
-/// status index (which re-reads the whole JSON array for each `sending` row):
-/// the plan must walk the array and look each row up by rowid.
-const RECORD: &str = "UPDATE outbox SET
-                 status = u.value ->> 'status',
-                 attempts = attempts + (u.value ->> 'attempt'),
-                 needs_reconcile = CASE u.value ->> 'status'
-                     WHEN 'delivered' THEN 0
-                     ELSE max(needs_reconcile, coalesce(u.value ->> 'maybe_stored', 0)) END,
-                 dead_at = CASE u.value ->> 'status' WHEN 'dead' THEN ?2 ELSE dead_at END,
-                 next_attempt_at = coalesce(u.value ->> 'next_attempt_at', next_attempt_at),
-                 last_error = coalesce(u.value ->> 'error', last_error),
-                 delivered_at = u.value ->> 'delivered_at',
-                 mews_message_id = u.value ->> 'mews_message_id',
-                 mews_created_utc = u.value ->> 'mews_created_utc',
-                 mews_sender = u.value ->> 'mews_sender'
-             FROM json_each(?1) AS u
-             WHERE outbox.id = u.value ->> 'id' AND +outbox.status = 'sending'";
+/// While the WAL is watched, how often `PRAGMA data_version` is checked
+/// anyway, in case a write was missed (inotify queue overflow).
+pub const SAFETY_POLL: Duration = Duration::from_secs(1);
+
+/// Reader pool size: `next_due` and `status` read beside a write.
+const READ_CONNECTIONS: u32 = 4;
 
 /// Handle to an outbox database. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
+    /// Reads: `next_due`, `status`, pauses.
     pool: SqlitePool,
+    /// Every write of this process goes through this one connection, so the
+    /// daemon's own writes queue in memory instead of meeting SQLite's busy
+    /// handler (which sleeps at least 1 ms per collision).
+    writer: SqlitePool,
     options: SqliteConnectOptions,
     path: PathBuf,
 }
@@ -87,13 +77,21 @@ impl SqliteStore {
             // roll back the last commits (a `delivered` mark may be redone:
             // a possible duplicate, never a lost row).
             .synchronous(SqliteSynchronous::Normal)
+            // Statement journals (a claim or record fires triggers, which
+            // need one) stay in memory instead of a temporary file.
+            .pragma("temp_store", "memory")
             .busy_timeout(busy_timeout);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
         let pool = SqlitePoolOptions::new()
-            .max_connections(POOL_CONNECTIONS)
+            .max_connections(READ_CONNECTIONS)
             .connect_with(options.clone())
             .await?;
         let store = SqliteStore {
             pool,
+            writer,
             options,
             path: path.to_owned(),
         };
@@ -104,7 +102,7 @@ impl SqliteStore {
     async fn migrate(&self) -> Result<(), StoreError> {
         let mut migrator = sqlx::migrate!("./migrations");
         migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
-        migrator.run(&self.pool).await?;
+        migrator.run(&self.writer).await?;
         Ok(())
     }
 
@@ -148,7 +146,7 @@ impl SqliteStore {
         let done = sqlx::query(
             "UPDATE outbox SET status = 'pending', needs_reconcile = 1 WHERE status = 'sending'",
         )
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(done.rows_affected())
     }
@@ -194,7 +192,7 @@ impl SqliteStore {
             Requeue::Ids(ids) => Some(serde_json::to_string(ids).unwrap_or_else(|_| "[]".into())),
             Requeue::All => None,
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         // The write comes first, so the transaction takes the write lock at
         // once (waiting up to busy_timeout) instead of failing to upgrade.
         let mut requeued: Vec<i64> = sqlx::query_scalar(
@@ -261,7 +259,7 @@ impl SqliteStore {
         )
         .bind(timestamp(cutoff))
         .bind(account)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(done.rows_affected())
     }
@@ -278,7 +276,7 @@ impl SqliteStore {
         .bind(&message.text)
         .bind(&message.identifier)
         .bind(&message.account)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.writer)
         .await
         .map_err(refused)?;
         if let Some(id) = inserted {
@@ -397,7 +395,7 @@ impl SqliteStore {
                AND account NOT IN (SELECT value FROM json_each(?1))",
         )
         .bind(&configured)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         rows.into_iter()
             .map(|row| {
@@ -409,25 +407,82 @@ impl SqliteStore {
             .collect()
     }
 
-    /// Watches for commits by any other connection (producers, other
-    /// processes) by polling `PRAGMA data_version` on a dedicated connection
-    /// every `interval`; the returned receiver changes on each. A cheap
-    /// query: polling it costs far less than a claim.
+    /// Watches for commits by other connections (producers in other
+    /// processes, and this process's own writes); the returned receiver
+    /// changes on each.
+    ///
+    /// Wakes on writes to the WAL file ([`WalWatch`]): no cost while idle,
+    /// well under a millisecond from a producer's commit. A write can be seen
+    /// a moment before the commit is (SQLite publishes it in the shared WAL
+    /// index right after), so each burst of writes is followed, after
+    /// [`WAL_RECHECK`] of quiet, by a check of `PRAGMA data_version`; and
+    /// that check also runs every [`SAFETY_POLL`]. Where the WAL cannot be
+    /// watched, `PRAGMA data_version` is polled every `poll_interval`.
     pub async fn watch_changes(
         &self,
-        interval: Duration,
+        poll_interval: Duration,
         shutdown: CancellationToken,
     ) -> Result<watch::Receiver<u64>, StoreError> {
         let mut conn = self.options.clone().connect().await?;
         let mut last = data_version(&mut conn).await?;
         let (tx, rx) = watch::channel(0u64);
+        let mut wal_path = self.path.clone().into_os_string();
+        wal_path.push("-wal");
+        let mut wal = match WalWatch::new(Path::new(&wal_path)) {
+            Ok(wal) => {
+                tracing::debug!(wal = %Path::new(&wal_path).display(), "watching the WAL file for commits");
+                Some(wal)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    wal = %Path::new(&wal_path).display(), error = %e,
+                    poll_interval = %humantime::format_duration(poll_interval),
+                    "cannot watch the WAL file; polling the database for new rows instead"
+                );
+                None
+            }
+        };
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
+            // `last` was read just now: the first check is one period away.
+            let period = if wal.is_some() {
+                SAFETY_POLL
+            } else {
+                poll_interval
+            };
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut recheck_at: Option<tokio::time::Instant> = None;
             loop {
+                let recheck = async {
+                    match recheck_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let written = async {
+                    match wal.as_mut() {
+                        Some(wal) => wal.written().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tick.tick() => {}
+                    _ = recheck => recheck_at = None,
+                    written = written => {
+                        match written {
+                            Ok(()) => {
+                                tx.send_modify(|n| *n = n.wrapping_add(1));
+                                recheck_at = Some(tokio::time::Instant::now() + WAL_RECHECK);
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "lost the watch on the WAL file; polling the database for new rows instead");
+                                wal = None;
+                                tick = tokio::time::interval(poll_interval);
+                            }
+                        }
+                        continue;
+                    }
                 }
                 match data_version(&mut conn).await {
                     Ok(version) if version != last => {
@@ -445,8 +500,20 @@ impl SqliteStore {
         Ok(rx)
     }
 
+    /// The reading pool (tests and tools query through it).
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// The one writing connection, for the store's other writers (housekeeping).
+    pub(super) fn writer(&self) -> &SqlitePool {
+        &self.writer
+    }
+
+    /// Closes every connection (at shutdown).
+    pub async fn close(&self) {
+        self.writer.close().await;
+        self.pool.close().await;
     }
 }
 
@@ -492,27 +559,12 @@ impl Outbox for SqliteStore {
         now: SystemTime,
         limit: usize,
     ) -> Result<Vec<ClaimedRow>, StoreError> {
-        let rows = sqlx::query(
-            "UPDATE outbox
-             SET status = 'sending', first_sent_at = coalesce(first_sent_at, ?2)
-             WHERE id IN (
-                 SELECT o.id FROM outbox AS o
-                 WHERE o.account = ?1 AND o.status = 'pending' AND o.next_attempt_at <= ?2
-                   AND NOT EXISTS (
-                       SELECT 1 FROM outbox AS earlier
-                       WHERE earlier.message_thread_id = o.message_thread_id
-                         AND earlier.status IN ('pending', 'sending')
-                         AND earlier.id < o.id)
-                 ORDER BY o.next_attempt_at, o.id
-                 LIMIT ?3)
-             RETURNING id, message_thread_id, CAST(text AS BLOB) AS text, attempts,
-                       needs_reconcile, first_sent_at",
-        )
-        .bind(account)
-        .bind(timestamp(now))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(sql::CLAIM)
+            .bind(account)
+            .bind(timestamp(now))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.writer)
+            .await?;
         let mut claimed = rows
             .into_iter()
             .map(|row| {
@@ -538,20 +590,11 @@ impl Outbox for SqliteStore {
         account: &str,
         now: SystemTime,
     ) -> Result<Option<SystemTime>, StoreError> {
-        let next: Option<String> = sqlx::query_scalar(
-            "SELECT o.next_attempt_at FROM outbox AS o
-             WHERE o.account = ?1 AND o.status = 'pending' AND o.next_attempt_at > ?2
-               AND NOT EXISTS (
-                   SELECT 1 FROM outbox AS earlier
-                   WHERE earlier.message_thread_id = o.message_thread_id
-                     AND earlier.status IN ('pending', 'sending')
-                     AND earlier.id < o.id)
-             ORDER BY o.next_attempt_at LIMIT 1",
-        )
-        .bind(account)
-        .bind(timestamp(now))
-        .fetch_optional(&self.pool)
-        .await?;
+        let next: Option<String> = sqlx::query_scalar(sql::NEXT_DUE)
+            .bind(account)
+            .bind(timestamp(now))
+            .fetch_one(&self.pool)
+            .await?;
         Ok(next.as_deref().and_then(parse_timestamp))
     }
 
@@ -564,41 +607,67 @@ impl Outbox for SqliteStore {
             return Ok(());
         }
         let now = timestamp(now);
-        let updates: Vec<serde_json::Value> = outcomes
-            .iter()
-            .map(|(id, outcome)| match outcome {
+        // Delivered rows, the bulk of any drain, go through a leaner
+        // statement: positional JSON arrays, only the columns they change.
+        let mut delivered = String::with_capacity(outcomes.len() * 96 + 2);
+        delivered.push('[');
+        let mut others = Vec::new();
+        for (id, outcome) in outcomes {
+            match outcome {
                 RowOutcome::Delivered {
                     mews_message_id,
                     mews_created_utc,
                     mews_sender,
-                } => json!({
-                    "id": id, "status": "delivered", "attempt": 0,
-                    "delivered_at": now, "mews_message_id": mews_message_id,
-                    "mews_created_utc": mews_created_utc, "mews_sender": mews_sender,
-                }),
+                } => {
+                    if delivered.len() > 1 {
+                        delivered.push(',');
+                    }
+                    delivered.push_str(
+                        &json!([id, mews_message_id, mews_created_utc, mews_sender]).to_string(),
+                    );
+                }
                 RowOutcome::Retry {
                     at,
                     error,
                     attempt,
                     maybe_stored,
-                } => json!({
+                } => others.push(json!({
                     "id": id, "status": "pending", "attempt": i32::from(*attempt),
                     "next_attempt_at": timestamp(*at), "error": error,
                     "maybe_stored": i32::from(*maybe_stored),
-                }),
-                RowOutcome::Dead { error } => json!({
+                })),
+                RowOutcome::Dead { error } => others.push(json!({
                     "id": id, "status": "dead", "attempt": 1, "error": error,
-                }),
-                RowOutcome::Release => json!({
+                })),
+                RowOutcome::Release => others.push(json!({
                     "id": id, "status": "pending", "attempt": 0, "next_attempt_at": now,
-                }),
-            })
-            .collect();
-        sqlx::query(RECORD)
-            .bind(serde_json::Value::Array(updates).to_string())
-            .bind(&now)
-            .execute(&self.pool)
-            .await?;
+                })),
+            }
+        }
+        delivered.push(']');
+        let delivered = (delivered.len() > 2).then(|| {
+            sqlx::query(sql::RECORD_DELIVERED)
+                .bind(delivered)
+                .bind(&now)
+        });
+        let others = (!others.is_empty()).then(|| {
+            sqlx::query(sql::RECORD)
+                .bind(serde_json::Value::Array(others).to_string())
+                .bind(&now)
+        });
+        match (delivered, others) {
+            // One statement is its own transaction: no BEGIN/COMMIT round trips.
+            (Some(only), None) | (None, Some(only)) => {
+                only.execute(&self.writer).await?;
+            }
+            (Some(delivered), Some(others)) => {
+                let mut tx = self.writer.begin().await?;
+                delivered.execute(&mut *tx).await?;
+                others.execute(&mut *tx).await?;
+                tx.commit().await?;
+            }
+            (None, None) => {}
+        }
         Ok(())
     }
 
@@ -640,7 +709,7 @@ impl Outbox for SqliteStore {
         .bind(timestamp(pause.until))
         .bind(&pause.reason)
         .bind(i64::from(pause.streak))
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -652,7 +721,7 @@ impl Outbox for SqliteStore {
              WHERE account = ?1",
         )
         .bind(account)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -666,7 +735,7 @@ impl Outbox for SqliteStore {
              WHERE status = 'sending' AND id IN (SELECT value FROM json_each(?1))",
         )
         .bind(serde_json::to_string(ids).unwrap_or_else(|_| "[]".into()))
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -712,7 +781,7 @@ impl Outbox for SqliteStore {
         )
         .bind(account)
         .bind(serde_json::to_string(&ends).unwrap_or_else(|_| "[]".into()))
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -723,6 +792,67 @@ impl FromStr for Status {
     fn from_str(s: &str) -> Result<Status, String> {
         Status::parse(s).ok_or_else(|| format!("unknown status {s:?}"))
     }
+}
+
+/// The statements of the delivery path, public so that the benchmark's
+/// floor (`benches/drain.rs`) runs exactly the same SQL without the daemon.
+/// Each is one statement per batch; their query plans are checked by
+/// `the_delivery_statements_use_their_indexes`.
+pub mod sql {
+    /// Leases up to `?3` due heads of account `?1` as `sending`, oldest due
+    /// first: one range of `outbox_thread_head_ready`, then rowid lookups.
+    /// Per-thread order holds by construction: only a thread's oldest
+    /// unfinished row is its head (migration `..04_thread_heads`). The
+    /// triggers then mark these heads as in flight.
+    pub const CLAIM: &str = "
+        UPDATE outbox
+        SET status = 'sending', first_sent_at = coalesce(first_sent_at, ?2)
+        WHERE id IN (
+            SELECT head_id FROM outbox_thread_head
+            WHERE account = ?1 AND ready_at <= ?2
+            ORDER BY ready_at, head_id
+            LIMIT ?3)
+          AND +status = 'pending'
+        RETURNING id, message_thread_id, CAST(text AS BLOB) AS text, attempts,
+                  needs_reconcile, first_sent_at";
+
+    /// When the next head of account `?1` becomes due after `?2`.
+    pub const NEXT_DUE: &str = "
+        SELECT min(ready_at) FROM outbox_thread_head
+        WHERE account = ?1 AND ready_at > ?2";
+
+    /// Stores deliveries: `?1` is a JSON array of `[id, mews_message_id,
+    /// mews_created_utc, mews_sender]`, `?2` the time. Like [`RECORD`],
+    /// touches only rows still `sending`, through the rowid.
+    pub const RECORD_DELIVERED: &str = "
+        UPDATE outbox SET
+            status = 'delivered',
+            needs_reconcile = 0,
+            delivered_at = ?2,
+            mews_message_id = u.value ->> 1,
+            mews_created_utc = u.value ->> 2,
+            mews_sender = u.value ->> 3
+        FROM json_each(?1) AS u
+        WHERE outbox.id = u.value ->> 0 AND +outbox.status = 'sending'";
+
+    /// Stores the other outcomes (retry, dead, release): `?1` is a JSON
+    /// array of `{id, status, attempt, next_attempt_at?, error?,
+    /// maybe_stored?}`, `?2` the time. Only rows still `sending` are
+    /// touched: an operator may have acted meanwhile. A row that may be at
+    /// Mews stays marked until it is delivered or checked
+    /// (`clear_reconcile`). The unary `+` keeps the planner on the rowid:
+    /// through the `status` index it would read every `json_each` item for
+    /// every row in flight.
+    pub const RECORD: &str = "
+        UPDATE outbox SET
+            status = u.value ->> 'status',
+            attempts = attempts + (u.value ->> 'attempt'),
+            needs_reconcile = max(needs_reconcile, coalesce(u.value ->> 'maybe_stored', 0)),
+            dead_at = CASE u.value ->> 'status' WHEN 'dead' THEN ?2 ELSE dead_at END,
+            next_attempt_at = coalesce(u.value ->> 'next_attempt_at', next_attempt_at),
+            last_error = coalesce(u.value ->> 'error', last_error)
+        FROM json_each(?1) AS u
+        WHERE outbox.id = u.value ->> 'id' AND +outbox.status = 'sending'";
 }
 
 #[cfg(test)]
@@ -1211,27 +1341,96 @@ mod tests {
         assert!(matches!(e, StoreError::AlreadyRunning { .. }), "{e}");
     }
 
+    /// `EXPLAIN QUERY PLAN` of a statement, one line per step.
+    async fn plan(store: &SqliteStore, statement: &str) -> String {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN QUERY PLAN {statement}"
+        )))
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+        rows.iter()
+            .map(|r| r.get::<String, _>("detail"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[tokio::test]
+    async fn the_delivery_statements_use_their_indexes() {
+        let (_dir, s) = store().await;
+        let cases: [(&str, &str, &[&str]); 5] = [
+            (
+                "claim",
+                sql::CLAIM,
+                &[
+                    "INTEGER PRIMARY KEY (rowid=?)",
+                    "outbox_thread_head_ready (account=? AND ready_at<?)",
+                ],
+            ),
+            ("record", sql::RECORD, &["INTEGER PRIMARY KEY (rowid=?)"]),
+            (
+                "record delivered",
+                sql::RECORD_DELIVERED,
+                &["INTEGER PRIMARY KEY (rowid=?)"],
+            ),
+            (
+                "recover_abandoned",
+                "UPDATE outbox SET status = 'pending' WHERE status = 'sending'",
+                &["outbox_status (status=?)"],
+            ),
+            (
+                "next_due",
+                sql::NEXT_DUE,
+                &["outbox_thread_head_ready (account=? AND ready_at>?)"],
+            ),
+        ];
+        for (name, statement, expected) in cases {
+            let plan = plan(&s, statement).await;
+            for index in expected {
+                assert!(plan.contains(index), "{name}: no {index} in\n{plan}");
+            }
+            for line in plan.lines() {
+                assert!(
+                    !(line.starts_with("SCAN") && line.contains("outbox")),
+                    "{name}: full scan in\n{plan}"
+                );
+            }
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_commit_by_another_process_wakes_the_watcher_without_polling() {
+        let (dir, s) = store().await;
+        let shutdown = CancellationToken::new();
+        // An hour between polls: only the WAL watch can see the insert in time.
+        let mut changes = s
+            .watch_changes(Duration::from_secs(3600), shutdown.clone())
+            .await
+            .unwrap();
+        let mut producer = SqliteConnectOptions::new()
+            .filename(dir.path().join("o.db"))
+            .connect()
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO outbox (message_thread_id, text) VALUES (?1, 'hi')")
+            .bind(T1)
+            .execute(&mut producer)
+            .await
+            .unwrap();
+        // Well under SAFETY_POLL, so the safety poll cannot be what wakes it.
+        tokio::time::timeout(SAFETY_POLL / 2, changes.changed())
+            .await
+            .expect("woken by the commit")
+            .unwrap();
+        shutdown.cancel();
+    }
+
     #[test]
     fn timestamps_round_trip_through_text() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_000_000_123);
         let text = timestamp(t);
         assert_eq!(text.len(), 24);
         assert_eq!(parse_timestamp(&text), Some(t));
-    }
-
-    #[tokio::test]
-    async fn recording_walks_the_outcomes_and_looks_rows_up_by_rowid() {
-        let (_dir, s) = store().await;
-        let plan: Vec<String> =
-            sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {RECORD}")))
-                .bind("[]")
-                .fetch_all(s.pool())
-                .await
-                .unwrap()
-                .iter()
-                .map(|row| row.get::<String, _>("detail"))
-                .collect();
-        assert!(plan[0].starts_with("SCAN u"), "{plan:?}");
-        assert!(plan[1].contains("INTEGER PRIMARY KEY"), "{plan:?}");
     }
 }

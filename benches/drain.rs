@@ -1,0 +1,732 @@
+//! The drain benchmark: how fast the real daemon empties a backlog, how
+//! close that is to what SQLite alone can do, how soon a fresh row leaves,
+//! what the daemon costs while idle and how fast it starts.
+//!
+//! `cargo bench --bench drain -- [--messages N] [--quick]`
+//! (`cargo test --all-targets` runs it too, as a smoke test on 2,000 rows)
+//!
+//! Phases, in one run, on one database file:
+//! 1. prefill N rows over 1,000 threads and 4 accounts (one transaction);
+//! 2. **floor**: the daemon's claim/record statements on a copy of that
+//!    file, in process, without HTTP ([`floor`]);
+//! 3. **drain**: the real `mews-outbox` binary against a lean fake Mews on
+//!    127.0.0.1 ([`LeanMews`]), from its first request to the last row
+//!    `delivered`; peak RSS from `/proc/<pid>/status`;
+//! 4. **latency**: a producer process (this binary, `--producer`) inserts
+//!    rows one at a time, 5–20 ms apart; commit → arrival at the fake;
+//! 5. **idle**: the daemon's CPU time over 10 s with an empty queue;
+//! 6. **startup**: spawn → "ready" on the database now holding N delivered rows.
+//!
+//! Figures are printed one per line, `name=value`, on stdout; progress on stderr.
+
+// A benchmark harness, like a test: a failed step should stop it loudly.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write as _};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use mews_outbox::store::sqlite::sql;
+use serde::Deserialize;
+use tokio::sync::watch;
+
+const DAEMON: &str = env!("CARGO_BIN_EXE_mews-outbox");
+const ADD_PATH: &str = "/api/connector/v1/messages/add";
+const THREADS: usize = 1000;
+const ACCOUNTS: [&str; 4] = ["a0", "a1", "a2", "a3"];
+/// Extra `key = value` lines for every `[accounts.<name>]` section. The
+/// client-side rate limiter is off: against the fake, 200 requests / 30 s
+/// would bound the drain.
+const PER_ACCOUNT_SETTINGS: &[&str] = &["rate_limit = \"off\""];
+/// Generous bound on every wait, so a broken daemon ends the run.
+const WAIT: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone)]
+struct Options {
+    messages: usize,
+    quick: bool,
+    /// Stop after the floor (for profiling the SQL alone).
+    floor_only: bool,
+}
+
+impl Options {
+    fn latency_rows(&self) -> usize {
+        if self.quick { 50 } else { 200 }
+    }
+    fn idle_window(&self) -> Duration {
+        Duration::from_secs(if self.quick { 2 } else { 10 })
+    }
+    fn startup_runs(&self) -> usize {
+        if self.quick { 1 } else { 3 }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--producer") {
+        producer(&args[1..]);
+        return;
+    }
+    let options = match parse_args(&args) {
+        Ok(options) => options,
+        Err(e) => {
+            eprintln!("drain: {e}\nusage: cargo bench --bench drain -- [--messages N] [--quick]");
+            std::process::exit(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(run(options));
+}
+
+fn parse_args(args: &[String]) -> Result<Options, String> {
+    let mut options = Options {
+        messages: 1_000_000,
+        quick: false,
+        floor_only: false,
+    };
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this
+    // binary without it: then it is a quick smoke test of every phase.
+    if !args.iter().any(|a| a == "--bench") {
+        options.messages = 2_000;
+        options.quick = true;
+    }
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--bench" => {}
+            "--quick" => options.quick = true,
+            "--floor-only" => options.floor_only = true,
+            "--messages" => {
+                let n = args.next().ok_or("--messages needs a number")?;
+                options.messages = n
+                    .replace('_', "")
+                    .parse()
+                    .map_err(|_| format!("--messages: not a number: {n}"))?;
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    if options.messages == 0 {
+        return Err("--messages must be at least 1".into());
+    }
+    Ok(options)
+}
+
+async fn run(options: Options) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("outbox.db");
+    let fake = LeanMews::start().await;
+    let config = dir.path().join("mews-outbox.toml");
+    std::fs::write(&config, daemon_config(&db, &fake.base_url())).expect("write config");
+    // It holds tokens: the daemon refuses a world-readable one.
+    std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod config");
+
+    eprintln!("drain: {} messages, daemon {DAEMON}", options.messages);
+    migrate(&config);
+    let started = Instant::now();
+    let threads = thread_ids();
+    prefill(&db, options.messages, &threads);
+    eprintln!(
+        "prefill: {} rows in {:.1} s",
+        options.messages,
+        started.elapsed().as_secs_f64()
+    );
+
+    let floor_db = dir.path().join("floor.db");
+    std::fs::copy(&db, &floor_db).expect("copy for the floor");
+    let floor_rate = tokio::task::spawn_blocking({
+        let n = options.messages;
+        move || floor(&floor_db, n)
+    })
+    .await
+    .expect("floor");
+    println!("floor_msgs_per_s={floor_rate:.0}");
+    if options.floor_only {
+        return;
+    }
+
+    // Drain.
+    let mut daemon = Daemon::start(&config);
+    daemon.wait_ready();
+    let drained = fake.wait_for_messages(options.messages as u64).await;
+    wait_delivered(&db, options.messages as u64);
+    let drain_end = Instant::now();
+    let first = fake.first_request().expect("a first request");
+    let drain_secs = drain_end.duration_since(first).as_secs_f64();
+    let drain_rate = options.messages as f64 / drain_secs;
+    eprintln!(
+        "drain: {drained} messages answered by the fake in {} requests, last row delivered {drain_secs:.2} s after the first request",
+        fake.requests()
+    );
+    println!("drain_msgs_per_s={drain_rate:.0}");
+    println!("drain_to_floor_ratio={:.2}", drain_rate / floor_rate);
+
+    // Latency: the daemon is caught up and idle.
+    let latencies = latency(
+        &fake,
+        &db,
+        &threads,
+        options.latency_rows(),
+        options.messages,
+    )
+    .await;
+    println!("latency_p50_ms={:.2}", percentile(&latencies, 0.50));
+    println!("latency_p99_ms={:.2}", percentile(&latencies, 0.99));
+    println!(
+        "latency_max_ms={:.2}",
+        latencies.last().copied().unwrap_or(0.0)
+    );
+
+    // Idle.
+    let window = options.idle_window();
+    let before = cpu_ticks(daemon.pid());
+    tokio::time::sleep(window).await;
+    let after = cpu_ticks(daemon.pid());
+    let idle = (after - before) as f64 / clock_ticks_per_second() / window.as_secs_f64() * 100.0;
+    println!("idle_cpu_percent={idle:.2}");
+
+    println!(
+        "peak_rss_mb={:.1}",
+        peak_rss_kib(daemon.pid()) as f64 / 1024.0
+    );
+    daemon.stop();
+
+    // Start-up on the drained database.
+    let mut startups: Vec<f64> = (0..options.startup_runs())
+        .map(|_| {
+            let spawned = Instant::now();
+            let mut daemon = Daemon::start(&config);
+            daemon.wait_ready();
+            let ms = spawned.elapsed().as_secs_f64() * 1000.0;
+            daemon.stop();
+            ms
+        })
+        .collect();
+    startups.sort_by(f64::total_cmp);
+    eprintln!("startup runs (ms): {startups:.1?}");
+    println!("startup_ms={:.1}", startups[startups.len() / 2]);
+}
+
+/// The daemon's configuration. Add per-account keys to [`PER_ACCOUNT_SETTINGS`].
+fn daemon_config(db: &Path, base_url: &str) -> String {
+    let mut text = format!(
+        "[database]\npath = {:?}\n\n[mews]\nbase_url = \"{base_url}\"\nclient_token = \"bench-client-token\"\n\n[log]\nlevel = \"info\"\nformat = \"json\"\n",
+        db.display().to_string()
+    );
+    for account in ACCOUNTS {
+        let _ = write!(
+            text,
+            "\n[accounts.{account}]\naccess_token = \"bench-access-token-{account}\"\n"
+        );
+        for line in PER_ACCOUNT_SETTINGS {
+            let _ = writeln!(text, "{line}");
+        }
+    }
+    text
+}
+
+fn migrate(config: &Path) {
+    let status = Command::new(DAEMON)
+        .arg("--config")
+        .arg(config)
+        .arg("migrate")
+        .stdout(Stdio::null())
+        .status()
+        .expect("run mews-outbox migrate");
+    assert!(status.success(), "mews-outbox migrate failed");
+}
+
+/// 1,000 fixed thread ids; thread `t` belongs to account `t % 4`.
+fn thread_ids() -> Vec<String> {
+    (0..THREADS)
+        .map(|t| format!("{t:08x}-0000-4000-8000-{:012x}", t * 7919))
+        .collect()
+}
+
+fn open(db: &Path) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(db).expect("open outbox");
+    conn.busy_timeout(Duration::from_secs(10))
+        .expect("busy_timeout");
+    conn.pragma_update(None, "journal_mode", "wal")
+        .expect("wal");
+    conn.pragma_update(None, "synchronous", "normal")
+        .expect("synchronous");
+    conn.pragma_update(None, "temp_store", "memory")
+        .expect("temp_store");
+    conn
+}
+
+/// Row `i` goes to thread `i % 1000`, so every thread is 1/1000 of the backlog.
+fn prefill(db: &Path, n: usize, threads: &[String]) {
+    let mut conn = open(db);
+    let tx = conn.transaction().expect("begin");
+    {
+        let mut insert = tx
+            .prepare("INSERT INTO outbox (message_thread_id, text, account) VALUES (?1, ?2, ?3)")
+            .expect("prepare insert");
+        let mut text = String::new();
+        for i in 0..n {
+            let t = i % threads.len();
+            text.clear();
+            let _ = write!(text, "Benchmark message {i}: your room is ready.");
+            insert
+                .execute((&threads[t], &text, ACCOUNTS[t % ACCOUNTS.len()]))
+                .expect("insert");
+        }
+    }
+    tx.commit().expect("commit");
+    conn.pragma_update(None, "wal_checkpoint", "TRUNCATE")
+        .expect("checkpoint");
+}
+
+/// The floor: the same database work as the daemon, without HTTP and with
+/// the leanest code: one connection, cached prepared statements, the
+/// daemon's own statements ([`sql`]); per account in turn, lease a batch,
+/// write the same result columns, one transaction each.
+fn floor(db: &Path, n: usize) -> f64 {
+    let conn = open(db);
+    if let Ok(sql) = std::env::var("BENCH_FLOOR_SQL") {
+        conn.execute_batch(&sql).expect("BENCH_FLOOR_SQL");
+    }
+    let started = Instant::now();
+    let mut done = 0usize;
+    let mut serial = 0u64;
+    let mut json = String::new();
+    let (mut claiming, mut recording) = (Duration::ZERO, Duration::ZERO);
+    loop {
+        let mut claimed_any = false;
+        for account in ACCOUNTS {
+            let now = timestamp(SystemTime::now());
+            let claim_started = Instant::now();
+            let rows: Vec<(i64, String, Vec<u8>, i64)> = conn
+                .prepare_cached(sql::CLAIM)
+                .expect("prepare claim")
+                .query_map((account, &now, 1000), |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
+                .expect("claim")
+                .collect::<Result<_, _>>()
+                .expect("claimed rows");
+            claiming += claim_started.elapsed();
+            if rows.is_empty() {
+                continue;
+            }
+            claimed_any = true;
+            let now = timestamp(SystemTime::now());
+            json.clear();
+            json.push('[');
+            for (k, (id, _, _, _)) in rows.iter().enumerate() {
+                serial += 1;
+                if k > 0 {
+                    json.push(',');
+                }
+                let _ = write!(
+                    json,
+                    r#"[{id},"{serial:08x}-0000-4000-8000-000000000000","{now}","Application"]"#
+                );
+            }
+            json.push(']');
+            let record_started = Instant::now();
+            conn.prepare_cached(sql::RECORD_DELIVERED)
+                .expect("prepare record")
+                .execute([&json, &now])
+                .expect("record");
+            recording += record_started.elapsed();
+            done += rows.len();
+        }
+        if !claimed_any {
+            break;
+        }
+    }
+    assert_eq!(done, n, "the floor delivered every row");
+    eprintln!("floor: claims {claiming:.2?}, records {recording:.2?}");
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+fn timestamp(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Waits until `n` rows are `delivered`, checking whenever the file changes.
+fn wait_delivered(db: &Path, n: u64) {
+    let conn = open(db);
+    let deadline = Instant::now() + WAIT;
+    let mut seen_version = -1i64;
+    loop {
+        let version: i64 = conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .expect("data_version");
+        if version != seen_version {
+            seen_version = version;
+            let delivered: i64 = conn
+                .query_row(
+                    "SELECT count(*) FROM outbox WHERE status = 'delivered'",
+                    [],
+                    |r| r.get(0),
+                )
+                .expect("count");
+            if delivered as u64 >= n {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rows not delivered within {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Runs the producer process and matches its commits to the fake's arrivals.
+/// Returns the latencies in ms, sorted.
+async fn latency(
+    fake: &LeanMews,
+    db: &Path,
+    threads: &[String],
+    rows: usize,
+    delivered_before: usize,
+) -> Vec<f64> {
+    fake.record_arrivals(true);
+    let answered_before = fake.messages();
+    let output = tokio::process::Command::new(std::env::current_exe().expect("own path"))
+        .arg("--producer")
+        .arg(db)
+        .arg(rows.to_string())
+        .arg(&threads[0])
+        .output()
+        .await
+        .expect("run the producer");
+    assert!(output.status.success(), "producer failed: {output:?}");
+    fake.wait_for_messages(answered_before + rows as u64).await;
+    wait_delivered(db, (delivered_before + rows) as u64);
+    fake.record_arrivals(false);
+    let arrivals = fake.take_arrivals();
+    let mut latencies = Vec::with_capacity(rows);
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(id), Some(committed)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let id: i64 = id.parse().expect("producer id");
+        let committed: u128 = committed.parse().expect("producer time");
+        let arrived = arrivals
+            .iter()
+            .find(|(a, _)| *a == id)
+            .map(|(_, t)| *t)
+            .expect("every produced row reached the fake");
+        latencies.push(arrived.saturating_sub(committed) as f64 / 1e6);
+    }
+    assert_eq!(latencies.len(), rows, "one latency per produced row");
+    latencies.sort_by(f64::total_cmp);
+    latencies
+}
+
+/// `--producer DB ROWS THREAD`: inserts ROWS rows one at a time, 5–20 ms
+/// apart, printing `id commit_time_ns` (CLOCK_REALTIME) after each commit.
+fn producer(args: &[String]) {
+    let [db, rows, thread] = args else {
+        eprintln!("usage: drain --producer DB ROWS THREAD");
+        std::process::exit(2);
+    };
+    let rows: usize = rows.parse().expect("rows");
+    let conn = open(Path::new(db));
+    let mut insert = conn
+        .prepare(
+            "INSERT INTO outbox (message_thread_id, text, account) VALUES (?1, ?2, 'a0') RETURNING id",
+        )
+        .expect("prepare");
+    let mut out = std::io::stdout().lock();
+    for i in 0..rows {
+        std::thread::sleep(Duration::from_millis(fastrand::u64(5..=20)));
+        let id: i64 = insert
+            .query_row((thread, format!("latency probe {i}")), |r| r.get(0))
+            .expect("insert");
+        let committed = now_ns();
+        writeln!(out, "{id} {committed}").expect("stdout");
+    }
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let after = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 here.
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+/// The real daemon binary, its stderr read on a thread.
+struct Daemon {
+    child: Child,
+    ready: std::sync::mpsc::Receiver<()>,
+    tail: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    fn start(config: &Path) -> Daemon {
+        let mut child = Command::new(DAEMON)
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mews-outbox");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, ready) = std::sync::mpsc::channel();
+        let tail = Arc::new(Mutex::new(Vec::new()));
+        let kept = tail.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("ready: delivering") {
+                    let _ = tx.send(());
+                }
+                if !line.contains("\"messages/add\"") {
+                    let mut kept = kept.lock().expect("tail");
+                    if kept.len() >= 100 {
+                        kept.remove(0);
+                    }
+                    kept.push(line);
+                }
+            }
+        });
+        Daemon { child, ready, tail }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn wait_ready(&mut self) {
+        if self.ready.recv_timeout(WAIT).is_err() {
+            panic!(
+                "the daemon did not become ready:\n{}",
+                self.tail.lock().expect("tail").join("\n")
+            );
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status();
+        let status = self.child.wait().expect("wait for the daemon");
+        assert!(
+            status.success(),
+            "the daemon exited with {status}:\n{}",
+            self.tail.lock().expect("tail").join("\n")
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fake Mews that answers `messages/add` at once: parses the body, returns
+/// one added message per item with its Identifier. Keeps only counters (and,
+/// while asked to, arrival times per Identifier), so memory stays flat.
+struct LeanMews {
+    addr: SocketAddr,
+    state: Arc<FakeState>,
+}
+
+#[derive(Default)]
+struct FakeState {
+    first_request: OnceLock<Instant>,
+    requests: AtomicU64,
+    messages: AtomicU64,
+    serial: AtomicU64,
+    recording: AtomicBool,
+    arrivals: Mutex<Vec<(i64, u128)>>,
+    answered: OnceLock<watch::Sender<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct AddRequest<'a> {
+    #[serde(borrow)]
+    messages: Vec<AddItem<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct AddItem<'a> {
+    #[serde(borrow)]
+    message_thread_id: Cow<'a, str>,
+    #[serde(borrow)]
+    text: Cow<'a, str>,
+    #[serde(borrow)]
+    identifier: Option<Cow<'a, str>>,
+}
+
+impl LeanMews {
+    async fn start() -> LeanMews {
+        let state = Arc::new(FakeState::default());
+        let (tx, _) = watch::channel(0);
+        let _ = state.answered.set(tx);
+        let app = Router::new()
+            .route(ADD_PATH, post(add))
+            .layer(DefaultBodyLimit::max(64 * 1024 * 1024))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        LeanMews { addr, state }
+    }
+
+    fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn first_request(&self) -> Option<Instant> {
+        self.state.first_request.get().copied()
+    }
+
+    fn requests(&self) -> u64 {
+        self.state.requests.load(Ordering::Relaxed)
+    }
+
+    fn messages(&self) -> u64 {
+        self.state.messages.load(Ordering::SeqCst)
+    }
+
+    fn record_arrivals(&self, on: bool) {
+        self.state.recording.store(on, Ordering::SeqCst);
+    }
+
+    fn take_arrivals(&self) -> Vec<(i64, u128)> {
+        std::mem::take(&mut *self.state.arrivals.lock().expect("arrivals"))
+    }
+
+    /// Waits until the fake has answered `n` messages in all.
+    async fn wait_for_messages(&self, n: u64) -> u64 {
+        let mut answered = self.state.answered.get().expect("watch").subscribe();
+        let reached = tokio::time::timeout(WAIT, answered.wait_for(|m| *m >= n)).await;
+        match reached {
+            Ok(Ok(m)) => *m,
+            _ => panic!("the fake saw {} of {n} messages", self.messages()),
+        }
+    }
+}
+
+async fn add(State(state): State<Arc<FakeState>>, body: Bytes) -> Response {
+    let arrived = Instant::now();
+    let arrived_ns = now_ns();
+    let _ = state.first_request.set(arrived);
+    state.requests.fetch_add(1, Ordering::Relaxed);
+    let request: AddRequest<'_> = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => {
+            return (StatusCode::BAD_REQUEST, format!(r#"{{"Message":"{e}"}}"#)).into_response();
+        }
+    };
+    let count = request.messages.len() as u64;
+    let serial = state.serial.fetch_add(count, Ordering::Relaxed);
+    let created = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let mut out = String::with_capacity(64 + request.messages.len() * 256);
+    out.push_str(r#"{"Messages":["#);
+    for (k, item) in request.messages.iter().enumerate() {
+        if k > 0 {
+            out.push(',');
+        }
+        out.push_str(r#"{"Identifier":"#);
+        match &item.identifier {
+            Some(id) => {
+                let _ = write!(out, "{:?}", id.as_ref());
+            }
+            None => out.push_str("null"),
+        }
+        let _ = write!(
+            out,
+            r#","Message":{{"Id":"{:08x}-0000-4000-8000-{:012x}","MessageThreadId":"{}","Text":{},"Sender":{{"Discriminator":"Application","Value":null}},"CreatedUtc":"{created}"}}}}"#,
+            serial >> 32,
+            (serial + k as u64) & 0xffff_ffff_ffff,
+            item.message_thread_id,
+            serde_json::to_string(item.text.as_ref()).unwrap_or_default(),
+        );
+    }
+    out.push_str("]}");
+    if state.recording.load(Ordering::SeqCst) {
+        let mut arrivals = state.arrivals.lock().expect("arrivals");
+        for item in &request.messages {
+            if let Some(id) = item.identifier.as_deref().and_then(|i| i.parse().ok()) {
+                arrivals.push((id, arrived_ns));
+            }
+        }
+    }
+    let total = state.messages.fetch_add(count, Ordering::SeqCst) + count;
+    if let Some(answered) = state.answered.get() {
+        answered.send_replace(total);
+    }
+    (
+        StatusCode::OK,
+        [
+            ("content-type", "application/json"),
+            ("request-id", "bench"),
+        ],
+        out,
+    )
+        .into_response()
+}
