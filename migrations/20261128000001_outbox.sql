@@ -74,6 +74,7 @@ CREATE TABLE outbox_account_state (
     -- No request for this account before this time (429, 401, 404, breaker).
     paused_until TEXT,
     pause_reason TEXT,
-    -- Consecutive pauses of the same kind, for exponential pause growth.
+    -- Pauses in a row (any kind) since the last accepted request, for
+    -- exponential pause growth.
     pause_streak INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
