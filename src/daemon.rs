@@ -63,7 +63,7 @@ pub async fn run(
             pinger.clone(),
         ));
     }
-    notifier.ready(&current_status(&store, &liveness).await);
+    notify_ready(&notifier, &store, &liveness).await;
     tracing::info!(accounts = settings.accounts.len(), "ready: delivering");
 
     let mut beats = heartbeat_interval(&settings);
@@ -77,7 +77,7 @@ pub async fn run(
                 (settings, generation) =
                     reload(&store, settings, &sources, generation, &liveness).await?;
                 beats = heartbeat_interval(&settings);
-                notifier.ready(&current_status(&store, &liveness).await);
+                notify_ready(&notifier, &store, &liveness).await;
             }
             _ = tick(&mut beats) => {
                 if let Err(e) = heartbeat.beat(&store, settings.alert.max_pending_age, SystemTime::now()).await {
@@ -275,6 +275,14 @@ async fn tick(interval: &mut Option<tokio::time::Interval>) {
             interval.tick().await;
         }
         None => std::future::pending().await,
+    }
+}
+
+/// `READY=1` with a first `STATUS=`; the queue is read only when systemd
+/// listens, so start-up outside systemd skips those queries.
+async fn notify_ready(notifier: &Notifier, store: &SqliteStore, liveness: &Liveness) {
+    if notifier.is_enabled() {
+        notifier.ready(&current_status(store, liveness).await);
     }
 }
 
