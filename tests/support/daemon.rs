@@ -128,7 +128,7 @@ breaker_failures = 5
         args: &[&str],
         vars: &[(&str, &str)],
     ) -> (ExitStatus, String, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_mews-outbox"))
+        let out = mews_outbox_command()
             .arg("--config")
             .arg(&self.config)
             .args(args)
@@ -166,6 +166,33 @@ breaker_failures = 5
     }
 }
 
+/// The binary, with none of the runner's environment that would change what
+/// it does: its own settings (`MEWS_OUTBOX__*`), a systemd it is not under
+/// (`NOTIFY_SOCKET`, `WATCHDOG_*`, `CREDENTIALS_DIRECTORY`, `JOURNAL_STREAM`)
+/// and log settings (`RUST_LOG`). A test sets what it means to test.
+pub fn mews_outbox_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mews-outbox"));
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key.starts_with("MEWS_OUTBOX")
+            || matches!(
+                key,
+                "NOTIFY_SOCKET"
+                    | "WATCHDOG_USEC"
+                    | "WATCHDOG_PID"
+                    | "CREDENTIALS_DIRECTORY"
+                    | "JOURNAL_STREAM"
+                    | "RUST_LOG"
+                    | "LISTEN_FDS"
+                    | "LISTEN_PID"
+            )
+        {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
 /// A running daemon process whose stderr is collected line by line.
 pub struct Daemon {
     child: Child,
@@ -181,7 +208,7 @@ impl Daemon {
     /// Like [`Daemon::start`], with extra environment variables (they win
     /// over the default `RUST_LOG`).
     pub fn start_with_env(config: &Path, args: &[&str], vars: &[(&str, &str)]) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mews-outbox"))
+        let mut child = mews_outbox_command()
             .arg("--config")
             .arg(config)
             .args(args)
