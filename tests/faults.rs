@@ -32,11 +32,24 @@ async fn crash_sigkill_at_random_points_loses_nothing() {
     crash_scenario(20_000, 20, 20261128).await;
 }
 
-/// The long variant: `cargo test --test faults -- --ignored`.
+/// The long variant: `cargo test --test faults -- --ignored`: 200,000 rows
+/// and 100 kills (about 200 s here). CI runs it smaller, sized by
+/// `LONG_CRASH_ROWS` and `LONG_CRASH_KILLS` (see `.ci/run`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "long: 200,000 rows and 100 kills"]
+#[ignore = "long: 200,000 rows and 100 kills unless LONG_CRASH_ROWS/LONG_CRASH_KILLS say otherwise"]
 async fn crash_long_sigkill_100_times_loses_nothing() {
-    crash_scenario(200_000, 100, 1).await;
+    let size = |name: &str, default: usize| match std::env::var(name) {
+        Ok(value) => value
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={value:?} is not a number")),
+        Err(_) => default,
+    };
+    crash_scenario(
+        size("LONG_CRASH_ROWS", 200_000),
+        size("LONG_CRASH_KILLS", 100),
+        1,
+    )
+    .await;
 }
 
 async fn crash_scenario(rows_total: usize, kills_max: usize, seed: u64) {

@@ -1,5 +1,5 @@
 //! Housekeeping on a real SQLite file: delivered rows past retention are
-//! deleted, dead rows are kept, and under a steady flow of
+//! deleted, every other row (dead, pending, sending) is kept, and under a steady flow of
 //! insert → deliver → prune the file stops growing (and shrinks back after a
 //! burst, through incremental vacuum).
 
@@ -20,51 +20,78 @@ async fn store(dir: &Path) -> SqliteStore {
         .unwrap()
 }
 
-/// Inserts `n` rows (1 KB of text each) as a producer would, delivered at
-/// `at`, in one transaction; returns their ids. (Delivery itself is tested
-/// elsewhere; here only the rows' life after it matters.)
-async fn deliver(store: &SqliteStore, n: usize, at: SystemTime) -> Vec<i64> {
-    sqlx::query_scalar(
+/// Inserts `n` rows (1 KB of text each) as a producer would, then marks
+/// them `status` as the daemon would, `at` (delivered_at, or dead_at for
+/// dead rows; unfinished rows were created then), in one transaction;
+/// returns their ids. (Delivery itself is tested elsewhere; here only the
+/// rows' life after it matters.)
+async fn rows_in_state(store: &SqliteStore, n: usize, status: &str, at: SystemTime) -> Vec<i64> {
+    let mut tx = store.pool().begin().await.unwrap();
+    let ids: Vec<i64> = sqlx::query_scalar(
         "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1)
-         INSERT INTO outbox (message_thread_id, text, status, delivered_at, mews_message_id)
-         SELECT '7f9325f6-ef44-4911-89a8-ae51010a5aa4', hex(randomblob(500)), 'delivered', ?2,
-                lower(hex(randomblob(16)))
+         INSERT INTO outbox (message_thread_id, text)
+         SELECT lower(hex(randomblob(4))) || '-0000-4000-8000-' || lower(hex(randomblob(6))),
+                hex(randomblob(500))
          FROM n
          RETURNING id",
     )
     .bind(i64::try_from(n).unwrap())
-    .bind(timestamp(at))
-    .fetch_all(store.pool())
+    .fetch_all(&mut *tx)
     .await
-    .unwrap()
+    .unwrap();
+    let (first, last) = (ids[0], ids[ids.len() - 1]);
+    sqlx::query(
+        "UPDATE outbox SET status = ?1, created_at = ?2,
+             delivered_at = CASE WHEN ?1 = 'delivered' THEN ?2 END,
+             mews_message_id = CASE WHEN ?1 = 'delivered' THEN lower(hex(randomblob(16))) END,
+             dead_at = CASE WHEN ?1 = 'dead' THEN ?2 END,
+             last_error = CASE WHEN ?1 = 'dead' THEN 'refused' END
+         WHERE id BETWEEN ?3 AND ?4",
+    )
+    .bind(status)
+    .bind(timestamp(at))
+    .bind(first)
+    .bind(last)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    ids
+}
+
+async fn deliver(store: &SqliteStore, n: usize, at: SystemTime) -> Vec<i64> {
+    rows_in_state(store, n, "delivered", at).await
+}
+
+async fn all_ids(store: &SqliteStore) -> Vec<i64> {
+    sqlx::query_scalar("SELECT id FROM outbox ORDER BY id")
+        .fetch_all(store.pool())
+        .await
+        .unwrap()
 }
 
 fn file_size(dir: &Path) -> u64 {
     std::fs::metadata(dir.join("outbox.db")).unwrap().len()
 }
 
-async fn rows_with_status(store: &SqliteStore, status: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = ?1")
-        .bind(status)
-        .fetch_one(store.pool())
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
-async fn delivered_rows_past_retention_are_deleted_and_dead_rows_kept() {
+async fn delivered_rows_past_retention_are_deleted_and_every_other_row_kept() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(dir.path()).await;
     let start = SystemTime::now();
     let old = deliver(&store, 1200, start - 8 * DAY).await;
     let recent = deliver(&store, 10, start - DAY).await;
-    // A dead row, delivered-looking in age but dead: kept until an operator acts.
-    let dead = deliver(&store, 1, start - 30 * DAY).await;
-    sqlx::query("UPDATE outbox SET status = 'dead', last_error = 'refused' WHERE id = ?1")
-        .bind(dead[0])
-        .execute(store.pool())
-        .await
-        .unwrap();
+    // Older than retention, but not delivered: kept whatever their age.
+    // Dead rows wait for an operator; pending and sending rows for delivery.
+    let dead = rows_in_state(&store, 3, "dead", start - 30 * DAY).await;
+    let pending = rows_in_state(&store, 4, "pending", start - 30 * DAY).await;
+    let sending = rows_in_state(&store, 2, "sending", start - 30 * DAY).await;
+    let mut kept: Vec<i64> = [&recent, &dead, &pending, &sending]
+        .into_iter()
+        .flatten()
+        .copied()
+        .collect();
+    kept.sort_unstable();
 
     let pass = prune_and_vacuum(&store, 7 * DAY, start, None, &CancellationToken::new())
         .await
@@ -75,10 +102,10 @@ async fn delivered_rows_past_retention_are_deleted_and_dead_rows_kept() {
         "in batches of 500: 500 + 500 + 200"
     );
     assert_eq!(
-        rows_with_status(&store, "delivered").await,
-        recent.len() as i64
+        all_ids(&store).await,
+        kept,
+        "exactly the old delivered rows went"
     );
-    assert_eq!(rows_with_status(&store, "dead").await, 1);
 
     // retention.delivered = 0 keeps everything.
     let pass = prune_and_vacuum(
@@ -91,10 +118,7 @@ async fn delivered_rows_past_retention_are_deleted_and_dead_rows_kept() {
     .await
     .unwrap();
     assert_eq!(pass.pruned, 0);
-    assert_eq!(
-        rows_with_status(&store, "delivered").await,
-        recent.len() as i64
-    );
+    assert_eq!(all_ids(&store).await, kept);
 }
 
 #[tokio::test]
