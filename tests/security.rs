@@ -243,3 +243,168 @@ async fn a_body_that_stalls_is_reported_as_a_body_read_timeout_and_read_back() {
         .collect();
     assert_eq!(read_backs, [200]);
 }
+
+/// A token pasted where it does not belong.
+const PASTED: &str = "SECRET-7A1C9E5B3D-TOKEN";
+/// Its middle: no part of it may show either.
+const PASTED_CORE: &str = "7A1C9E5B3D";
+
+/// Keys whose value is free text: a token there is accepted (and is then the
+/// operator's client name, log filter or database path).
+const FREE_TEXT: [&str; 5] = [
+    "database.path",
+    "mews.client",
+    "mews.client_token",
+    "accounts.default.access_token",
+    "log.level",
+];
+
+/// A valid configuration as (section, key, value) lines.
+fn base_entries() -> Vec<(String, String, String)> {
+    [
+        ("mews", "base_url", "\"http://127.0.0.1:9\""),
+        ("mews", "client_token", "\"test-client-c0\""),
+        ("accounts.default", "access_token", "\"test-access-a0\""),
+    ]
+    .map(|(s, k, v)| (s.to_owned(), k.to_owned(), v.to_owned()))
+    .to_vec()
+}
+
+/// The base configuration with `key` (dotted, maybe a whole section) set to
+/// `value` (TOML text), replacing what was there.
+fn config_with(key: &str, value: &str) -> String {
+    let (section, name) = key.rsplit_once('.').unwrap_or(("", key));
+    let mut entries: Vec<_> = base_entries()
+        .into_iter()
+        // A section given as a value replaces the table of that name.
+        .filter(|(s, k, _)| {
+            !(format!("{s}.").starts_with(&format!("{key}.")) || (s == section && k == name))
+        })
+        .collect();
+    entries.push((section.to_owned(), name.to_owned(), value.to_owned()));
+    let mut sections: Vec<&str> = entries.iter().map(|(s, _, _)| s.as_str()).collect();
+    sections.sort_unstable();
+    sections.dedup();
+    let mut text = String::new();
+    for section in sections {
+        if !section.is_empty() {
+            text.push_str(&format!("[{section}]\n"));
+        }
+        for (_, k, v) in entries.iter().filter(|(s, _, _)| s == section) {
+            text.push_str(&format!("{k} = {v}\n"));
+        }
+    }
+    text
+}
+
+/// Every key of the effective configuration, as `check-config` prints it,
+/// plus the token-file keys and every table.
+async fn every_key(env: &Env) -> Vec<String> {
+    env.rewrite_config(&config_with("mews.client", "\"x\""));
+    let (status, out, err) = env.cli(&["check-config"]).await;
+    assert!(status.success(), "{err}");
+    let mut keys = vec![
+        "mews.client_token_file".to_owned(),
+        "accounts.default.access_token_file".to_owned(),
+        "accounts".to_owned(),
+    ];
+    let mut section = String::new();
+    for line in out.lines().filter(|l| !l.starts_with('#')) {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_owned();
+            keys.push(section.clone());
+        } else if let Some((key, _)) = line.split_once(" = ") {
+            keys.push(format!("{section}.{key}"));
+        }
+    }
+    assert!(keys.len() > 30, "{keys:?}");
+    keys
+}
+
+fn env_var(key: &str) -> String {
+    format!(
+        "MEWS_OUTBOX__{}",
+        key.replace('.', "__").to_ascii_uppercase()
+    )
+}
+
+#[tokio::test]
+async fn no_configuration_error_echoes_a_token_pasted_into_any_key() {
+    let env = Env::new("http://127.0.0.1:9");
+    let keys = every_key(&env).await;
+    let mut refused = 0;
+    let mut failures = Vec::new();
+    for key in &keys {
+        let quoted = format!("\"{PASTED}\"");
+        for (how, text, vars) in [
+            ("quoted in the file", config_with(key, &quoted), vec![]),
+            ("bare in the file", config_with(key, PASTED), vec![]),
+            (
+                "in the environment",
+                config_with("mews.client", "\"x\""),
+                vec![(env_var(key), PASTED.to_owned())],
+            ),
+        ] {
+            env.rewrite_config(&text);
+            let vars: Vec<(&str, &str)> =
+                vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let (status, out, err) = env.cli_with_env(&["check-config"], &vars).await;
+            let what = format!("{key} {how}");
+            if err.contains(PASTED_CORE) {
+                failures.push(format!("{what}: stderr shows the value: {err}"));
+            }
+            if status.success() {
+                if !(FREE_TEXT.contains(&key.as_str()) && how != "bare in the file") {
+                    failures.push(format!("{what} was accepted:\n{out}"));
+                }
+                continue;
+            }
+            refused += 1;
+            if status.code() != Some(2) {
+                failures.push(format!("{what}: exit {status}: {err}"));
+            }
+            if !err.contains(key.as_str()) {
+                failures.push(format!("{what}: the error does not name {key}: {err}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    println!(
+        "configuration: {} keys, {refused} refusals, none echoing the value",
+        keys.len()
+    );
+}
+
+#[tokio::test]
+async fn plain_http_to_another_host_is_refused_by_check_config_run_and_reload() {
+    let fake = FakeMews::start().await;
+    let env = Env::new(&fake.base_url);
+    let good = env.config_text();
+    let remote = good.replace(&fake.base_url, "http://api.mews.com");
+    assert_ne!(good, remote);
+    env.rewrite_config(&remote);
+    for command in ["check-config", "run"] {
+        let (status, _, err) = env.cli(&[command]).await;
+        assert_eq!(status.code(), Some(2), "{command}: {err}");
+        assert!(
+            err.contains("`mews.base_url`") && err.contains("in clear") && err.contains("https://"),
+            "{command}: {err}"
+        );
+    }
+
+    env.rewrite_config(&good);
+    let db = env.producer().await;
+    let mut daemon = env.start().ready().await;
+    env.rewrite_config(&remote);
+    daemon.signal("HUP");
+    let refused = daemon.wait_for_log("configuration reload REFUSED").await;
+    assert!(refused.contains("in clear"), "{refused}");
+    // Still delivering, to the loopback fake of the previous configuration.
+    insert_rows(&db, 1, &threads(1), "after the refusal").await;
+    wait_for_status(&db, "delivered", 1).await;
+}
