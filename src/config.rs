@@ -698,8 +698,20 @@ fn without_values(message: &str) -> String {
     const NO_VARIANT: &str = "does not have variant constructor ";
     let mut message = message.to_owned();
     if let Some(start) = message.find(NO_VARIANT) {
+        // "enum LogFormat does not have variant constructor <value>"
+        let start = message[..start].rfind("enum ").unwrap_or(start);
         message.truncate(start);
-        message.push_str("is not one of the accepted values");
+        message.push_str("not one of the accepted values (README, Configuration)");
+    }
+    let mut message = message.replace("expected a map", "expected a table of settings");
+    // serde names a table by its Rust type: "expected struct RawAccount".
+    const STRUCT: &str = "expected struct ";
+    if let Some(start) = message.find(STRUCT) {
+        let name = start + STRUCT.len();
+        let end = message[name..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(message.len(), |e| name + e);
+        message.replace_range(start..end, "expected a table of settings");
     }
     if let Some(start) = message.find(UNKNOWN_VARIANT) {
         let value = start + UNKNOWN_VARIANT.len();
