@@ -180,7 +180,8 @@ pub enum Fault {
     /// Store the messages, send the `200` status line, headers (with the
     /// full `Content-Length`) and the first half of the body, then send
     /// nothing more for this long before closing the connection: a body
-    /// that stalls mid-way.
+    /// that stalls mid-way. The request is recorded (status `200`) when the
+    /// stall ends; [`FakeMews::accepted`] shows the messages at once.
     StoreThenStallBody(Duration),
 }
 
