@@ -180,7 +180,7 @@ impl MewsClient {
             client: &self.client,
             messages,
         };
-        let reply = self.post(&self.add_url, &body).await;
+        let reply = self.post(&self.add_url, &body, Stores::Messages).await;
         self.redact(reply, access_token)
     }
 
@@ -191,7 +191,9 @@ impl MewsClient {
             "AccessToken": access_token.expose_secret(),
             "Client": self.client,
         });
-        let reply = self.post(&self.configuration_url, &body).await;
+        let reply = self
+            .post(&self.configuration_url, &body, Stores::Nothing)
+            .await;
         self.redact(reply, access_token)
     }
 
@@ -257,7 +259,12 @@ impl MewsClient {
                         &body,
                         SystemTime::now(),
                     )),
-                    Err(e) => Err(unreadable_body(r.status, &e, self.request_timeout)),
+                    Err(e) => Err(unreadable_body(
+                        r.status,
+                        &e,
+                        self.request_timeout,
+                        Stores::Nothing,
+                    )),
                 };
                 (Some(r.status), r.request_id, page)
             }
@@ -273,7 +280,7 @@ impl MewsClient {
         }
     }
 
-    async fn post(&self, url: &Url, body: &impl serde::Serialize) -> Reply {
+    async fn post(&self, url: &Url, body: &impl serde::Serialize, stores: Stores) -> Reply {
         let (response, elapsed) = self.exchange(url, body).await;
         match response {
             Err(outcome) => Reply {
@@ -288,7 +295,7 @@ impl MewsClient {
                     Ok(body) => {
                         classify(r.status, r.retry_after.as_deref(), &body, SystemTime::now())
                     }
-                    Err(e) => unreadable_body(r.status, &e, self.request_timeout),
+                    Err(e) => unreadable_body(r.status, &e, self.request_timeout, stores),
                 };
                 Reply {
                     http_status: Some(r.status),
@@ -348,6 +355,16 @@ impl MewsClient {
     }
 }
 
+/// Whether a call creates something at Mews, so that an answer cut short
+/// leaves it unknown whether it did.
+#[derive(Debug, Clone, Copy)]
+enum Stores {
+    /// `messages/add`.
+    Messages,
+    /// Read-only calls: `messages/getAll`, `configuration/get`.
+    Nothing,
+}
+
 /// A response as it came, before anyone says what it means.
 struct RawResponse {
     status: u16,
@@ -362,11 +379,15 @@ struct RawResponse {
 /// request, so there is nothing to let settle. The request's timeout covers
 /// the body too; reqwest reports it running out there as "error decoding
 /// response body", which would send the operator after a parsing bug.
-fn unreadable_body(status: u16, e: &BodyError, timeout: Duration) -> Outcome {
+fn unreadable_body(status: u16, e: &BodyError, timeout: Duration, stores: Stores) -> Outcome {
     let error = if e.is_timeout() {
         format!(
-            "HTTP {status} but timed out reading the response body after {} (mews.request_timeout); Mews may have stored the messages",
-            humantime::format_duration(timeout)
+            "HTTP {status} but timed out reading the response body after {} (mews.request_timeout){}",
+            humantime::format_duration(timeout),
+            match stores {
+                Stores::Messages => "; Mews may have stored the messages",
+                Stores::Nothing => "",
+            }
         )
     } else {
         format!("HTTP {status} but the response body could not be read: {e}")
