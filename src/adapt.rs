@@ -106,9 +106,10 @@ impl Breaker {
                 false
             }
             // Handled by their own pauses; they say nothing about Mews's health.
-            Outcome::Throttled { .. } | Outcome::Unauthorized { .. } | Outcome::NotFound { .. } => {
-                false
-            }
+            Outcome::Throttled { .. }
+            | Outcome::Unauthorized { .. }
+            | Outcome::NotFound { .. }
+            | Outcome::Redirected { .. } => false,
         }
     }
 }

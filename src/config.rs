@@ -255,14 +255,16 @@ impl Sources {
         .filter(|v| !v.is_empty())
     }
 
-    /// Token values given in the file or the environment, for redacting
-    /// error messages that might quote them.
-    fn token_values(&self) -> Vec<String> {
+    /// Values given in the file or the environment, for redacting error
+    /// messages that might quote them: of every key, not only the token
+    /// keys, since a token may be pasted into any of them. Longest first,
+    /// so a value is replaced before a part of it.
+    fn values(&self) -> Vec<String> {
         let mut values = self
             .file
             .as_ref()
             .and_then(|f| std::fs::read_to_string(f).ok())
-            .map(|text| secrets::token_values_in_toml(&text))
+            .map(|text| secrets::all_values_in_toml(&text))
             .unwrap_or_default();
         let env: Vec<(String, String)> = match &self.env {
             Some(env) => env.clone().into_iter().collect(),
@@ -270,11 +272,11 @@ impl Sources {
         };
         values.extend(
             env.into_iter()
-                .filter(|(k, _)| {
-                    k.starts_with(ENV_PREFIX) && k.to_ascii_uppercase().ends_with("TOKEN")
-                })
+                // The overrides, not MEWS_OUTBOX_CONFIG (a path worth showing).
+                .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
                 .map(|(_, v)| v),
         );
+        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
         values
     }
 }
@@ -308,9 +310,12 @@ impl Settings {
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| {
-                let values = sources.token_values();
+                // Beyond what the description leaves out, any value that a
+                // message quotes in a way not foreseen here.
+                let values = sources.values();
                 let values: Vec<&str> = values.iter().map(String::as_str).collect();
-                ConfigError::Unparsable(secrets::redact(&e.to_string(), &values))
+                let described = describe_load_error(&e, sources.file.as_deref());
+                ConfigError::Unparsable(secrets::redact(&described, &values))
             })?;
         let allow_world_readable = raw.mews.allow_world_readable_token_files;
         if let Some(file) = &sources.file
@@ -333,18 +338,31 @@ impl Settings {
                 allow_world_readable,
             )
         };
+        // The value is not shown: it may be a token pasted into the wrong key.
         let base_url = Url::parse(raw.mews.base_url.trim())
             .ok()
             .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
             .ok_or_else(|| {
                 invalid(
                     "mews.base_url",
-                    format!(
-                        "must be an http(s) URL such as {DEMO_BASE_URL}, got {:?}",
-                        raw.mews.base_url
-                    ),
+                    format!("must be an http(s) URL such as {DEMO_BASE_URL} (the value given is not shown)"),
                 )
             })?;
+        if base_url.scheme() == "http" && !is_loopback(&base_url) {
+            return Err(invalid(
+                "mews.base_url",
+                "uses plain http:// to a host other than this machine: the tokens in every request would travel in clear; \
+                 use https:// (http:// is accepted only for a loopback address: 127.0.0.0/8, [::1], localhost, e.g. a local proxy)",
+            ));
+        }
+        // reqwest would send them as Basic auth to whoever answers, and the
+        // URL is shown in logs and by check-config.
+        if !base_url.username().is_empty() || base_url.password().is_some() {
+            return Err(invalid(
+                "mews.base_url",
+                "must not carry a user name or password (user:password@): Mews takes tokens in the request body, set them in mews.client_token and accounts.<name>.access_token",
+            ));
+        }
         let is_demo_url = base_url.as_str().trim_end_matches('/') == DEMO_BASE_URL;
 
         let client_token = secret(
@@ -392,9 +410,13 @@ impl Settings {
             })?;
             let rate_limit = match account.rate_limit {
                 None => DEFAULT_RATE_LIMIT,
-                Some(text) => text
-                    .parse()
-                    .map_err(|problem| invalid(format!("accounts.{name}.rate_limit"), problem))?,
+                // The parser quotes what it got: not a token pasted here.
+                Some(text) => text.parse().map_err(|problem: String| {
+                    invalid(
+                        format!("accounts.{name}.rate_limit"),
+                        secrets::redact(&problem, &[&text]),
+                    )
+                })?,
             };
             accounts.insert(
                 name,
@@ -461,7 +483,12 @@ impl Settings {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&raw.log.level) {
             return Err(invalid(
                 "log.level",
-                format!("is not a log filter such as \"info\" or \"mews_outbox=debug,warn\": {e}"),
+                secrets::redact(
+                    &format!(
+                        "is not a log filter such as \"info\" or \"mews_outbox=debug,warn\": {e}"
+                    ),
+                    &[&raw.log.level],
+                ),
             ));
         }
         let database_path = match raw.database.path {
@@ -589,6 +616,189 @@ fn secret(
     Ok(Some(value))
 }
 
+/// Whether the URL's host is this machine: only then may tokens go over
+/// plain http (to the fake Mews, or a local TLS-terminating proxy).
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        None => false,
+    }
+}
+
+/// A loading error in words that name the key and what was expected, never
+/// the value: a token pasted into the wrong key must reach neither a
+/// terminal nor the journal. The config crate's own messages quote the value
+/// (`invalid type: string "…"`), TOML's quote the offending line.
+fn describe_load_error(e: &config::ConfigError, file: Option<&Path>) -> String {
+    use config::ConfigError as E;
+    let origin = |origin: &Option<String>| match origin {
+        Some(origin) => format!(" (in {origin})"),
+        None => String::new(),
+    };
+    match e {
+        E::Type {
+            origin: from,
+            unexpected,
+            expected,
+            key,
+        } => {
+            // "string \"…\"", "64-bit integer `5`", "map": the kind only.
+            let shown = unexpected.to_string();
+            let kind = shown.split(['"', '`']).next().unwrap_or_default().trim();
+            format!(
+                "`{}` must be {}, not a {kind}{}",
+                key.as_deref().unwrap_or("?"),
+                expected_words(expected),
+                origin(from)
+            )
+        }
+        E::At {
+            error,
+            origin: from,
+            key,
+        } => {
+            let inner = match &**error {
+                E::Message(message) => without_values(message),
+                other => describe_load_error(other, file),
+            };
+            match key {
+                Some(key) => format!("`{key}`: {inner}{}", origin(from)),
+                None => format!("{inner}{}", origin(from)),
+            }
+        }
+        E::NotFound(key) => format!("`{key}` is missing"),
+        E::FileParse { uri, cause } => {
+            let place = uri
+                .as_deref()
+                .map(|u| format!(" in {u}"))
+                .unwrap_or_default();
+            format!("{}{place}", describe_toml_error(&cause.to_string(), file))
+        }
+        other => without_values(&other.to_string()),
+    }
+}
+
+/// serde's name for a table is the Rust type (`struct RawAccount`).
+fn expected_words(expected: &str) -> &str {
+    if expected.starts_with("struct ") || expected == "a map" {
+        "a table of settings"
+    } else {
+        expected
+    }
+}
+
+/// A serde message without the values it quotes: `string "…"` (Debug
+/// quoting) and the variant in "unknown variant `…`". Field names, which are
+/// keys, stay.
+fn without_values(message: &str) -> String {
+    const UNKNOWN_VARIANT: &str = "unknown variant `";
+    // The config crate's own wording, the value unquoted up to the end.
+    const NO_VARIANT: &str = "does not have variant constructor ";
+    let mut message = message.to_owned();
+    if let Some(start) = message.find(NO_VARIANT) {
+        // "enum LogFormat does not have variant constructor <value>"
+        let start = message[..start].rfind("enum ").unwrap_or(start);
+        message.truncate(start);
+        message.push_str("not one of the accepted values (README, Configuration)");
+    }
+    let mut message = message.replace("expected a map", "expected a table of settings");
+    // serde names a table by its Rust type: "expected struct RawAccount".
+    const STRUCT: &str = "expected struct ";
+    if let Some(start) = message.find(STRUCT) {
+        let name = start + STRUCT.len();
+        let end = message[name..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(message.len(), |e| name + e);
+        message.replace_range(start..end, "expected a table of settings");
+    }
+    if let Some(start) = message.find(UNKNOWN_VARIANT) {
+        let value = start + UNKNOWN_VARIANT.len();
+        let end = message[value..]
+            .find('`')
+            .map_or(message.len(), |e| value + e + 1);
+        message.replace_range(start..end, "unknown value (not shown)");
+    }
+    let mut out = String::with_capacity(message.len());
+    let mut chars = message.chars();
+    while let Some(c) = chars.next() {
+        if c != '"' {
+            out.push(c);
+            continue;
+        }
+        // Skip to the closing quote, over escapes.
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    chars.next();
+                }
+                '"' => break,
+                _ => {}
+            }
+        }
+        out.push_str("(not shown)");
+    }
+    out
+}
+
+/// A TOML parse error without its snippet of the offending line (which may
+/// hold a token, e.g. an unquoted one), naming the key of that line instead.
+fn describe_toml_error(text: &str, file: Option<&Path>) -> String {
+    let mut lines = text.lines();
+    let head = lines.next().unwrap_or_default().trim().to_owned();
+    // The snippet: "  |", "2 | key = value", "  |   ^^^".
+    let message: Vec<&str> = lines
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty()
+                && !l
+                    .trim_start_matches(|c: char| c.is_ascii_digit())
+                    .trim_start()
+                    .starts_with('|')
+        })
+        .collect();
+    let line_number = head
+        .split("line ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse::<usize>().ok());
+    let text = file.and_then(|f| std::fs::read_to_string(f).ok());
+    let mut key = None;
+    let mut line_value = None;
+    if let (Some(n), Some(text)) = (line_number, &text) {
+        let mut section = String::new();
+        for (i, line) in text.lines().enumerate() {
+            let trimmed = line.trim();
+            if trimmed.starts_with('[') && !trimmed.contains('=') {
+                section = trimmed.trim_matches(['[', ']', ' ']).to_owned();
+            }
+            if i + 1 == n {
+                if let Some((k, v)) = trimmed.split_once('=') {
+                    let k = k.trim().trim_matches(['"', '\'']);
+                    key = Some(if section.is_empty() {
+                        k.to_owned()
+                    } else {
+                        format!("{section}.{k}")
+                    });
+                    line_value = Some(v.trim().to_owned());
+                }
+                break;
+            }
+        }
+    }
+    let message = message.join("; ");
+    // Should the message itself quote the line's value, that goes too.
+    let message = match &line_value {
+        Some(v) => secrets::redact(&message, &[v, v.trim_matches(['"', '\''])]),
+        None => message,
+    };
+    match key {
+        Some(key) => format!("{head} (key `{key}`): {message}"),
+        None => format!("{head}: {message}"),
+    }
+}
+
 /// `$STATE_DIRECTORY/outbox.db` under systemd (the first directory when
 /// several are listed), else `outbox.db` in the working directory.
 fn default_database_path(state_directory: Option<&str>) -> PathBuf {
@@ -692,6 +902,116 @@ mod tests {
     fn a_base_url_that_is_not_a_url_is_refused() {
         let e = error_of(Some("[mews]\nbase_url = \"not a url\"\n"), &[]);
         assert!(e.contains("mews.base_url"), "{e}");
+    }
+
+    #[test]
+    fn plain_http_is_refused_unless_the_host_is_this_machine() {
+        let with = |url: &str| {
+            load(
+                Some(&format!(
+                    "[mews]\nbase_url = \"{url}\"\nclient_token = \"c-1\"\n[accounts.a]\naccess_token = \"a-1\"\n"
+                )),
+                &[],
+            )
+            .map(|s| s.mews.base_url.to_string())
+            .map_err(|e| e.to_string())
+        };
+        for url in [
+            "http://127.0.0.1:8088",
+            "http://127.1.2.3",
+            "http://[::1]:8088",
+            "http://localhost:8088",
+            "http://LOCALHOST",
+            "https://api.mews.com",
+            "https://10.0.0.1",
+        ] {
+            assert!(with(url).is_ok(), "{url}: {:?}", with(url));
+        }
+        for url in [
+            "http://api.mews.com",
+            "http://10.0.0.1:8088",
+            "http://[::ffff:127.0.0.1]",
+            "http://localhost.example.com",
+            "http://0.0.0.0:8088",
+        ] {
+            let e = with(url).unwrap_err();
+            assert!(
+                e.contains("mews.base_url") && e.contains("in clear") && e.contains("https://"),
+                "{url}: {e}"
+            );
+        }
+        for url in ["ftp://api.mews.com", "file:///etc/passwd", "api.mews.com"] {
+            let e = with(url).unwrap_err();
+            assert!(
+                e.contains("mews.base_url") && e.contains("http(s) URL"),
+                "{url}: {e}"
+            );
+        }
+        let e = with("https://user:SECRET-PW@api.mews.com").unwrap_err();
+        assert!(
+            e.contains("mews.base_url") && !e.contains("SECRET-PW"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn errors_about_any_key_name_it_and_not_the_value() {
+        const T: &str = "SECRET-4B2D-TOKEN";
+        for (file, key) in [
+            (
+                format!("[accounts]\ndefault = \"{T}\"\n"),
+                "accounts.default",
+            ),
+            (
+                format!("[accounts.a]\naccess_token = \"x1\"\nrate_limit = \"{T}\"\n"),
+                "accounts.a.rate_limit",
+            ),
+            (
+                format!("[delivery]\nbatch_size = \"{T}\"\n"),
+                "delivery.batch_size",
+            ),
+            (format!("[log]\nformat = \"{T}\"\n"), "log.format"),
+            (
+                format!("[retry]\nbase_delay = \"{T}\"\n"),
+                "retry.base_delay",
+            ),
+            (format!("[mews]\nbase_url = \"{T}\"\n"), "mews.base_url"),
+            (
+                format!("[mews]\nclient_token_file = \"{T}\"\n"),
+                "mews.client_token_file",
+            ),
+            (
+                format!("[delivery]\nreconcile = {T}\n"),
+                "delivery.reconcile",
+            ),
+        ] {
+            let e = load(Some(&file), &[]).unwrap_err();
+            for shown in [e.to_string(), format!("{e:?}")] {
+                assert!(shown.contains(key), "{file:?}: {shown}");
+                assert!(!shown.contains("4B2D"), "{file:?}: {shown}");
+            }
+        }
+        let e = error_of(None, &[("MEWS_OUTBOX__ALERT__MAX_PENDING_AGE", T)]);
+        assert!(
+            e.contains("alert.max_pending_age") && !e.contains("4B2D"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_toml_error_names_the_key_of_its_line_not_the_line() {
+        let text = "TOML parse error at line 3, column 14\n  |\n3 | rate_limit = SECRET-9\n  |              ^\nstring values must be quoted, expected literal string\n";
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "[accounts.a]\naccess_token = \"x\"\nrate_limit = SECRET-9\n",
+        )
+        .unwrap();
+        assert_eq!(
+            describe_toml_error(text, Some(&file)),
+            "TOML parse error at line 3, column 14 (key `accounts.a.rate_limit`): string values must be quoted, expected literal string"
+        );
     }
 
     #[test]

@@ -21,10 +21,11 @@ pub fn access_token_credential(account: &str) -> String {
 /// never the token.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
-    #[error("configuration: cannot read `{key}` file {path}: {source}")]
+    /// The path is neither shown nor kept (`Debug`): it may be a token
+    /// pasted into `*_file`.
+    #[error("configuration: cannot read the file named by `{key}`: {source}")]
     Unreadable {
         key: String,
-        path: PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -50,7 +51,6 @@ pub fn read_token_file(
 ) -> Result<SecretString, SecretError> {
     let unreadable = |source| SecretError::Unreadable {
         key: key.to_owned(),
-        path: path.to_owned(),
         source,
     };
     let file = std::fs::File::open(path).map_err(unreadable)?;
@@ -83,7 +83,6 @@ pub fn check_config_file(path: &Path, allow_world_readable: bool) -> Result<(), 
     let mode = std::fs::metadata(path)
         .map_err(|source| SecretError::Unreadable {
             key: "--config".into(),
-            path: path.to_owned(),
             source,
         })?
         .permissions()
@@ -121,13 +120,23 @@ pub fn redact(text: &str, secrets: &[&str]) -> String {
 /// Token values as they appear in a TOML text, including a truncated one
 /// (an unterminated string), so an error quoting the line can be redacted.
 pub fn token_values_in_toml(text: &str) -> Vec<String> {
+    values_in_toml(text, |key| key.ends_with("token"))
+}
+
+/// Every value in a TOML text, for redacting an error about any key: a
+/// token pasted into the wrong key is the case to catch.
+pub fn all_values_in_toml(text: &str) -> Vec<String> {
+    values_in_toml(text, |_| true)
+}
+
+fn values_in_toml(text: &str, keep: impl Fn(&str) -> bool) -> Vec<String> {
     let mut values = Vec::new();
     for line in text.lines() {
         let Some((key, value)) = line.split_once('=') else {
             continue;
         };
         let key = key.trim().trim_matches('"').to_ascii_lowercase();
-        if !key.ends_with("token") {
+        if !keep(&key) {
             continue;
         }
         let value = value.trim();

@@ -48,6 +48,8 @@ pub enum PauseKind {
     Breaker,
     /// Every sampled message was rejected alike (see [`crate::adapt::RejectionWatch`]).
     Systemic,
+    /// A 3xx: base_url does not lead to Mews; retry slowly, exponentially.
+    Redirected,
 }
 
 impl PauseKind {
@@ -59,6 +61,7 @@ impl PauseKind {
             PauseKind::RetryAfter => "Mews asked to retry later",
             PauseKind::Breaker => "circuit breaker open",
             PauseKind::Systemic => "systemic rejection",
+            PauseKind::Redirected => "redirected away from mews.base_url",
         }
     }
 }
@@ -161,6 +164,15 @@ pub fn decide(
             release_all(&mut decision);
             decision.account = AccountAction::Pause {
                 kind: PauseKind::Refused,
+                reason: error.clone(),
+                at_least: None,
+            };
+        }
+        Outcome::Redirected { error } => {
+            // Nothing reached Mews: no attempt, not ambiguous.
+            release_all(&mut decision);
+            decision.account = AccountAction::Pause {
+                kind: PauseKind::Redirected,
                 reason: error.clone(),
                 at_least: None,
             };
@@ -751,6 +763,11 @@ impl<S: Outbox> AccountWorker<S> {
                     self.pause(PauseKind::Throttled, error, retry_after).await;
                     return ReadBackResult::Stop;
                 }
+                // Re-sending unchecked would go to the same wrong base_url.
+                Err(Outcome::Redirected { error }) => {
+                    self.pause(PauseKind::Redirected, error, None).await;
+                    return ReadBackResult::Stop;
+                }
                 Err(other) => {
                     return ReadBackResult::Failed(format!(
                         "messages/getAll: {}",
@@ -847,6 +864,10 @@ impl<S: Outbox> AccountWorker<S> {
             PauseKind::Breaker => tracing::error!(
                 account = %self.account, pause = %wait, paused_until = %until, reason = %reason,
                 "circuit breaker open: Mews keeps failing for this account; pausing it, then one request will probe"
+            ),
+            PauseKind::Redirected => tracing::error!(
+                account = %self.account, pause = %wait, paused_until = %until, reason = %reason,
+                "mews.base_url looks wrong: the server there answered with a redirect, which is never followed (the tokens go to mews.base_url only); set mews.base_url to the address Mews gave you (https://api.mews.com in production) and reload; no message is dropped, retrying after the pause"
             ),
             PauseKind::Systemic => tracing::error!(
                 account = %self.account, pause = %wait, paused_until = %until, reason = %reason,
@@ -1219,6 +1240,29 @@ mod tests {
     }
 
     #[test]
+    fn a_redirect_pauses_the_account_and_touches_no_row() {
+        let d = decide(
+            &rows(3),
+            &Outcome::Redirected {
+                error: "HTTP 307 redirect".into(),
+            },
+            &retry(),
+            now(),
+            0.5,
+        );
+        assert_eq!(d.rows.len(), 3);
+        assert!(d.rows.iter().all(|(_, o)| *o == RowOutcome::Release));
+        assert!(matches!(
+            d.account,
+            AccountAction::Pause {
+                kind: PauseKind::Redirected,
+                at_least: None,
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn a_404_pauses_like_a_401_and_touches_no_row() {
         let d = decide(
             &rows(3),
@@ -1296,6 +1340,9 @@ mod tests {
                     .clone()
                     .prop_map(|error| Outcome::Unauthorized { error }),
                 error.clone().prop_map(|error| Outcome::NotFound { error }),
+                error
+                    .clone()
+                    .prop_map(|error| Outcome::Redirected { error }),
                 error
                     .clone()
                     .prop_map(|error| Outcome::Unreachable { error }),

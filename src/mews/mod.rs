@@ -34,6 +34,10 @@ pub enum Outcome {
     Unauthorized { error: String },
     /// 404: wrong address (base_url); nothing wrong with the messages.
     NotFound { error: String },
+    /// A 3xx: whoever answers at base_url sent us elsewhere. Never followed
+    /// (the tokens would go with the body), and not Mews storing anything:
+    /// base_url is wrong, nothing is wrong with the messages.
+    Redirected { error: String },
     /// 429: too many requests for this AccessToken.
     Throttled {
         error: String,
@@ -65,6 +69,7 @@ impl Outcome {
             | Outcome::TooLarge { error }
             | Outcome::Unauthorized { error }
             | Outcome::NotFound { error }
+            | Outcome::Redirected { error }
             | Outcome::Throttled { error, .. }
             | Outcome::Unreachable { error }
             | Outcome::Transient { error, .. } => Some(error),
@@ -79,6 +84,7 @@ impl Outcome {
             Outcome::TooLarge { .. } => "too_large",
             Outcome::Unauthorized { .. } => "unauthorized",
             Outcome::NotFound { .. } => "not_found",
+            Outcome::Redirected { .. } => "redirected",
             Outcome::Throttled { .. } => "throttled",
             Outcome::Unreachable { .. } => "unreachable",
             Outcome::Transient { .. } => "transient",
@@ -93,6 +99,7 @@ impl Outcome {
             | Outcome::TooLarge { error }
             | Outcome::Unauthorized { error }
             | Outcome::NotFound { error }
+            | Outcome::Redirected { error }
             | Outcome::Throttled { error, .. }
             | Outcome::Unreachable { error }
             | Outcome::Transient { error, .. } => Some(error),
@@ -135,6 +142,11 @@ impl MewsClient {
         let http = reqwest::Client::builder()
             .user_agent(settings.client.clone())
             .connect_timeout(settings.request_timeout.min(Duration::from_secs(10)))
+            // Tokens travel in every request body: a redirect must never
+            // carry them to another server (a 307/308 would re-POST them,
+            // a 301/302 would turn the call into a GET). A 3xx is answered
+            // as [`Outcome::Redirected`] instead.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(ClientError::Build)?;
         let base = settings.base_url.as_str().trim_end_matches('/').to_owned() + "/";
@@ -168,7 +180,7 @@ impl MewsClient {
             client: &self.client,
             messages,
         };
-        let reply = self.post(&self.add_url, &body).await;
+        let reply = self.post(&self.add_url, &body, Stores::Messages).await;
         self.redact(reply, access_token)
     }
 
@@ -179,7 +191,9 @@ impl MewsClient {
             "AccessToken": access_token.expose_secret(),
             "Client": self.client,
         });
-        let reply = self.post(&self.configuration_url, &body).await;
+        let reply = self
+            .post(&self.configuration_url, &body, Stores::Nothing)
+            .await;
         self.redact(reply, access_token)
     }
 
@@ -221,6 +235,11 @@ impl MewsClient {
             Err(outcome) => (None, None, Err(outcome)),
             Ok(r) => {
                 let page = match r.body {
+                    _ if is_redirect(r.status) => Err(redirected(
+                        r.status,
+                        r.location.as_deref(),
+                        &self.get_all_url,
+                    )),
                     Ok(body) if r.status == 200 => serde_json::from_slice::<
                         wire::GetMessagesResponse,
                     >(&body)
@@ -240,7 +259,12 @@ impl MewsClient {
                         &body,
                         SystemTime::now(),
                     )),
-                    Err(e) => Err(unreadable_body(r.status, &e)),
+                    Err(e) => Err(unreadable_body(
+                        r.status,
+                        &e,
+                        self.request_timeout,
+                        Stores::Nothing,
+                    )),
                 };
                 (Some(r.status), r.request_id, page)
             }
@@ -256,7 +280,7 @@ impl MewsClient {
         }
     }
 
-    async fn post(&self, url: &Url, body: &impl serde::Serialize) -> Reply {
+    async fn post(&self, url: &Url, body: &impl serde::Serialize, stores: Stores) -> Reply {
         let (response, elapsed) = self.exchange(url, body).await;
         match response {
             Err(outcome) => Reply {
@@ -267,10 +291,11 @@ impl MewsClient {
             },
             Ok(r) => {
                 let outcome = match r.body {
+                    _ if is_redirect(r.status) => redirected(r.status, r.location.as_deref(), url),
                     Ok(body) => {
                         classify(r.status, r.retry_after.as_deref(), &body, SystemTime::now())
                     }
-                    Err(e) => unreadable_body(r.status, &e),
+                    Err(e) => unreadable_body(r.status, &e, self.request_timeout, stores),
                 };
                 Reply {
                     http_status: Some(r.status),
@@ -315,12 +340,14 @@ impl MewsClient {
         let status = response.status().as_u16();
         let request_id = header("request-id");
         let retry_after = header("retry-after");
+        let location = header("location");
         let body = read_capped(response).await;
         (
             Ok(RawResponse {
                 status,
                 request_id,
                 retry_after,
+                location,
                 body,
             }),
             started.elapsed(),
@@ -328,19 +355,45 @@ impl MewsClient {
     }
 }
 
+/// Whether a call creates something at Mews, so that an answer cut short
+/// leaves it unknown whether it did.
+#[derive(Debug, Clone, Copy)]
+enum Stores {
+    /// `messages/add`.
+    Messages,
+    /// Read-only calls: `messages/getAll`, `configuration/get`.
+    Nothing,
+}
+
 /// A response as it came, before anyone says what it means.
 struct RawResponse {
     status: u16,
     request_id: Option<String>,
     retry_after: Option<String>,
+    /// The `Location` header of a redirect; never followed.
+    location: Option<String>,
     body: Result<Vec<u8>, BodyError>,
 }
 
 /// A status line arrived but not the whole body: Mews has finished with the
-/// request, so there is nothing to let settle.
-fn unreadable_body(status: u16, e: &BodyError) -> Outcome {
+/// request, so there is nothing to let settle. The request's timeout covers
+/// the body too; reqwest reports it running out there as "error decoding
+/// response body", which would send the operator after a parsing bug.
+fn unreadable_body(status: u16, e: &BodyError, timeout: Duration, stores: Stores) -> Outcome {
+    let error = if e.is_timeout() {
+        format!(
+            "HTTP {status} but timed out reading the response body after {} (mews.request_timeout){}",
+            humantime::format_duration(timeout),
+            match stores {
+                Stores::Messages => "; Mews may have stored the messages",
+                Stores::Nothing => "",
+            }
+        )
+    } else {
+        format!("HTTP {status} but the response body could not be read: {e}")
+    };
     Outcome::Transient {
-        error: format!("HTTP {status} but the response body could not be read: {e}"),
+        error,
         retry_after: None,
         maybe_stored: true,
         smaller: e.is_timeout(),
@@ -428,6 +481,28 @@ fn transport_failure(e: &reqwest::Error, timeout: Duration) -> Outcome {
     }
 }
 
+fn is_redirect(status: u16) -> bool {
+    (300..400).contains(&status)
+}
+
+/// A 3xx, named with the origin (`scheme://host:port`) it pointed to and
+/// nothing more of the `Location`, which could carry anything (a path with a
+/// token in it, credentials, a very long text).
+pub fn redirected(status: u16, location: Option<&str>, request: &Url) -> Outcome {
+    let target = match location.map(|l| request.join(l)) {
+        None => "without a Location".to_owned(),
+        Some(Ok(url)) if url.origin().is_tuple() => {
+            format!("to {}", url.origin().ascii_serialization())
+        }
+        Some(_) => "to an unusable Location".to_owned(),
+    };
+    Outcome::Redirected {
+        error: format!(
+            "HTTP {status} redirect {target}, not followed (tokens go to mews.base_url only): mews.base_url looks wrong"
+        ),
+    }
+}
+
 /// Maps a response to an [`Outcome`]. Pure: the status, the `Retry-After`
 /// header, the body and the current time are all it looks at.
 pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8], now: SystemTime) -> Outcome {
@@ -457,6 +532,14 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8], now: System
                 smaller: false,
                 settle: None,
             },
+        };
+    }
+    if is_redirect(status) {
+        // The client names the Location; this pure mapping has no headers.
+        return Outcome::Redirected {
+            error: format!(
+                "HTTP {status} redirect, not followed (tokens go to mews.base_url only): mews.base_url looks wrong"
+            ),
         };
     }
     let error = describe_error(status, body);
@@ -625,6 +708,40 @@ mod tests {
             at(408, None, ""),
             Outcome::Transient { smaller: true, .. }
         ));
+    }
+
+    #[test]
+    fn a_redirect_names_only_the_origin_of_its_location() {
+        let request = Url::parse("https://proxy.example/api/connector/v1/messages/add").unwrap();
+        let error = |location| match redirected(307, location, &request) {
+            Outcome::Redirected { error } => error,
+            other => panic!("{other:?}"),
+        };
+        let absolute = error(Some(
+            "http://user:SECRET-PW@evil.example:8443/x?token=SECRET-Q",
+        ));
+        assert!(
+            absolute.starts_with("HTTP 307 redirect to http://evil.example:8443, not followed"),
+            "{absolute}"
+        );
+        assert!(!absolute.contains("SECRET"), "{absolute}");
+        assert!(
+            error(Some("/elsewhere")).contains("to https://proxy.example,"),
+            "a relative Location is resolved against the request"
+        );
+        assert!(error(None).contains("without a Location"));
+        assert!(error(Some("data:text/plain,SECRET")).contains("unusable Location"));
+        assert!(error(None).ends_with("mews.base_url looks wrong"));
+    }
+
+    #[test]
+    fn every_3xx_is_a_redirect_not_a_retry() {
+        for status in [300, 301, 302, 303, 304, 307, 308, 399] {
+            assert!(
+                matches!(at(status, None, ""), Outcome::Redirected { .. }),
+                "{status}"
+            );
+        }
     }
 
     use proptest::prelude::*;

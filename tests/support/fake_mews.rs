@@ -132,7 +132,7 @@ impl fmt::Debug for FakeOptions {
 /// One scripted misbehaviour, consumed by exactly one `messages/add` request
 /// (see [`FakeMews::script`]).
 ///
-/// `Status`, `Raw` and `DropBeforeStore` apply as soon as the request
+/// `Status`, `Raw`, `Redirect` and `DropBeforeStore` apply as soon as the request
 /// arrives, whatever its body (no validation, no rate limit, nothing stored).
 /// `DelayThenNormal` sleeps first and then behaves normally. The remaining
 /// faults need a request that passes validation: they apply after the
@@ -173,6 +173,16 @@ pub enum Fault {
         content_type: String,
         body: Vec<u8>,
     },
+    /// Store nothing and answer `code` (a 3xx) with this `Location` header,
+    /// as a misconfigured proxy or a moved address would. Also on
+    /// `messages/getAll` and `configuration/get`.
+    Redirect { code: u16, location: String },
+    /// Store the messages, send the `200` status line, headers (with the
+    /// full `Content-Length`) and the first half of the body, then send
+    /// nothing more for this long before closing the connection: a body
+    /// that stalls mid-way. The request is recorded (status `200`) when the
+    /// stall ends; [`FakeMews::accepted`] shows the messages at once.
+    StoreThenStallBody(Duration),
 }
 
 impl Fault {
@@ -225,6 +235,12 @@ impl fmt::Debug for Fault {
             Fault::StoreThenDelay(d) => f.debug_tuple("StoreThenDelay").field(d).finish(),
             Fault::OmitIdentifiers(n) => f.debug_tuple("OmitIdentifiers").field(n).finish(),
             Fault::ExtraIdentifier => f.write_str("ExtraIdentifier"),
+            Fault::Redirect { code, location } => f
+                .debug_struct("Redirect")
+                .field("code", code)
+                .field("location", location)
+                .finish(),
+            Fault::StoreThenStallBody(d) => f.debug_tuple("StoreThenStallBody").field(d).finish(),
             Fault::Raw {
                 status,
                 content_type,
@@ -339,6 +355,7 @@ impl FakeMews {
                 opts,
                 faults: VecDeque::new(),
                 get_all_faults: VecDeque::new(),
+                configuration_faults: VecDeque::new(),
                 stored: Vec::new(),
                 requests: Vec::new(),
                 windows: Default::default(),
@@ -394,6 +411,12 @@ impl FakeMews {
     /// something there; any other fault is consumed and ignored.
     pub fn script_get_all(&self, faults: impl IntoIterator<Item = Fault>) {
         self.shared.state().get_all_faults.extend(faults);
+    }
+
+    /// Queues faults for `configuration/get` requests, one per request. Only
+    /// `Status` and `Redirect` mean something there.
+    pub fn script_configuration(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.shared.state().configuration_faults.extend(faults);
     }
 
     /// Number of scripted faults not consumed yet.
@@ -546,6 +569,7 @@ struct ServerState {
     opts: FakeOptions,
     faults: VecDeque<Fault>,
     get_all_faults: VecDeque<Fault>,
+    configuration_faults: VecDeque<Fault>,
     stored: Vec<StoredEntry>,
     requests: Vec<(u64, RequestRecord)>,
     /// Admission times per `AccessToken`, oldest first.
@@ -716,6 +740,16 @@ impl ConnHandle {
             let _ = socket.shutdown(Shutdown::Both);
         }
     }
+
+    /// Writes bytes straight to the socket, bypassing hyper (which writes
+    /// nothing until the handler returns).
+    fn write_raw(&self, bytes: &[u8]) {
+        use std::io::Write;
+        if let Some(socket) = &self.socket {
+            // A few hundred bytes into an idle socket's buffer: not blocking.
+            let _ = (&**socket).write_all(bytes);
+        }
+    }
 }
 
 /// Splits a stream into the stream served by hyper and a duplicate handle of
@@ -784,6 +818,14 @@ enum Reply {
         content_type: String,
         body: Vec<u8>,
     },
+    /// A 3xx with a `Location` header.
+    Redirect {
+        status: StatusCode,
+        location: String,
+    },
+    /// A `200` whose body stalled and whose connection was then shut down
+    /// (by the handler, through [`ConnHandle::write_raw`]).
+    Stalled,
     /// The connection was shut down; whatever is returned is never received.
     Dropped,
 }
@@ -804,9 +846,11 @@ impl Reply {
     /// Status recorded in [`RequestRecord::status`].
     fn status_code(&self) -> u16 {
         match self {
-            Reply::Json(s, _) | Reply::Error { status: s, .. } | Reply::Raw { status: s, .. } => {
-                s.as_u16()
-            }
+            Reply::Json(s, _)
+            | Reply::Error { status: s, .. }
+            | Reply::Raw { status: s, .. }
+            | Reply::Redirect { status: s, .. } => s.as_u16(),
+            Reply::Stalled => 200,
             Reply::Dropped => 0,
         }
     }
@@ -840,7 +884,14 @@ impl Reply {
                 }
                 response
             }
-            Reply::Dropped => {
+            Reply::Redirect { status, location } => {
+                let mut response = status.into_response();
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    response.headers_mut().insert(header::LOCATION, v);
+                }
+                response
+            }
+            Reply::Stalled | Reply::Dropped => {
                 let mut response = StatusCode::INTERNAL_SERVER_ERROR.into_response();
                 response
                     .headers_mut()
@@ -961,6 +1012,10 @@ async fn handle(
                 conn.drop_connection();
                 Reply::Dropped
             }
+            Some(Fault::Redirect { code, location }) => Reply::Redirect {
+                status: status_or_500(code),
+                location,
+            },
             Some(Fault::DelayThenNormal(delay)) => {
                 tokio::time::sleep(delay).await;
                 get_all(&shared, json.as_ref())
@@ -968,7 +1023,24 @@ async fn handle(
             _ => get_all(&shared, json.as_ref()),
         }
     } else {
-        configuration(&shared, json.as_ref())
+        let fault = shared.state().configuration_faults.pop_front();
+        record.fault.clone_from(&fault);
+        match fault {
+            Some(Fault::Status {
+                code,
+                retry_after,
+                message,
+            }) => Reply::Error {
+                status: status_or_500(code),
+                message,
+                retry_after,
+            },
+            Some(Fault::Redirect { code, location }) => Reply::Redirect {
+                status: status_or_500(code),
+                location,
+            },
+            _ => configuration(&shared, json.as_ref()),
+        }
     };
 
     record.status = reply.status_code();
@@ -1148,6 +1220,12 @@ async fn add(
             conn.drop_connection();
             return Reply::Dropped;
         }
+        Some(Fault::Redirect { code, location }) => {
+            return Reply::Redirect {
+                status: status_or_500(code),
+                location,
+            };
+        }
         Some(Fault::DelayThenNormal(delay)) => {
             tokio::time::sleep(delay).await;
             None
@@ -1217,6 +1295,19 @@ async fn add(
     }
     if opts.shuffle_responses {
         fastrand::shuffle(&mut items);
+    }
+    if let Some(Fault::StoreThenStallBody(stall)) = after_store {
+        let body = json!({ "Messages": items }).to_string();
+        let mut head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        head.extend_from_slice(&body.as_bytes()[..body.len() / 2]);
+        conn.write_raw(&head);
+        tokio::time::sleep(stall).await;
+        conn.drop_connection();
+        return Reply::Stalled;
     }
     Reply::Json(StatusCode::OK, json!({ "Messages": items }))
 }
