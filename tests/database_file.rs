@@ -146,6 +146,28 @@ async fn replacing_the_database_under_a_running_daemon_stops_it_with_an_error() 
     assert_eq!(std::fs::metadata(&env.db).unwrap().ino(), replacement_inode);
 }
 
+/// How `enqueue` used to fill a file nobody serves: a reload reconnected to
+/// the deleted path, SQLite created an empty file there, and `enqueue`
+/// found a file, migrated it and queued the message into it.
+#[tokio::test]
+async fn a_reload_after_the_database_was_deleted_creates_nothing_for_enqueue_to_fill() {
+    let fake = FakeMews::start().await;
+    let env = Env::new(&fake.base_url);
+    env.producer().await.close().await;
+    let mut daemon = env.start().ready().await;
+
+    std::fs::remove_file(&env.db).unwrap();
+    daemon.signal("HUP");
+    let status = daemon.wait_exit(WAIT).await;
+    assert_eq!(status.code(), Some(1), "{}", daemon.log());
+    let (status, _, err) = env
+        .cli(&["enqueue", "--thread", "7f9325f6-ef44-4911-89a8-ae51010a5aa4", "--text", "lost?"])
+        .await;
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("there is no outbox database at"), "{err}");
+    assert!(!env.db.exists(), "a database nobody serves was created");
+}
+
 #[tokio::test]
 async fn only_run_and_migrate_create_a_missing_database() {
     let fake = FakeMews::start().await;

@@ -296,6 +296,24 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_store_reconnecting_to_a_deleted_file_does_not_create_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("outbox.db");
+        let store = crate::store::SqliteStore::open(&db, std::time::Duration::from_secs(1))
+            .await
+            .unwrap();
+        std::fs::remove_file(&db).unwrap();
+        let watch = store
+            .watch_changes(
+                std::time::Duration::from_millis(5),
+                tokio_util::sync::CancellationToken::new(),
+            )
+            .await;
+        assert!(watch.is_err(), "connected to a missing file");
+        assert!(!db.exists(), "an empty database was created in its place");
+    }
+
     #[test]
     fn a_second_lock_on_the_same_file_through_a_hard_link_is_refused() {
         let dir = tempfile::tempdir().unwrap();
