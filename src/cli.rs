@@ -320,9 +320,18 @@ async fn open(settings: &Settings) -> anyhow::Result<SqliteStore> {
 /// to it (no migration; a schema of another version is reported).
 async fn open_read_only(settings: &Settings) -> anyhow::Result<SqliteStore> {
     let path = existing_database(settings)?;
-    SqliteStore::open_read_only(path, settings.database.busy_timeout)
-        .await
-        .with_context(|| format!("cannot open {} read-only", path.display()))
+    match SqliteStore::open_read_only(path, settings.database.busy_timeout).await {
+        Ok(store) => Ok(store),
+        // The schema problems say what to do; SQLite's "unable to open" and
+        // "attempt to write a readonly database" do not.
+        Err(e @ crate::store::StoreError::Database(_)) => Err(e).with_context(|| {
+            format!(
+                "cannot open {0} read-only (reading needs read access to {0}, {0}-wal and {0}-shm and to their directory; when the daemon is stopped and -wal/-shm are gone, SQLite must create them, which needs write access to the directory)",
+                path.display()
+            )
+        }),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn existing_database(settings: &Settings) -> anyhow::Result<&Path> {

@@ -297,7 +297,7 @@ async fn a_user_who_can_only_read_the_files_runs_status_dead_list_and_check_conf
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
     insert_rows(&db, 3, &threads(3), "read me").await;
-    let _daemon = env.start().ready().await;
+    let mut daemon = env.start().ready().await;
     wait_for_status(&db, "delivered", 3).await;
 
     // Readable by everyone, writable by root only: the directory too, so
@@ -332,4 +332,40 @@ async fn a_user_who_can_only_read_the_files_runs_status_dead_list_and_check_conf
     .await;
     assert_eq!(status.code(), Some(1), "{err}");
     assert_eq!(count(&db, "pending").await, 0);
+
+    // Stopped, the last connection gone: SQLite removed -wal and -shm, and
+    // reading would need to create them. Said so, with the permission needed.
+    db.close().await;
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(WAIT).await.success());
+    assert!(!Path::new(&format!("{}-wal", env.db.display())).exists());
+    let (status, _, err) = as_nobody(&env.config, &["status"]).await;
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("SQLite must create them, which needs write access to the directory"),
+        "{err}"
+    );
+}
+
+/// What `mews-outbox status` typed on a server with the package reads: the
+/// packaged configuration names the database the unit serves.
+#[tokio::test]
+async fn the_packaged_configuration_names_the_services_database() {
+    let packaged = concat!(env!("CARGO_MANIFEST_DIR"), "/config/mews-outbox.toml");
+    let out = mews_outbox_command()
+        .args(["--config", packaged, "check-config"])
+        .output()
+        .await
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        printed.contains("path = \"/var/lib/mews-outbox/outbox.db\""),
+        "{printed}"
+    );
+    let tmpfiles = include_str!("../systemd/mews-outbox.tmpfiles");
+    assert!(
+        tmpfiles.contains("\nf /var/lib/mews-outbox/outbox.db 0660 "),
+        "the database tmpfiles.d creates"
+    );
 }
