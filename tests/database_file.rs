@@ -115,7 +115,9 @@ async fn deleting_the_database_under_a_running_daemon_stops_it_with_an_error() {
         daemon.log()
     );
     assert!(
-        daemon.log().contains("was deleted while the daemon was running"),
+        daemon
+            .log()
+            .contains("was deleted while the daemon was running"),
         "{}",
         daemon.log()
     );
@@ -161,7 +163,13 @@ async fn a_reload_after_the_database_was_deleted_creates_nothing_for_enqueue_to_
     let status = daemon.wait_exit(WAIT).await;
     assert_eq!(status.code(), Some(1), "{}", daemon.log());
     let (status, _, err) = env
-        .cli(&["enqueue", "--thread", "7f9325f6-ef44-4911-89a8-ae51010a5aa4", "--text", "lost?"])
+        .cli(&[
+            "enqueue",
+            "--thread",
+            "7f9325f6-ef44-4911-89a8-ae51010a5aa4",
+            "--text",
+            "lost?",
+        ])
         .await;
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("there is no outbox database at"), "{err}");
@@ -173,7 +181,13 @@ async fn only_run_and_migrate_create_a_missing_database() {
     let fake = FakeMews::start().await;
     let env = Env::new(&fake.base_url);
     for args in [
-        &["enqueue", "--thread", "7f9325f6-ef44-4911-89a8-ae51010a5aa4", "--text", "hi"][..],
+        &[
+            "enqueue",
+            "--thread",
+            "7f9325f6-ef44-4911-89a8-ae51010a5aa4",
+            "--text",
+            "hi",
+        ][..],
         &["status"],
         &["status", "--json"],
         &["dead", "list"],
@@ -182,7 +196,10 @@ async fn only_run_and_migrate_create_a_missing_database() {
     ] {
         let (status, _, err) = env.cli(args).await;
         assert_eq!(status.code(), Some(1), "{args:?}: {err}");
-        assert!(err.contains("there is no outbox database at"), "{args:?}: {err}");
+        assert!(
+            err.contains("there is no outbox database at"),
+            "{args:?}: {err}"
+        );
         assert_eq!(files_in(env.path()), ["mews-outbox.toml"], "{args:?}");
     }
     let (status, _, err) = env.cli(&["check-config", "--online"]).await;
@@ -272,7 +289,13 @@ async fn as_nobody(config: &Path, args: &[&str]) -> (ExitStatus, String, String)
     let inner = mews_outbox_command();
     let mut command = tokio::process::Command::new("setpriv");
     command
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", bin, "--config"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            bin,
+            "--config",
+        ])
         .arg(config)
         .args(args);
     // The same environment scrubbing as for every test run of the binary.
@@ -327,7 +350,13 @@ async fn a_user_who_can_only_read_the_files_runs_status_dead_list_and_check_conf
     // A writing command is refused by the file modes, not half done.
     let (status, _, err) = as_nobody(
         &env.config,
-        &["enqueue", "--thread", "7f9325f6-ef44-4911-89a8-ae51010a5aa4", "--text", "x"],
+        &[
+            "enqueue",
+            "--thread",
+            "7f9325f6-ef44-4911-89a8-ae51010a5aa4",
+            "--text",
+            "x",
+        ],
     )
     .await;
     assert_eq!(status.code(), Some(1), "{err}");
@@ -358,7 +387,11 @@ async fn the_packaged_configuration_names_the_services_database() {
         .await
         .unwrap();
     let printed = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         printed.contains("path = \"/var/lib/mews-outbox/outbox.db\""),
         "{printed}"

@@ -260,7 +260,14 @@ mod tests {
             );
         }
         // ext4, xfs, btrfs, tmpfs, overlayfs, zfs.
-        for f_type in [0xef53, 0x5846_5342, 0x9123_683e, 0x0102_1994, 0x794c_7630, 0x2fc1_2fc1] {
+        for f_type in [
+            0xef53,
+            0x5846_5342,
+            0x9123_683e,
+            0x0102_1994,
+            0x794c_7630,
+            0x2fc1_2fc1,
+        ] {
             assert_eq!(
                 filesystem_verdict(f_type),
                 FilesystemVerdict::Local,
@@ -276,7 +283,10 @@ mod tests {
             filesystem: "NFS",
         }
         .to_string();
-        assert!(e.contains("/mnt/share/outbox.db is on a NFS file system"), "{e}");
+        assert!(
+            e.contains("/mnt/share/outbox.db is on a NFS file system"),
+            "{e}"
+        );
         assert!(e.contains("move the database to a local disk"), "{e}");
     }
 
