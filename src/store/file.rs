@@ -17,6 +17,12 @@ pub enum FileError {
         "another mews-outbox daemon is already running on {database} (it holds the lock on this database file, whatever path or link it was given); stop it first"
     )]
     AlreadyRunning { database: String },
+    #[error("cannot create the database file {path}: {source}")]
+    Create {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot open the database file {path} to lock it: {source}")]
     Lock {
         path: String,
@@ -153,7 +159,10 @@ impl DaemonLock {
             path: database.display().to_string(),
             source,
         };
-        super::maintenance::create_database_file(database).map_err(lock_error)?;
+        super::maintenance::create_database_file(database).map_err(|source| FileError::Create {
+            path: database.display().to_string(),
+            source,
+        })?;
         let file = File::open(database).map_err(lock_error)?;
         match file.try_lock() {
             Ok(()) => {}
