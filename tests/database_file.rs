@@ -281,6 +281,29 @@ async fn status_and_dead_list_read_without_writing_and_report_a_schema_they_woul
         assert!(err.contains("run `mews-outbox migrate`"), "{err}");
     }
     assert!(snapshot(&env.db) == before, "the file was written");
+
+    // Migrated by a newer binary: reported, not touched (newer wins over
+    // the migration still missing).
+    let db =
+        sqlx::SqlitePool::connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(&env.db))
+            .await
+            .unwrap();
+    sqlx::query(
+        "INSERT INTO _mews_outbox_migrations (version, description, success, checksum, execution_time)
+         VALUES (99990101000000, 'from the future', 1, x'00', 0)",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    db.close().await;
+    let before = snapshot(&env.db);
+    let (status, _, err) = env.cli(&["status"]).await;
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("was migrated by a newer mews-outbox (unknown migrations [99990101000000]); use that version's binary"),
+        "{err}"
+    );
+    assert!(snapshot(&env.db) == before, "the file was written");
 }
 
 /// Runs the binary as user `nobody` (uid and gid 65534, no other groups).
