@@ -1,6 +1,6 @@
 //! The command line: clap definitions, and one library call per subcommand.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
@@ -105,10 +105,27 @@ pub enum DeadCommand {
 impl Cli {
     pub fn sources(&self) -> Sources {
         Sources {
-            file: self.config.clone(),
+            file: config_file(
+                self.config.clone(),
+                Path::new(crate::config::SYSTEM_CONFIG_FILE),
+            ),
             env: None,
         }
     }
+}
+
+/// The configuration file: `--config` (or `MEWS_OUTBOX_CONFIG`), else the
+/// packaged `/etc/mews-outbox/mews-outbox.toml` when it is there, so that
+/// `mews-outbox status` typed on an installed server reads what the unit
+/// reads; else none (the embedded defaults, e.g. in a fresh clone). A system
+/// file that cannot even be looked at (no permission on /etc/mews-outbox)
+/// counts as there: reading it then fails with a message naming it, instead
+/// of silently looking for `outbox.db` in the current directory.
+fn config_file(explicit: Option<PathBuf>, system: &Path) -> Option<PathBuf> {
+    explicit.or_else(|| match system.try_exists() {
+        Ok(false) => None,
+        Ok(true) | Err(_) => Some(system.to_owned()),
+    })
 }
 
 /// Runs one subcommand with settings loaded from `sources` (`run` loads
@@ -156,7 +173,7 @@ pub async fn execute(command: Command, settings: Settings, sources: Sources) -> 
             }
         }
         Command::Status { json } => {
-            let store = open(&settings).await?;
+            let store = open_read_only(&settings).await?;
             let now = SystemTime::now();
             let report = StatusReport::new(store.status(now).await?, now);
             if json {
@@ -167,6 +184,7 @@ pub async fn execute(command: Command, settings: Settings, sources: Sources) -> 
         }
         Command::Dead { command } => dead(command, &settings).await?,
         Command::Migrate => {
+            crate::store::file::check_local_filesystem(&settings.database.path)?;
             let store = create_or_open(&settings).await?;
             out(&format!("migrations applied to {}", store.path().display()))?;
         }
@@ -195,10 +213,10 @@ pub async fn execute(command: Command, settings: Settings, sources: Sources) -> 
 }
 
 async fn dead(command: DeadCommand, settings: &Settings) -> anyhow::Result<()> {
-    let store = open(settings).await?;
     let now = SystemTime::now();
     match command {
         DeadCommand::List { account, json } => {
+            let store = open_read_only(settings).await?;
             let report = DeadReport {
                 generated_at: timestamp(now),
                 rows: store.dead_rows(account.as_deref()).await?,
@@ -210,6 +228,7 @@ async fn dead(command: DeadCommand, settings: &Settings) -> anyhow::Result<()> {
             }
         }
         DeadCommand::Requeue { ids, all, account } => {
+            let store = open(settings).await?;
             let which = if all { Requeue::All } else { Requeue::Ids(ids) };
             let requeued = store.requeue_dead(&which, account.as_deref(), now).await?;
             if requeued.is_empty() {
@@ -235,6 +254,7 @@ async fn dead(command: DeadCommand, settings: &Settings) -> anyhow::Result<()> {
             older_than,
             account,
         } => {
+            let store = open(settings).await?;
             let cutoff = now
                 .checked_sub(older_than)
                 .unwrap_or(SystemTime::UNIX_EPOCH);
@@ -283,23 +303,70 @@ fn out(text: &str) -> std::io::Result<()> {
     }
 }
 
-/// Opens an existing outbox. A missing file is an error, not a new empty
-/// outbox: a command run where the daemon does not look (another directory,
-/// `database.path` unset outside systemd) must not queue messages nobody
-/// sends or report on an empty queue.
+/// Opens an existing outbox for writing (migrating it, as the daemon
+/// would). A missing file is an error, not a new empty outbox: a command
+/// run where the daemon does not look (another directory, `database.path`
+/// unset outside systemd) must not queue messages nobody sends. The file is
+/// never created, not even when it vanishes between the check and the open.
 async fn open(settings: &Settings) -> anyhow::Result<SqliteStore> {
-    let path = &settings.database.path;
+    let path = existing_database(settings)?;
+    SqliteStore::open_existing(path, settings.database.busy_timeout)
+        .await
+        .with_context(|| format!("cannot open {}", path.display()))
+}
+
+/// Opens an existing outbox read-only, for the commands that only look:
+/// they work for a user who may only read the database, and never write
+/// to it (no migration; a schema of another version is reported).
+async fn open_read_only(settings: &Settings) -> anyhow::Result<SqliteStore> {
+    let path = existing_database(settings)?;
+    match SqliteStore::open_read_only(path, settings.database.busy_timeout).await {
+        Ok(store) => Ok(store),
+        // The schema problems say what to do; SQLite's "unable to open" and
+        // "attempt to write a readonly database" do not.
+        Err(e @ crate::store::StoreError::Database(_)) => Err(e).with_context(|| {
+            format!(
+                "cannot open {0} read-only (reading needs read access to {0}, {0}-wal and {0}-shm and to their directory; when the daemon is stopped and -wal/-shm are gone, SQLite must create them, which needs write access to the directory)",
+                path.display()
+            )
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn existing_database(settings: &Settings) -> anyhow::Result<&Path> {
+    let path = settings.database.path.as_path();
     if !path.exists() {
         bail!(
             "there is no outbox database at {}: set database.path (or --config) to the daemon's database, or create it with `mews-outbox migrate`",
             path.display()
         );
     }
-    create_or_open(settings).await
+    Ok(path)
 }
 
 async fn create_or_open(settings: &Settings) -> anyhow::Result<SqliteStore> {
     SqliteStore::open(&settings.database.path, settings.database.busy_timeout)
         .await
         .with_context(|| format!("cannot open {}", settings.database.path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cli_reads_the_packaged_configuration_only_when_none_is_given_and_it_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let system = dir.path().join("mews-outbox.toml");
+        let explicit = PathBuf::from("/srv/my.toml");
+        assert_eq!(config_file(None, &system), None, "a fresh clone: defaults");
+        std::fs::write(&system, "").unwrap();
+        assert_eq!(config_file(None, &system), Some(system.clone()));
+        assert_eq!(
+            config_file(Some(explicit.clone()), &system),
+            Some(explicit),
+            "--config wins"
+        );
+    }
 }

@@ -68,6 +68,11 @@ pub struct Settings {
     pub retention: RetentionSettings,
 }
 
+/// The configuration the CLI reads when given none (`--config`,
+/// `MEWS_OUTBOX_CONFIG`) and this file exists: the package's, which the unit
+/// passes to the daemon.
+pub const SYSTEM_CONFIG_FILE: &str = "/etc/mews-outbox/mews-outbox.toml";
+
 /// The database file name under systemd's `StateDirectory=`.
 pub const STATE_DIRECTORY_DATABASE: &str = "outbox.db";
 

@@ -19,11 +19,17 @@ use crate::config::{ConfigError, Settings, Sources};
 use crate::heartbeat::{Heartbeat, paused_accounts, status_line};
 use crate::mews::{ClientError, MewsClient};
 use crate::notify::{Liveness, Notifier, watchdog_interval};
+use crate::store::file::{DaemonLock, FileError, check_local_filesystem};
 use crate::store::{Outbox, SqliteStore, StoreError};
 use crate::worker::AccountWorker;
 
 /// How often `STATUS=` is refreshed for `systemctl status` (under systemd only).
 const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How often the daemon checks that its database path still leads to the
+/// file it opened: two `stat` calls, cheap enough to notice a deletion or
+/// replacement within a second.
+const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -31,6 +37,8 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Client(#[from] ClientError),
+    #[error(transparent)]
+    File(#[from] FileError),
 }
 
 /// Runs the daemon until `shutdown` is cancelled, then lets requests in
@@ -43,8 +51,11 @@ pub async fn run(
     mut reloads: mpsc::Receiver<()>,
 ) -> Result<(), DaemonError> {
     let notifier = Notifier::from_env();
+    // Refused before SQLite touches the file; locked before it is opened,
+    // so a second daemon neither migrates nor recovers anything.
+    check_local_filesystem(&settings.database.path)?;
+    let lock = DaemonLock::acquire(&settings.database.path)?;
     let store = SqliteStore::open(&settings.database.path, settings.database.busy_timeout).await?;
-    let _lock = store.lock_for_daemon()?;
     let recovered = store.recover_abandoned().await?;
     let client = MewsClient::new(&settings.mews)?;
     log_start(&settings, recovered);
@@ -69,9 +80,22 @@ pub async fn run(
     let mut beats = heartbeat_interval(&settings);
     let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut file_check = tokio::time::interval(FILE_CHECK_INTERVAL);
+    file_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut file_lost = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = file_check.tick() => {
+                if let Some(change) = lock.change() {
+                    tracing::error!(
+                        database = %settings.database.path.display(),
+                        "{change}; stopping with an error so that systemd restarts the daemon on the file now at that path (a missing one is created empty). If this was a mistake, stop the service and put the right database file back first"
+                    );
+                    file_lost = Some(change);
+                    break;
+                }
+            }
             Some(()) = reloads.recv() => {
                 notifier.reloading();
                 (settings, generation) =
@@ -102,6 +126,11 @@ pub async fn run(
     }
     pinger.cancel();
     store.close().await;
+    // The lock's descriptor is closed after SQLite's (see `DaemonLock`).
+    drop(lock);
+    if let Some(change) = file_lost {
+        return Err(FileError::Changed(change).into());
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! A PostgreSQL store (several daemons claiming with `FOR UPDATE SKIP
 //! LOCKED`, leases instead of start-up recovery) would implement the same trait.
 
+pub mod file;
 pub mod maintenance;
 pub mod sqlite;
 mod wal_watch;
@@ -174,10 +175,6 @@ pub enum StoreError {
     /// A producer-facing constraint refused the row.
     #[error("refused by the outbox table: {0}")]
     Refused(String),
-    #[error(
-        "another mews-outbox daemon is already running on {database} (it holds {lock}); stop it first"
-    )]
-    AlreadyRunning { database: String, lock: String },
     /// `dead requeue` named rows that are not dead: nothing was changed.
     #[error("nothing requeued: {0}")]
     NotDead(String),
@@ -187,11 +184,11 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot open the lock file {path}: {source}")]
-    Lock {
+    /// A read-only command found a schema it must not migrate.
+    #[error("the database {path} {problem}")]
+    Schema {
         path: String,
-        #[source]
-        source: std::io::Error,
+        problem: file::SchemaProblem,
     },
 }
 

@@ -2,7 +2,6 @@
 //! the daemon works; set-based claims and updates (one statement per batch).
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, SystemTime};
@@ -53,13 +52,6 @@ pub struct SqliteStore {
     path: PathBuf,
 }
 
-/// Proof that this process is the one daemon working on a database file;
-/// released when dropped (or when the process dies).
-#[derive(Debug)]
-pub struct DaemonLock {
-    _file: File,
-}
-
 impl SqliteStore {
     /// Opens (creating if missing) the database and applies pending migrations.
     pub async fn open(path: &Path, busy_timeout: Duration) -> Result<SqliteStore, StoreError> {
@@ -67,9 +59,20 @@ impl SqliteStore {
             path: path.display().to_string(),
             source,
         })?;
+        SqliteStore::open_existing(path, busy_timeout).await
+    }
+
+    /// Opens an existing database and applies pending migrations; never
+    /// creates the file. A connection opened later (the pools reconnect,
+    /// a reload watches again) fails on a missing file instead of creating
+    /// an empty one that no daemon serves.
+    pub async fn open_existing(
+        path: &Path,
+        busy_timeout: Duration,
+    ) -> Result<SqliteStore, StoreError> {
         let options = SqliteConnectOptions::new()
             .filename(path)
-            .create_if_missing(true)
+            .create_if_missing(false)
             // Only takes effect on a new file: lets housekeeping give pages back.
             .auto_vacuum(SqliteAutoVacuum::Incremental)
             .journal_mode(SqliteJournalMode::Wal)
@@ -81,6 +84,36 @@ impl SqliteStore {
             // need one) stay in memory instead of a temporary file.
             .pragma("temp_store", "memory")
             .busy_timeout(busy_timeout);
+        let store = SqliteStore::connect(path, options).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Opens an existing database read-only (SQLite `mode=ro`) for the
+    /// commands that only look: no migration, no journal-mode change, so it
+    /// works for a user who may only read the file. Such a user needs read
+    /// access to the database, its `-wal` and `-shm` files and their
+    /// directory; SQLite (3.22+) then reads the WAL without writing the
+    /// `-shm`. A schema other than the binary's is reported, not migrated.
+    pub async fn open_read_only(
+        path: &Path,
+        busy_timeout: Duration,
+    ) -> Result<SqliteStore, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .read_only(true)
+            .create_if_missing(false)
+            .pragma("temp_store", "memory")
+            .busy_timeout(busy_timeout);
+        let store = SqliteStore::connect(path, options).await?;
+        store.check_schema().await?;
+        Ok(store)
+    }
+
+    async fn connect(
+        path: &Path,
+        options: SqliteConnectOptions,
+    ) -> Result<SqliteStore, StoreError> {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options.clone())
@@ -89,14 +122,40 @@ impl SqliteStore {
             .max_connections(READ_CONNECTIONS)
             .connect_with(options.clone())
             .await?;
-        let store = SqliteStore {
+        Ok(SqliteStore {
             pool,
             writer,
             options,
             path: path.to_owned(),
+        })
+    }
+
+    /// Refuses a database whose applied migrations differ from the binary's.
+    async fn check_schema(&self) -> Result<(), StoreError> {
+        let has_table: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        )
+        .bind(MIGRATIONS_TABLE)
+        .fetch_one(&self.pool)
+        .await?;
+        let applied: Vec<i64> = if has_table == 0 {
+            Vec::new()
+        } else {
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT version FROM {MIGRATIONS_TABLE} WHERE success ORDER BY version"
+            )))
+            .fetch_all(&self.pool)
+            .await?
         };
-        store.migrate().await?;
-        Ok(store)
+        let known: Vec<i64> = sqlx::migrate!("./migrations")
+            .iter()
+            .filter(|m| !m.migration_type.is_down_migration())
+            .map(|m| m.version)
+            .collect();
+        super::file::schema_verdict(&applied, &known).map_err(|problem| StoreError::Schema {
+            path: self.path.display().to_string(),
+            problem,
+        })
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -108,34 +167,6 @@ impl SqliteStore {
 
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// Takes the per-database daemon lock (an advisory lock on
-    /// `<database>.lock`), refusing when another daemon holds it.
-    pub fn lock_for_daemon(&self) -> Result<DaemonLock, StoreError> {
-        let mut lock_path = self.path.clone().into_os_string();
-        lock_path.push(".lock");
-        let lock_path = PathBuf::from(lock_path);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|source| StoreError::Lock {
-                path: lock_path.display().to_string(),
-                source,
-            })?;
-        match file.try_lock() {
-            Ok(()) => Ok(DaemonLock { _file: file }),
-            Err(TryLockError::WouldBlock) => Err(StoreError::AlreadyRunning {
-                database: self.path.display().to_string(),
-                lock: lock_path.display().to_string(),
-            }),
-            Err(TryLockError::Error(source)) => Err(StoreError::Lock {
-                path: lock_path.display().to_string(),
-                source,
-            }),
-        }
     }
 
     /// Puts rows left `sending` by a previous daemon back to `pending`, to be
@@ -1331,14 +1362,6 @@ mod tests {
             ]
         );
         assert_eq!(status[0].dead, 7);
-    }
-
-    #[tokio::test]
-    async fn a_second_daemon_lock_is_refused() {
-        let (_dir, s) = store().await;
-        let _held = s.lock_for_daemon().unwrap();
-        let e = s.lock_for_daemon().unwrap_err();
-        assert!(matches!(e, StoreError::AlreadyRunning { .. }), "{e}");
     }
 
     /// `EXPLAIN QUERY PLAN` of a statement, one line per step.
