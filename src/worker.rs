@@ -23,7 +23,7 @@ use crate::limiter::{RateLimit, SlidingWindow};
 use crate::mews::{AddedMessage, MewsClient, Outcome, OutgoingMessage, ReadBack, Reply};
 use crate::notify::Pulse;
 use crate::reconcile;
-use crate::retry::{exponential, retry_delay};
+use crate::retry::{exponential, retry_delay, throttle_pause};
 use crate::store::{AccountPause, ClaimedRow, Outbox, RowOutcome, StoreError};
 
 /// Wait before trying the database again after it failed.
@@ -237,7 +237,15 @@ pub fn pause_length(
     let grown = exponential(streak, retry.pause_base, retry.pause_max);
     match (kind, at_least) {
         (PauseKind::RetryAfter, Some(after)) => after,
-        (PauseKind::Throttled, Some(after)) => after,
+        // A 429 always pauses: `Retry-After: 0` or a past date is no licence
+        // to hammer (see `throttle_pause`).
+        (PauseKind::Throttled, at_least) => throttle_pause(
+            at_least,
+            streak,
+            retry.base_delay,
+            retry.pause_base,
+            retry.pause_max,
+        ),
         (_, Some(after)) => grown.max(after),
         (_, None) => grown,
     }

@@ -1,0 +1,151 @@
+//! Pauses and rejections across requests and time: a 429 that asks for no
+//! wait still pauses the account; rejections of every message of a quiet
+//! account pause it instead of dead-lettering the queue one row at a time.
+//! The real binary against a real SQLite file and the fake Mews.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::daemon::{Env, insert_rows, threads, wait_for_status};
+use support::fake_mews::{FakeMews, GET_ALL_PATH, RetryAfter};
+
+// --- A 429 always pauses -----------------------------------------------------
+
+/// The floor of the 429 pause in these tests: `retry.base_delay`, doubling
+/// per pause in a row up to `retry.pause_max`.
+const FLOOR_BASE: Duration = Duration::from_millis(250);
+const PAUSE_MAX: Duration = Duration::from_secs(4);
+/// How long the fake answers every request with 429.
+const STRETCH: Duration = Duration::from_secs(3);
+
+/// Most requests that fit into `STRETCH` when each 429 pauses at least the
+/// floor: the n-th request comes at least `sum of the first n-1 floors`
+/// after the first one.
+fn requests_bound_during_stretch() -> usize {
+    let mut n = 1;
+    let mut elapsed = Duration::ZERO;
+    let mut floor = FLOOR_BASE;
+    loop {
+        elapsed += floor;
+        if elapsed >= STRETCH {
+            return n;
+        }
+        n += 1;
+        floor = (floor * 2).min(PAUSE_MAX);
+    }
+}
+
+/// Runs one row through a stretch of 429s carrying `retry_after`; returns
+/// the requests (every endpoint) that arrived during the stretch.
+async fn requests_during_a_stretch_of_429s(
+    retry_after: Option<RetryAfter>,
+    read_back_first: bool,
+) -> Vec<support::fake_mews::RequestRecord> {
+    let fake = FakeMews::start().await;
+    let env = Env::with(
+        &fake.base_url,
+        &[
+            ("base_delay", "\"250ms\""),
+            ("max_delay", "\"4s\""),
+            ("pause_max", "\"4s\""),
+        ],
+        "",
+    );
+    let db = env.producer().await;
+    insert_rows(&db, 1, &threads(1), "throttled").await;
+    if read_back_first {
+        // As if a previous request carrying it timed out: it is read back
+        // (messages/getAll) before it is sent again.
+        sqlx::query(
+            "UPDATE outbox SET needs_reconcile = 1, first_sent_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
+    }
+    let until = Instant::now() + STRETCH;
+    fake.throttle_until(until, retry_after);
+    let mut daemon = env.start();
+    daemon
+        .wait_for_log("Mews rate-limited this account (429)")
+        .await;
+    wait_for_status(&db, "delivered", 1).await;
+    assert_eq!(
+        fake.retry_after_violations(),
+        0,
+        "no request before a Retry-After ended"
+    );
+    fake.all_requests()
+        .into_iter()
+        .filter(|r| r.arrived < until)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_429_with_retry_after_0_still_pauses_for_the_growing_floor() {
+    let during =
+        requests_during_a_stretch_of_429s(Some(RetryAfter::Seconds(Duration::ZERO)), false).await;
+    let bound = requests_bound_during_stretch();
+    assert_eq!(
+        bound, 4,
+        "250ms, 500ms, 1s, 2s: the fourth pause ends after 3s"
+    );
+    assert!(!during.is_empty() && during.iter().all(|r| r.status == 429));
+    assert!(
+        during.len() <= bound,
+        "{} requests during {STRETCH:?} of 429s, at most {bound} allowed by the floor",
+        during.len()
+    );
+}
+
+#[tokio::test]
+async fn a_429_with_a_retry_after_date_in_the_past_still_pauses_for_the_growing_floor() {
+    let past = RetryAfter::DateAgo(Duration::from_secs(30));
+    let during = requests_during_a_stretch_of_429s(Some(past), false).await;
+    let bound = requests_bound_during_stretch();
+    assert!(!during.is_empty() && during.iter().all(|r| r.status == 429));
+    assert!(
+        during.len() <= bound,
+        "{} requests during {STRETCH:?} of 429s, at most {bound}",
+        during.len()
+    );
+}
+
+#[tokio::test]
+async fn a_429_with_retry_after_0_on_a_read_back_still_pauses_for_the_growing_floor() {
+    let during =
+        requests_during_a_stretch_of_429s(Some(RetryAfter::Seconds(Duration::ZERO)), true).await;
+    let bound = requests_bound_during_stretch();
+    assert!(
+        !during.is_empty()
+            && during
+                .iter()
+                .all(|r| r.path == GET_ALL_PATH && r.status == 429),
+        "only read-backs, all refused: {:?}",
+        during
+            .iter()
+            .map(|r| (&r.path, r.status))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        during.len() <= bound,
+        "{} read-backs during {STRETCH:?} of 429s, at most {bound}",
+        during.len()
+    );
+}
+
+#[tokio::test]
+async fn a_429_with_a_garbage_retry_after_pauses_like_one_without() {
+    let garbage = RetryAfter::Verbatim("soon, maybe".into());
+    let during = requests_during_a_stretch_of_429s(Some(garbage), false).await;
+    // Without a usable Retry-After the pause is pause_base (100ms in the
+    // test configuration) doubling: 100, 200, 400, 800, 1600 ms fit 5
+    // requests into 3 s (the sixth pause ends after 3.1 s).
+    assert!(
+        during.len() <= 5,
+        "{} requests during {STRETCH:?} of 429s",
+        during.len()
+    );
+}
