@@ -8,8 +8,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::daemon::{Env, insert_rows, threads, wait_for_status};
-use support::fake_mews::{FakeMews, GET_ALL_PATH, RetryAfter};
+use support::daemon::{Env, count, insert_rows, rows, threads, wait_for_rows, wait_for_status};
+use support::fake_mews::{FakeMews, Fault, GET_ALL_PATH, RetryAfter};
 
 // --- A 429 always pauses -----------------------------------------------------
 
@@ -148,4 +148,122 @@ async fn a_429_with_a_garbage_retry_after_pauses_like_one_without() {
         "{} requests during {STRETCH:?} of 429s",
         during.len()
     );
+}
+
+// --- Rejections across requests and time ------------------------------------
+
+/// Slow row retries (a held row is not sent again while the test enqueues
+/// the next one), quick account pauses.
+fn quiet_account(base_url: &str) -> Env {
+    Env::with(
+        base_url,
+        &[
+            ("base_delay", "\"1s\""),
+            ("max_delay", "\"2s\""),
+            ("max_attempts", "50"),
+            ("pause_base", "\"300ms\""),
+            ("pause_max", "\"1s\""),
+        ],
+        "",
+    )
+}
+
+async fn enqueue_one(db: &sqlx::SqlitePool, text: &str) -> i64 {
+    insert_rows(db, 1, &threads(1), text).await[0]
+}
+
+#[tokio::test]
+async fn a_quiet_account_whose_every_request_is_refused_pauses_instead_of_dead_lettering() {
+    let fake = FakeMews::start().await;
+    let forbidden = Fault::Status {
+        code: 403,
+        retry_after: None,
+        message: "The integration is not permitted to add messages".into(),
+    };
+    fake.script(std::iter::repeat_n(forbidden, 10_000));
+    let env = quiet_account(&fake.base_url);
+    let db = env.producer().await;
+    let mut daemon = env.start();
+
+    // One message at a time, each after the previous one was answered: no
+    // batch ever holds three, so only a memory across requests can tell.
+    for i in 0..2 {
+        let id = enqueue_one(&db, &format!("quiet {i}")).await;
+        wait_for_rows(&db, &format!("id = {id} AND last_error IS NOT NULL"), 1).await;
+        let error = rows(&db)
+            .await
+            .into_iter()
+            .find(|r| r.id == id)
+            .unwrap()
+            .last_error
+            .unwrap();
+        assert!(
+            error.starts_with("held pending a systemic-rejection verdict")
+                && error.contains("HTTP 403: The integration is not permitted to add messages"),
+            "{error}"
+        );
+    }
+    enqueue_one(&db, "quiet 2").await;
+    let alert = daemon.wait_for_log("ALERT").await;
+    assert!(
+        alert.contains("HTTP 403: The integration is not permitted"),
+        "{alert}"
+    );
+    daemon
+        .wait_for_log("account paused after a systemic rejection")
+        .await;
+    let reason: String = sqlx::query_scalar(
+        "SELECT pause_reason FROM outbox_account_state WHERE account = 'default' AND paused_until IS NOT NULL",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert!(reason.starts_with("systemic rejection: "), "{reason}");
+
+    // Two more arrive while it is paused; the probes after the pauses are
+    // refused alike, so it pauses again.
+    enqueue_one(&db, "quiet 3").await;
+    enqueue_one(&db, "quiet 4").await;
+    daemon
+        .wait_for_log("the probe after the pause was rejected again")
+        .await;
+    assert_eq!(
+        count(&db, "dead").await,
+        0,
+        "nothing dead-lettered while refused"
+    );
+
+    fake.clear_faults();
+    wait_for_status(&db, "delivered", 5).await;
+    assert_eq!(count(&db, "dead").await, 0);
+    assert_eq!(fake.accepted().len(), 5, "each delivered once");
+}
+
+#[tokio::test]
+async fn one_bad_message_on_a_quiet_account_is_dead_with_mews_reason_once_a_good_one_is_accepted() {
+    let fake = FakeMews::start().await;
+    fake.set_poison(|text| text.starts_with("bad"));
+    let env = quiet_account(&fake.base_url);
+    let db = env.producer().await;
+    let daemon = env.start();
+
+    let bad = enqueue_one(&db, "bad").await;
+    wait_for_rows(&db, &format!("id = {bad} AND last_error IS NOT NULL"), 1).await;
+    assert_eq!(
+        count(&db, "dead").await,
+        0,
+        "held until the account is judged"
+    );
+    enqueue_one(&db, "good").await;
+    wait_for_status(&db, "delivered", 1).await;
+    wait_for_status(&db, "dead", 1).await;
+
+    let row = rows(&db).await.into_iter().find(|r| r.id == bad).unwrap();
+    let error = row.last_error.unwrap();
+    assert!(
+        error.starts_with("HTTP 403: poisoned: bad 0") && error.contains("RequestId"),
+        "Mews's own reason: {error}"
+    );
+    assert!(!daemon.log().contains("ALERT"), "{}", daemon.log());
+    assert_eq!(fake.accepted().len(), 1);
 }

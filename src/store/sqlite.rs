@@ -740,6 +740,35 @@ impl Outbox for SqliteStore {
         Ok(())
     }
 
+    async fn dead_letter_held(
+        &self,
+        rows: &[(i64, String)],
+        held_prefix: &str,
+        now: SystemTime,
+    ) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<_> = rows
+            .iter()
+            .map(|(id, error)| json!({"id": id, "error": error}))
+            .collect();
+        // substr, not LIKE: the prefix is text, not a pattern. The attempt
+        // was counted when the row was held.
+        sqlx::query(
+            "UPDATE outbox SET status = 'dead', dead_at = ?2, last_error = u.value ->> 'error'
+             FROM json_each(?1) AS u
+             WHERE outbox.id = u.value ->> 'id' AND +outbox.status = 'pending'
+               AND substr(outbox.last_error, 1, length(?3)) = ?3",
+        )
+        .bind(serde_json::Value::Array(rows).to_string())
+        .bind(timestamp(now))
+        .bind(held_prefix)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
     async fn owned_message_ids(&self, ids: &[&str]) -> Result<HashSet<String>, StoreError> {
         if ids.is_empty() {
             return Ok(HashSet::new());
