@@ -674,8 +674,9 @@ impl<S: Outbox> AccountWorker<S> {
             })
             .await;
         match result {
-            Ok(()) => tracing::warn!(
-                account = %self.account, rows = dead.len(), error = %dead.first().map_or("", |(_, e)| e.as_str()),
+            Ok(0) => {}
+            Ok(rows) => tracing::warn!(
+                account = %self.account, rows, error = %dead.first().map_or("", |(_, e)| e.as_str()),
                 "held rejected messages are dead: Mews accepted a request of this account since, so the rejection was theirs; see `mews-outbox dead list`"
             ),
             // They stay pending, held: sent again when due and judged then.
@@ -1243,6 +1244,16 @@ mod tests {
         assert_eq!(
             pause_length(kind, None, 3, &retry()),
             Duration::from_secs(120)
+        );
+        assert_eq!(
+            pause_length(kind, Some(Duration::ZERO), 1, &retry()),
+            Duration::from_secs(1),
+            "Retry-After: 0 still pauses for base_delay"
+        );
+        assert_eq!(
+            pause_length(kind, Some(Duration::ZERO), 3, &retry()),
+            Duration::from_secs(4),
+            "and longer while 429s repeat"
         );
     }
 

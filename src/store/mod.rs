@@ -240,13 +240,14 @@ pub trait Outbox: Clone + Send + Sync + 'static {
     /// Makes `dead` (with these errors) rows that still wait `pending`
     /// with a last error starting with `held_prefix`: held rejections that
     /// turned out to be the rows' own. A row changed meanwhile (claimed,
-    /// delivered, requeued by an operator) is left alone.
+    /// delivered, requeued by an operator) is left alone. Returns how many
+    /// became dead.
     fn dead_letter_held(
         &self,
         rows: &[(i64, String)],
         held_prefix: &str,
         now: SystemTime,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Which of these Mews message Ids a row of ours already owns.
     fn owned_message_ids(
