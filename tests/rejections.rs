@@ -279,3 +279,41 @@ async fn one_bad_message_on_a_quiet_account_is_dead_with_mews_reason_once_a_good
     assert!(!daemon.log().contains("ALERT"), "{}", daemon.log());
     assert_eq!(fake.accepted().len(), 1);
 }
+
+// --- Every request counts -----------------------------------------------------
+
+#[tokio::test]
+async fn failed_requests_count_in_our_rate_limit_as_they_do_at_mews() {
+    // The fake counts every request, failed or not, like Mews's window.
+    let fake = FakeMews::start_with(support::fake_mews::FakeOptions {
+        rate_limit: Some((4, Duration::from_secs(2))),
+        ..Default::default()
+    })
+    .await;
+    fake.script(std::iter::repeat_n(Fault::status(503), 8));
+    let env = Env::with(
+        &fake.base_url,
+        &[
+            ("rate_limit", "\"4/2s\""),
+            ("batch_size", "1"),
+            ("max_attempts", "50"),
+            ("breaker_failures", "100"),
+        ],
+        "",
+    );
+    let db = env.producer().await;
+    insert_rows(&db, 8, &threads(8), "counted").await;
+    let _daemon = env.start();
+    wait_for_status(&db, "delivered", 8).await;
+
+    let requests = fake.requests();
+    let failed = requests.iter().filter(|r| r.status == 503).count();
+    let refused = requests.iter().filter(|r| r.status == 429).count();
+    println!(
+        "every request counts: requests={} failed={failed} refused_by_the_window={refused}",
+        requests.len()
+    );
+    assert_eq!(failed, 8, "the scripted failures were sent");
+    assert_eq!(refused, 0, "our window counted the failed requests too");
+    assert_eq!(fake.retry_after_violations(), 0);
+}
