@@ -70,6 +70,7 @@ async fn main() -> std::io::Result<()> {
         sender_as_string: args.sender_as_string,
         shuffle_responses: !args.no_shuffle,
         rate_limit: args.rate_limit,
+        retry_after_as_date: false,
         poison: None,
         verbose: true,
     };

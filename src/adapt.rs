@@ -1,9 +1,10 @@
 //! How one account adapts to what Mews answers over many requests: the
-//! batch size ([`BatchLimit`]), the circuit breaker ([`Breaker`]) and the
-//! systemic-rejection watch ([`RejectionWatch`]). Pure state machines fed
-//! with outcomes; the worker does the I/O and the logging.
+//! batch size ([`BatchLimit`]), the circuit breaker ([`Breaker`]), the
+//! systemic-rejection watch within one batch ([`RejectionWatch`]) and across
+//! batches and time ([`RejectionStreak`]). Pure state machines fed with
+//! outcomes; the worker does the I/O and the logging.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use crate::mews::{Outcome, without_request_id};
 use crate::store::{ClaimedRow, RowOutcome};
@@ -301,6 +302,118 @@ impl RejectionWatch {
     }
 }
 
+/// Starts the `last_error` of a row held by a [`RejectionStreak`]: it waits
+/// `pending`, neither dead nor delivered, until the account is judged.
+pub const HELD_PREFIX: &str = "held pending a systemic-rejection verdict";
+
+/// Rejected single messages of one account across batches and time (the
+/// account's memory, where [`RejectionWatch`] sees one batch only).
+///
+/// Rule: a single message rejected (400/403) while no accepted request
+/// proves the account works is **held**, not dead: it goes back to
+/// `pending` (last error starting with [`HELD_PREFIX`]). When
+/// [`SYSTEMIC_SAMPLE`] different messages in a row are rejected with the
+/// same status and Mews message (RequestId aside), with no request accepted
+/// in between, however many batches and however much time that takes, the
+/// rejection is systemic: the account pauses and the held rows are released
+/// (they were not at fault). While systemic, one single message probes after
+/// each pause; rejected alike, the account pauses again (longer). The next
+/// accepted request ends it all: rows still held were rejected while the
+/// account worked, so their rejection was theirs and they are dead. A
+/// rejection for another reason also proves the messages are judged one by
+/// one: the rows held so far are dead, the new one starts a new streak.
+/// Other replies (429, 5xx, timeouts, 401) prove nothing and change nothing.
+#[derive(Debug, Clone, Default)]
+pub struct RejectionStreak {
+    state: Streak,
+}
+
+#[derive(Debug, Clone, Default)]
+enum Streak {
+    /// No rejection since the last accepted request.
+    #[default]
+    Clear,
+    /// Rows rejected alike with `error` (without RequestId), by id, with
+    /// Mews's whole error each.
+    Open {
+        error: String,
+        held: BTreeMap<i64, String>,
+    },
+    /// Judged systemic with `error`; the account probes with one message.
+    Systemic { error: String },
+}
+
+/// What to do with a rejected single message, as far as the streak goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreakVerdict {
+    /// Hold the row (pending, [`HELD_PREFIX`]). `dead`: rows held before
+    /// whose rejection turned out to be their own (row id, Mews's error).
+    Hold { dead: Vec<(i64, String)> },
+    /// Systemic: release the row, pause the account. `rows`: every row of
+    /// the streak, this one included (the earlier ones wait `pending`).
+    Systemic { error: String, rows: Vec<i64> },
+}
+
+impl RejectionStreak {
+    /// Feeds a single message `id` that Mews rejected with `error`.
+    pub fn rejected(&mut self, id: i64, error: &str) -> StreakVerdict {
+        let alike = without_request_id(error);
+        let hold = |dead| StreakVerdict::Hold { dead };
+        match &mut self.state {
+            Streak::Systemic { error: e } if *e == alike => StreakVerdict::Systemic {
+                error: alike,
+                rows: vec![id],
+            },
+            Streak::Open { error: e, held } if *e == alike => {
+                held.insert(id, error.to_owned());
+                if held.len() < SYSTEMIC_SAMPLE {
+                    return hold(Vec::new());
+                }
+                let rows = held.keys().copied().collect();
+                self.state = Streak::Systemic {
+                    error: alike.clone(),
+                };
+                StreakVerdict::Systemic { error: alike, rows }
+            }
+            _ => {
+                let dead = match std::mem::take(&mut self.state) {
+                    Streak::Open { held, .. } => held.into_iter().collect(),
+                    _ => Vec::new(),
+                };
+                self.state = Streak::Open {
+                    error: alike,
+                    held: BTreeMap::from([(id, error.to_owned())]),
+                };
+                hold(dead)
+            }
+        }
+    }
+
+    /// A request was accepted: the account works. Returns the rows still
+    /// held, now dead with their own error; `except` (the request's own
+    /// rows) are not among them.
+    pub fn accepted(&mut self, except: &[i64]) -> Vec<(i64, String)> {
+        match std::mem::take(&mut self.state) {
+            Streak::Open { held, .. } => held
+                .into_iter()
+                .filter(|(id, _)| !except.contains(id))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// [`RejectionWatch`] judged a batch systemic with `error`.
+    pub fn systemic(&mut self, error: String) {
+        self.state = Streak::Systemic { error };
+    }
+
+    /// Judged systemic: the next request is one single message (a probe),
+    /// not a batch that would be bisected again.
+    pub fn probing(&self) -> bool {
+        matches!(self.state, Streak::Systemic { .. })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -494,5 +607,101 @@ mod tests {
         let mut queue = VecDeque::from([rows(2..=3)]);
         watch.observe(&rows(1..=1), &rejected("a"), &dead(1), &mut queue);
         assert_eq!(watch.finish(), dead(1));
+    }
+
+    const FORBIDDEN: &str = "HTTP 403: Forbidden thread";
+
+    fn forbidden(request_id: &str) -> String {
+        format!("{FORBIDDEN} (RequestId {request_id})")
+    }
+
+    #[test]
+    fn three_messages_rejected_alike_in_a_row_across_requests_are_systemic() {
+        let mut streak = RejectionStreak::default();
+        let hold = StreakVerdict::Hold { dead: Vec::new() };
+        assert_eq!(streak.rejected(1, &forbidden("a")), hold);
+        assert_eq!(
+            streak.rejected(1, &forbidden("b")),
+            hold,
+            "the same row again is no new evidence"
+        );
+        assert_eq!(streak.rejected(2, &forbidden("c")), hold);
+        assert!(!streak.probing());
+        assert_eq!(
+            streak.rejected(3, &forbidden("d")),
+            StreakVerdict::Systemic {
+                error: FORBIDDEN.into(),
+                rows: vec![1, 2, 3]
+            }
+        );
+        assert!(streak.probing(), "after the pause one message probes");
+        assert_eq!(
+            streak.rejected(4, &forbidden("e")),
+            StreakVerdict::Systemic {
+                error: FORBIDDEN.into(),
+                rows: vec![4]
+            },
+            "a probe rejected alike pauses again"
+        );
+        assert_eq!(
+            streak.accepted(&[5]),
+            [],
+            "released rows are not dead when it works again"
+        );
+        assert!(!streak.probing());
+    }
+
+    #[test]
+    fn an_accepted_request_makes_the_held_rejections_dead_with_mews_reason() {
+        let mut streak = RejectionStreak::default();
+        streak.rejected(1, &forbidden("a"));
+        streak.rejected(2, &forbidden("b"));
+        assert_eq!(
+            streak.accepted(&[2]),
+            [(1, forbidden("a"))],
+            "row 2 was in the accepted request itself"
+        );
+        assert_eq!(
+            streak.rejected(3, &forbidden("c")),
+            StreakVerdict::Hold { dead: Vec::new() },
+            "the streak starts again"
+        );
+        streak.rejected(4, &forbidden("d"));
+        assert_eq!(
+            streak.accepted(&[]),
+            [(3, forbidden("c")), (4, forbidden("d"))]
+        );
+    }
+
+    #[test]
+    fn a_rejection_for_another_reason_makes_the_held_ones_dead_and_starts_a_new_streak() {
+        let mut streak = RejectionStreak::default();
+        streak.rejected(1, &forbidden("a"));
+        streak.rejected(2, &forbidden("b"));
+        let invalid = "HTTP 400: Invalid Text (RequestId x)";
+        assert_eq!(
+            streak.rejected(3, invalid),
+            StreakVerdict::Hold {
+                dead: vec![(1, forbidden("a")), (2, forbidden("b"))]
+            }
+        );
+        assert_eq!(streak.accepted(&[]), [(3, invalid.to_owned())]);
+    }
+
+    #[test]
+    fn a_batch_judged_systemic_makes_the_next_request_a_single_probe() {
+        let mut streak = RejectionStreak::default();
+        streak.systemic(FORBIDDEN.into());
+        assert!(streak.probing());
+        assert!(matches!(
+            streak.rejected(9, &forbidden("z")),
+            StreakVerdict::Systemic { .. }
+        ));
+        let other = streak.rejected(10, "HTTP 400: Invalid Text (RequestId y)");
+        assert_eq!(other, StreakVerdict::Hold { dead: Vec::new() });
+        assert!(
+            !streak.probing(),
+            "another error: judged message by message"
+        );
     }
 }

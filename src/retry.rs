@@ -15,6 +15,27 @@ pub fn exponential(n: u32, base: Duration, max: Duration) -> Duration {
     base.saturating_mul(1u32 << doublings.min(31)).min(max)
 }
 
+/// How long a 429 pauses the account, the `streak`-th pause in a row
+/// (1-based). With a `Retry-After`: that, but never less than the floor
+/// `base_delay · 2^(n-1)` (capped at `pause_max`), so that `Retry-After: 0`,
+/// a date already past or a clock ahead of Mews's cannot make the daemon
+/// hammer an account that keeps answering 429; the floor starts at the small
+/// `base_delay`, so an honest `Retry-After` of a few seconds is what decides.
+/// Without one (absent or unreadable): `pause_base · 2^(n-1)` up to
+/// `pause_max`, as for the other pauses.
+pub fn throttle_pause(
+    retry_after: Option<Duration>,
+    streak: u32,
+    base_delay: Duration,
+    pause_base: Duration,
+    pause_max: Duration,
+) -> Duration {
+    match retry_after {
+        Some(after) => after.max(exponential(streak, base_delay, pause_max)),
+        None => exponential(streak, pause_base, pause_max),
+    }
+}
+
 /// Delay before retrying a row whose `attempt`-th delivery attempt (1-based)
 /// just failed: "equal jitter" over the capped exponential, i.e. a uniform
 /// value in `[d/2, d]` where `d = exponential(attempt, base, max)`.
@@ -86,7 +107,46 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_429_pauses_at_least_the_growing_floor_whatever_its_retry_after_says() {
+        let (base, pause_base, max) = (S, Duration::from_secs(30), Duration::from_secs(900));
+        let zero: Vec<u64> = (1..=12)
+            .map(|n| throttle_pause(Some(Duration::ZERO), n, base, pause_base, max).as_secs())
+            .collect();
+        assert_eq!(zero, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 900, 900]);
+        assert_eq!(
+            throttle_pause(Some(Duration::from_secs(7)), 1, base, pause_base, max),
+            Duration::from_secs(7),
+            "an honest Retry-After of a few seconds decides"
+        );
+        assert_eq!(
+            throttle_pause(Some(Duration::from_secs(7)), 4, base, pause_base, max),
+            Duration::from_secs(8),
+            "repeated 429s outgrow it"
+        );
+        assert_eq!(
+            throttle_pause(Some(MAX_RETRY_AFTER), 1, base, pause_base, max),
+            MAX_RETRY_AFTER,
+            "a long Retry-After is not cut to pause_max"
+        );
+        assert_eq!(throttle_pause(None, 1, base, pause_base, max), pause_base);
+        assert_eq!(
+            throttle_pause(None, 3, base, pause_base, max),
+            Duration::from_secs(120)
+        );
+    }
+
     proptest! {
+        #[test]
+        fn a_429_never_pauses_less_than_the_floor(after_s in proptest::option::of(0u64..4000), n in 1u32..64) {
+            let max = Duration::from_secs(900);
+            let d = throttle_pause(after_s.map(Duration::from_secs), n, S, Duration::from_secs(30), max);
+            prop_assert!(d >= exponential(n, S, max));
+            if let Some(a) = after_s {
+                prop_assert!(d >= Duration::from_secs(a));
+            }
+        }
+
         #[test]
         fn the_ceiling_is_monotone_up_to_the_cap(n in 1u32..200, base_ms in 1u64..10_000, max_s in 1u64..100_000) {
             let base = Duration::from_millis(base_ms);

@@ -17,13 +17,16 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::adapt::{BatchLimit, Breaker, RejectionWatch, SYSTEMIC_SAMPLE};
+use crate::adapt::{
+    BatchLimit, Breaker, HELD_PREFIX, RejectionStreak, RejectionWatch, SYSTEMIC_SAMPLE,
+    StreakVerdict,
+};
 use crate::config::{DeliverySettings, RetrySettings};
 use crate::limiter::{RateLimit, SlidingWindow};
 use crate::mews::{AddedMessage, MewsClient, Outcome, OutgoingMessage, ReadBack, Reply};
 use crate::notify::Pulse;
 use crate::reconcile;
-use crate::retry::{exponential, retry_delay};
+use crate::retry::{exponential, retry_delay, throttle_pause};
 use crate::store::{AccountPause, ClaimedRow, Outbox, RowOutcome, StoreError};
 
 /// Wait before trying the database again after it failed.
@@ -249,7 +252,15 @@ pub fn pause_length(
     let grown = exponential(streak, retry.pause_base, retry.pause_max);
     match (kind, at_least) {
         (PauseKind::RetryAfter, Some(after)) => after,
-        (PauseKind::Throttled, Some(after)) => after,
+        // A 429 always pauses: `Retry-After: 0` or a past date is no licence
+        // to hammer (see `throttle_pause`).
+        (PauseKind::Throttled, at_least) => throttle_pause(
+            at_least,
+            streak,
+            retry.base_delay,
+            retry.pause_base,
+            retry.pause_max,
+        ),
         (_, Some(after)) => grown.max(after),
         (_, None) => grown,
     }
@@ -307,6 +318,10 @@ pub struct AccountWorker<S: Outbox> {
     batch: BatchLimit,
     /// Consecutive failed requests, for the circuit breaker.
     breaker: Breaker,
+    /// Rejected single messages since the last accepted request, across
+    /// batches (systemic rejection of a quiet account). Not stored: after a
+    /// restart the held rows are sent again when due and judged afresh.
+    rejections: RejectionStreak,
     /// Tells the watchdog this loop is alive (see [`crate::notify::Liveness`]).
     pulse: Option<Pulse>,
 }
@@ -342,6 +357,7 @@ impl<S: Outbox> AccountWorker<S> {
             limiter: SlidingWindow::new(rate_limit),
             batch,
             breaker,
+            rejections: RejectionStreak::default(),
             pulse: None,
         }
     }
@@ -417,11 +433,14 @@ impl<S: Outbox> AccountWorker<S> {
             return Step::Stopping;
         }
         let now = SystemTime::now();
-        let rows = match self
-            .store
-            .claim(&self.account, now, self.batch.current())
-            .await
-        {
+        // After a systemic pause one message probes: a batch would only be
+        // bisected down to a single rejection again.
+        let limit = if self.rejections.probing() {
+            1
+        } else {
+            self.batch.current()
+        };
+        let rows = match self.store.claim(&self.account, now, limit).await {
             Ok(rows) => rows,
             Err(e) => {
                 self.store_failed("claim rows", &e);
@@ -469,6 +488,9 @@ impl<S: Outbox> AccountWorker<S> {
 
         let mut queue = VecDeque::from([rows]);
         let mut watch = RejectionWatch::default();
+        // An accepted request of this batch proves the account works: a
+        // single rejected after it is its own fault, at once.
+        let mut accepted_in_batch = false;
         while let Some(batch) = queue.pop_front() {
             if batch.is_empty() {
                 continue;
@@ -515,8 +537,20 @@ impl<S: Outbox> AccountWorker<S> {
                 );
             }
             let judged = watch.observe(&batch, &reply.outcome, &decision.rows, &mut queue);
+            if matches!(reply.outcome, Outcome::Accepted { .. }) {
+                accepted_in_batch = true;
+                let sent: Vec<i64> = batch.iter().map(|r| r.id).collect();
+                let dead = self.rejections.accepted(&sent);
+                self.dead_letter_held(&dead).await;
+            }
+            let mut streak = None;
             if judged.record {
-                self.record(&decision.rows).await;
+                match (batch.as_slice(), &reply.outcome) {
+                    ([row], Outcome::Rejected { error }) if !accepted_in_batch => {
+                        streak = self.hold_rejected(row, error).await;
+                    }
+                    _ => self.record(&decision.rows).await,
+                }
             }
             self.record(&judged.flush).await;
             if let Some(systemic) = judged.systemic {
@@ -532,6 +566,7 @@ impl<S: Outbox> AccountWorker<S> {
                     "ALERT: Mews rejected {SYSTEMIC_SAMPLE} single messages from across the batch with the same error and accepted none: this looks systemic (a daemon bug, a proxy answering for Mews, a revoked permission), not bad messages; nothing is dead-lettered, the account pauses"
                 );
                 self.record(&released).await;
+                self.rejections.systemic(systemic.error.clone());
                 self.pause(
                     PauseKind::Systemic,
                     format!(
@@ -543,6 +578,20 @@ impl<S: Outbox> AccountWorker<S> {
                 .await;
                 return;
             }
+            if let Some(reason) = streak {
+                // The rejected row (still `sending`) and the rest of the
+                // claim go back untouched; the streak's earlier rows already
+                // wait `pending`.
+                let released: Vec<_> = batch
+                    .iter()
+                    .map(|r| r.id)
+                    .chain(queue.drain(..).flatten().map(|r| r.id))
+                    .map(|id| (id, RowOutcome::Release))
+                    .collect();
+                self.record(&released).await;
+                self.pause(PauseKind::Systemic, reason, None).await;
+                return;
+            }
             self.adapt(&reply, &decision).await;
             for half in decision.split.into_iter().rev() {
                 queue.push_front(half);
@@ -550,6 +599,103 @@ impl<S: Outbox> AccountWorker<S> {
         }
         let held = watch.finish();
         self.record(&held).await;
+    }
+
+    /// A single message was rejected with nothing accepted since the
+    /// streak began: hold it (or, once the streak is systemic, return the
+    /// pause reason; the caller releases the row and pauses).
+    async fn hold_rejected(&mut self, row: &ClaimedRow, error: &str) -> Option<String> {
+        let probing = self.rejections.probing();
+        let (alike, rows) = match self.rejections.rejected(row.id, error) {
+            StreakVerdict::Systemic { error, rows } => (error, rows),
+            StreakVerdict::Hold { dead } => {
+                self.dead_letter_held(&dead).await;
+                let attempt = row.attempts.saturating_add(1);
+                let outcome = if attempt >= self.retry.max_attempts {
+                    RowOutcome::Dead {
+                        error: format!(
+                            "{error} (gave up after {attempt} attempts, held pending a systemic-rejection verdict)"
+                        ),
+                    }
+                } else {
+                    // Its own retry schedule: if nothing else comes, it is
+                    // sent again (a probe of its own) and judged by
+                    // max_attempts at the latest.
+                    let delay = retry_delay(
+                        attempt,
+                        self.retry.base_delay,
+                        self.retry.max_delay,
+                        fastrand::f64(),
+                        None,
+                    );
+                    RowOutcome::Retry {
+                        at: SystemTime::now() + delay,
+                        error: format!(
+                            "{HELD_PREFIX} (Mews accepted no request of this account since; dead with this error once one is accepted, systemic after {SYSTEMIC_SAMPLE} rejected alike): {error}"
+                        ),
+                        attempt: true,
+                        maybe_stored: false,
+                    }
+                };
+                tracing::warn!(
+                    account = %self.account, row = row.id, error = %error,
+                    "a message Mews rejected is held, not dead-lettered, until a request of this account is accepted (then it is dead) or {SYSTEMIC_SAMPLE} messages in a row are rejected alike (then the account pauses); nothing to do unless more follow"
+                );
+                self.record(&[(row.id, outcome)]).await;
+                return None;
+            }
+        };
+        if probing {
+            return Some(format!(
+                "the probe after the pause was rejected again with {alike}"
+            ));
+        }
+        tracing::error!(
+            account = %self.account, rows_held = rows.len(), error = %alike,
+            "ALERT: Mews rejected {SYSTEMIC_SAMPLE} single messages in a row, across requests, with the same error and accepted none: this looks systemic (a daemon bug, a proxy answering for Mews, a revoked permission), not bad messages; nothing is dead-lettered, the account pauses"
+        );
+        Some(format!(
+            "{} single messages in a row rejected with {alike}, none accepted",
+            rows.len()
+        ))
+    }
+
+    /// Held rows whose rejection turned out to be their own become dead.
+    async fn dead_letter_held(&self, dead: &[(i64, String)]) {
+        if dead.is_empty() {
+            return;
+        }
+        let attempt = || async {
+            self.busy("recording outcomes", STORE_STEP_BUDGET);
+            self.store
+                .dead_letter_held(dead, HELD_PREFIX, SystemTime::now())
+                .await
+        };
+        let result = attempt
+            .retry(
+                ExponentialBuilder::new()
+                    .with_min_delay(Duration::from_millis(50))
+                    .with_max_delay(Duration::from_secs(5))
+                    .with_jitter()
+                    .without_max_times(),
+            )
+            .sleep(tokio::time::sleep)
+            .when(|_| !self.shutdown.is_cancelled())
+            .notify(|e, wait| {
+                tracing::error!(account = %self.account, rows = dead.len(), error = %e, retry_in = ?wait, "cannot record delivery outcomes; retrying");
+            })
+            .await;
+        match result {
+            Ok(0) => {}
+            Ok(rows) => tracing::warn!(
+                account = %self.account, rows, error = %dead.first().map_or("", |(_, e)| e.as_str()),
+                "held rejected messages are dead: Mews accepted a request of this account since, so the rejection was theirs; see `mews-outbox dead list`"
+            ),
+            // They stay pending, held: sent again when due and judged then.
+            Err(e) => {
+                tracing::error!(account = %self.account, rows = dead.len(), error = %e, "stopping before held rejected messages could be dead-lettered; they are sent again after restart")
+            }
+        }
     }
 
     fn is_paused(&self) -> bool {
@@ -1119,6 +1265,16 @@ mod tests {
         assert_eq!(
             pause_length(kind, None, 3, &retry()),
             Duration::from_secs(120)
+        );
+        assert_eq!(
+            pause_length(kind, Some(Duration::ZERO), 1, &retry()),
+            Duration::from_secs(1),
+            "Retry-After: 0 still pauses for base_delay"
+        );
+        assert_eq!(
+            pause_length(kind, Some(Duration::ZERO), 3, &retry()),
+            Duration::from_secs(4),
+            "and longer while 429s repeat"
         );
     }
 

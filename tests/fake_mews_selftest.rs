@@ -10,10 +10,11 @@ mod fake_mews;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use fake_mews::{
     ADD_PATH, CONFIGURATION_PATH, FAKE_ENTERPRISE_ID, FakeMews, FakeOptions, Fault, GET_ALL_PATH,
+    RetryAfter,
 };
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -753,4 +754,65 @@ async fn get_all_faults_are_scripted_apart_from_add_faults() {
         })
         .collect();
     assert_eq!(faults, [None, Some(500), Some(429), None]);
+}
+
+#[tokio::test]
+async fn every_request_counts_in_the_rate_window_and_early_arrivals_are_counted() {
+    let fake = FakeMews::start_with(FakeOptions {
+        rate_limit: Some((3, Duration::from_secs(60))),
+        valid_tokens: Some(vec![("client".into(), "access".into())]),
+        ..FakeOptions::default()
+    })
+    .await;
+    // A scripted failure, a 401 and a configuration/get fill the window.
+    fake.script([Fault::status(500)]);
+    post(&fake, ADD_PATH, &add_body(&[(Some("1"), "a")]))
+        .await
+        .assert_error(500, "Scripted failure 500");
+    let mut wrong_client = add_body(&[(Some("2"), "b")]);
+    wrong_client["ClientToken"] = json!("wrong");
+    post(&fake, ADD_PATH, &wrong_client)
+        .await
+        .assert_error(401, "Invalid access token");
+    let check = json!({"ClientToken": "client", "AccessToken": "access", "Client": "selftest 1.0"});
+    assert_eq!(post(&fake, CONFIGURATION_PATH, &check).await.status, 200);
+    let limited = post(&fake, GET_ALL_PATH, &get_all_body(10, None)).await;
+    limited.assert_error(429, "Too many requests");
+    assert_eq!(limited.retry_after.as_deref(), Some("60"));
+    assert_eq!(fake.retry_after_violations(), 0);
+
+    // Too early, on another endpoint: counted; the HTTP-date form is made
+    // when the answer is.
+    fake.update_options(|o| o.retry_after_as_date = true);
+    let dated = post(&fake, CONFIGURATION_PATH, &check).await;
+    assert_eq!(dated.status, 429);
+    let at = httpdate::parse_http_date(dated.retry_after.as_deref().unwrap()).unwrap();
+    assert!(at > SystemTime::now() + Duration::from_secs(55), "{at:?}");
+    assert_eq!(fake.retry_after_violations(), 1);
+
+    // Scripted faults carry either form, made at response time, and the
+    // stretch of 429s answers every endpoint.
+    let other = FakeMews::start().await;
+    other.script([Fault::status_retry_at(
+        503,
+        RetryAfter::DateIn(Duration::from_secs(30)),
+    )]);
+    let answer = post(&other, ADD_PATH, &add_body(&[(Some("1"), "a")])).await;
+    assert_eq!(answer.status, 503);
+    let at = httpdate::parse_http_date(answer.retry_after.as_deref().unwrap()).unwrap();
+    assert!(at >= SystemTime::now() + Duration::from_secs(28), "{at:?}");
+    other.throttle_until(
+        Instant::now() + Duration::from_secs(60),
+        Some(RetryAfter::Seconds(Duration::ZERO)),
+    );
+    let answer = post(&other, GET_ALL_PATH, &get_all_body(10, None)).await;
+    assert_eq!(
+        (answer.status, answer.retry_after.as_deref()),
+        (429, Some("0"))
+    );
+    assert_eq!(
+        other.retry_after_violations(),
+        1,
+        "the getAll came before the 503's date"
+    );
 }

@@ -7,7 +7,7 @@
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use support::daemon::{
     Env, WAIT, count, insert_rows, rows, threads, wait_for_status, wait_for_status_within,
@@ -15,7 +15,7 @@ use support::daemon::{
 
 /// Limit for the large scenarios (debug build, a loaded 2-core machine).
 const LONG: Duration = Duration::from_secs(300);
-use support::fake_mews::{FakeMews, Fault, StoredMessage};
+use support::fake_mews::{FakeMews, Fault, RetryAfter, StoredMessage};
 
 /// Messages stored more than once, by text.
 fn duplicates(accepted: &[StoredMessage]) -> HashMap<String, usize> {
@@ -120,17 +120,23 @@ async fn chaos_every_row_ends_delivered_or_dead_and_retry_after_is_honoured() {
     let mut rng = fastrand::Rng::with_seed(7);
     let fake = FakeMews::start().await;
     let mut faults = Vec::new();
-    // Arrivals are Instants; this anchor converts them to wall-clock time.
-    let (anchor_wall, anchor) = (SystemTime::now(), std::time::Instant::now());
-    for _ in 0..60 {
+    // Both forms of Retry-After, written when the fake answers (a date made
+    // now would be past by the time it is sent, and prove nothing).
+    let retry_after = |rng: &mut fastrand::Rng| {
         let ahead = Duration::from_secs(rng.u64(1..=4));
-        let retry_at = httpdate::fmt_http_date(SystemTime::now() + ahead);
+        if rng.bool() {
+            RetryAfter::Seconds(ahead)
+        } else {
+            RetryAfter::DateIn(ahead)
+        }
+    };
+    for _ in 0..60 {
         faults.push(match rng.u8(0..10) {
             0 => Fault::status(500),
             1 => Fault::status(503),
             2 => Fault::status(408),
-            3 => Fault::status_retry_after(429, "1"),
-            4 => Fault::status_retry_after(429, retry_at),
+            3 => Fault::status_retry_at(429, RetryAfter::Seconds(Duration::from_secs(1))),
+            4 => Fault::status_retry_at(429, retry_after(&mut rng)),
             5 => Fault::status(429),
             6 => Fault::DropBeforeStore,
             7 => Fault::DropAfterStore,
@@ -144,8 +150,19 @@ async fn chaos_every_row_ends_delivered_or_dead_and_retry_after_is_honoured() {
             faults.push(Fault::DelayThenNormal(Duration::ZERO));
         }
     }
-    let injected = faults.len();
+    // Read-backs are throttled too (other getAll failures would re-send
+    // unchecked, and this scenario promises no duplicate).
+    let mut get_all_faults = Vec::new();
+    for _ in 0..12 {
+        get_all_faults.push(match rng.u8(0..3) {
+            0 => Fault::status_retry_at(429, retry_after(&mut rng)),
+            1 => Fault::status(429),
+            _ => Fault::DelayThenNormal(Duration::ZERO),
+        });
+    }
+    let injected = faults.len() + get_all_faults.len();
     fake.script(faults);
+    fake.script_get_all(get_all_faults);
     let env = Env::with(
         &fake.base_url,
         &[
@@ -163,28 +180,38 @@ async fn chaos_every_row_ends_delivered_or_dead_and_retry_after_is_honoured() {
     assert_eq!(count(&db, "dead").await, 0);
 
     let requests = fake.add_requests();
-    // No request arrives before a Retry-After the fake gave has passed.
-    for (i, r) in requests.iter().enumerate() {
-        let Some(Fault::Status {
-            code: 429,
-            retry_after: Some(after),
-            ..
-        }) = &r.fault
-        else {
-            continue;
-        };
-        let not_before = match after.parse::<u64>() {
-            Ok(s) => r.arrived + Duration::from_secs(s),
-            Err(_) => {
-                let date = httpdate::parse_http_date(after).unwrap();
-                anchor + date.duration_since(anchor_wall).unwrap_or_default()
-            }
-        };
-        if let Some(next) = requests.get(i + 1) {
-            // 50 ms for the fake recording an arrival after accepting it.
+    // No request, on any endpoint, arrives before a Retry-After the fake
+    // sent has ended (the fake checks each arrival against the latest one).
+    let all = fake.all_requests();
+    let with_header = all
+        .iter()
+        .filter(|r| r.status == 429 && r.retry_after.is_some())
+        .count();
+    assert!(
+        with_header >= 10,
+        "the schedule exercises Retry-After: {with_header}"
+    );
+    assert!(
+        all.iter()
+            .any(|r| r.path == support::fake_mews::GET_ALL_PATH && r.status == 429),
+        "and 429s on read-backs"
+    );
+    assert_eq!(
+        fake.retry_after_violations(),
+        0,
+        "requests sent before Mews's Retry-After ended"
+    );
+    // A 429 without Retry-After pauses at least pause_base (100ms here): the
+    // next request is no sooner.
+    for (i, r) in all.iter().enumerate() {
+        if r.status == 429
+            && r.retry_after.is_none()
+            && let Some(next) = all.get(i + 1)
+        {
             assert!(
-                next.arrived + Duration::from_millis(50) >= not_before,
-                "request {i}: Retry-After {after} not honoured"
+                next.arrived >= r.arrived + Duration::from_millis(100),
+                "request {i}: a 429 without Retry-After was followed after {:?}",
+                next.arrived - r.arrived
             );
         }
     }
@@ -215,8 +242,9 @@ async fn chaos_every_row_ends_delivered_or_dead_and_retry_after_is_honoured() {
         "reconciliation (on by default) leaves no duplicate: {dups:?}"
     );
     println!(
-        "chaos: rows={ROWS} delivered={ROWS} dead=0 requests={} faults_injected={injected} duplicates={}",
+        "chaos: rows={ROWS} delivered={ROWS} dead=0 requests={} read_backs={} faults_injected={injected} retry_after_429s={with_header} retry_after_violations=0 duplicates={}",
         requests.len(),
+        all.len() - requests.len(),
         dups.values().map(|n| n - 1).sum::<usize>()
     );
 }

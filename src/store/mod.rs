@@ -234,6 +234,18 @@ pub trait Outbox: Clone + Send + Sync + 'static {
     /// they are sent again as new.
     fn clear_reconcile(&self, ids: &[i64]) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Makes `dead` (with these errors) rows that still wait `pending`
+    /// with a last error starting with `held_prefix`: held rejections that
+    /// turned out to be the rows' own. A row changed meanwhile (claimed,
+    /// delivered, requeued by an operator) is left alone. Returns how many
+    /// became dead.
+    fn dead_letter_held(
+        &self,
+        rows: &[(i64, String)],
+        held_prefix: &str,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
     /// Which of these Mews message Ids a row of ours already owns.
     fn owned_message_ids(
         &self,

@@ -771,6 +771,35 @@ impl Outbox for SqliteStore {
         Ok(())
     }
 
+    async fn dead_letter_held(
+        &self,
+        rows: &[(i64, String)],
+        held_prefix: &str,
+        now: SystemTime,
+    ) -> Result<u64, StoreError> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let rows: Vec<_> = rows
+            .iter()
+            .map(|(id, error)| json!({"id": id, "error": error}))
+            .collect();
+        // substr, not LIKE: the prefix is text, not a pattern. The attempt
+        // was counted when the row was held.
+        let done = sqlx::query(
+            "UPDATE outbox SET status = 'dead', dead_at = ?2, last_error = u.value ->> 'error'
+             FROM json_each(?1) AS u
+             WHERE outbox.id = u.value ->> 'id' AND +outbox.status = 'pending'
+               AND substr(outbox.last_error, 1, length(?3)) = ?3",
+        )
+        .bind(serde_json::Value::Array(rows).to_string())
+        .bind(timestamp(now))
+        .bind(held_prefix)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn owned_message_ids(&self, ids: &[&str]) -> Result<HashSet<String>, StoreError> {
         if ids.is_empty() {
             return Ok(HashSet::new());
@@ -1447,6 +1476,44 @@ mod tests {
             .expect("woken by the commit")
             .unwrap();
         shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn only_rows_still_held_pending_are_dead_lettered() {
+        let (_dir, s) = store().await;
+        let held = "held pending a systemic-rejection verdict";
+        let now = SystemTime::now() + Duration::from_secs(1);
+        let (a, b) = (insert(&s, T1, "a").await, insert(&s, T2, "b").await);
+        assert_eq!(s.claim("default", now, 10).await.unwrap().len(), 2);
+        let hold = RowOutcome::Retry {
+            at: now + Duration::from_secs(60),
+            error: format!("{held} (...): HTTP 403: no"),
+            attempt: true,
+            maybe_stored: false,
+        };
+        s.record(&[(a, hold.clone()), (b, hold)], now)
+            .await
+            .unwrap();
+        // An operator requeued b meanwhile: not held any more.
+        sqlx::query("UPDATE outbox SET last_error = 'requeued by an operator' WHERE id = ?1")
+            .bind(b)
+            .execute(s.pool())
+            .await
+            .unwrap();
+        let judged = [(a, "HTTP 403: no (RequestId r1)".into()), (b, "x".into())];
+        assert_eq!(s.dead_letter_held(&judged, held, now).await.unwrap(), 1);
+        let rows: Vec<(i64, String, String, i64)> =
+            sqlx::query_as("SELECT id, status, last_error, attempts FROM outbox ORDER BY id")
+                .fetch_all(s.pool())
+                .await
+                .unwrap();
+        assert_eq!(
+            rows,
+            [
+                (a, "dead".into(), "HTTP 403: no (RequestId r1)".into(), 1),
+                (b, "pending".into(), "requeued by an operator".into(), 1)
+            ]
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! for running by hand (`cargo run --example fake_mews`).
 //!
 //! The module is self-contained: it depends only on external crates (axum,
-//! tokio, serde_json, uuid, humantime, fastrand), never on `mews_outbox`, so
+//! tokio, serde_json, uuid, humantime, httpdate, fastrand), never on `mews_outbox`, so
 //! tests exercise the daemon's HTTP client exactly as it talks to Mews.
 //!
 //! What it implements (see `/work/shared/docs/MEWS-API.md`):
@@ -26,8 +26,15 @@
 //! Misbehaviour is scripted with [`FakeMews::script`] (one [`Fault`] per
 //! `messages/add` request), [`FakeMews::script_get_all`] (one per
 //! `messages/getAll` request), with a per-`AccessToken` sliding-window rate
-//! limit ([`FakeOptions::rate_limit`]) and with a "poison" predicate on
+//! limit ([`FakeOptions::rate_limit`]), with a stretch of `429`s on every
+//! endpoint ([`FakeMews::throttle_until`]) and with a "poison" predicate on
 //! message texts ([`FakeOptions::poison`]).
+//!
+//! Every request on every endpoint with an `AccessToken` enters that
+//! token's rate window (scripted faults and `401`s included; only a `429`
+//! of the fake's own limiter does not), and the fake checks each one against
+//! the latest `Retry-After` it sent for that token
+//! ([`FakeMews::retry_after_violations`]).
 //!
 //! Dropping a connection without a response ([`Fault::DropBeforeStore`],
 //! [`Fault::DropAfterStore`]) is done by keeping a duplicate handle of every
@@ -92,9 +99,15 @@ pub struct FakeOptions {
     /// Sliding window per `AccessToken`: when `N` requests (`messages/add`
     /// and `messages/getAll`) were admitted within the window, the next one
     /// gets `429` with `Retry-After: <delta-seconds>` (ceiling of the time
-    /// until the oldest admitted request leaves the window, at least 1).
-    /// Rejected (`429`) requests do not enter the window.
+    /// until the oldest admitted request leaves the window, at least 1), or
+    /// the same time as an HTTP-date with [`FakeOptions::retry_after_as_date`].
+    /// Every request on every endpoint counts, whatever it is answered
+    /// (scripted faults, `401`, `400`); only the limiter's own `429`s do not
+    /// enter the window.
     pub rate_limit: Option<(usize, Duration)>,
+    /// The limiter's `Retry-After` as an HTTP-date (made when the response
+    /// is) instead of delta-seconds.
+    pub retry_after_as_date: bool,
     /// If any message `Text` of a `messages/add` request matches, the whole
     /// request gets `403 {"Message":"poisoned: <text prefix>", ..}` and
     /// nothing is stored.
@@ -110,6 +123,7 @@ impl Default for FakeOptions {
             sender_as_string: false,
             shuffle_responses: true,
             rate_limit: None,
+            retry_after_as_date: false,
             poison: None,
             verbose: false,
         }
@@ -123,6 +137,7 @@ impl fmt::Debug for FakeOptions {
             .field("sender_as_string", &self.sender_as_string)
             .field("shuffle_responses", &self.shuffle_responses)
             .field("rate_limit", &self.rate_limit)
+            .field("retry_after_as_date", &self.retry_after_as_date)
             .field("poison", &self.poison.as_ref().map(|_| "<fn>"))
             .field("verbose", &self.verbose)
             .finish()
@@ -132,8 +147,11 @@ impl fmt::Debug for FakeOptions {
 /// One scripted misbehaviour, consumed by exactly one `messages/add` request
 /// (see [`FakeMews::script`]).
 ///
-/// `Status`, `Raw`, `Redirect` and `DropBeforeStore` apply as soon as the request
-/// arrives, whatever its body (no validation, no rate limit, nothing stored).
+/// `Status`, `StatusRetryAt`, `Raw`, `Redirect` and `DropBeforeStore` apply
+/// as soon as the request arrives, whatever its body (no validation, nothing
+/// stored; the request still counts in its token's rate window, and a
+/// request the window refuses gets the limiter's `429` and leaves the fault
+/// queued).
 /// `DelayThenNormal` sleeps first and then behaves normally. The remaining
 /// faults need a request that passes validation: they apply after the
 /// messages are stored; an invalid request consumes the fault and gets its
@@ -183,6 +201,57 @@ pub enum Fault {
     /// that stalls mid-way. The request is recorded (status `200`) when the
     /// stall ends; [`FakeMews::accepted`] shows the messages at once.
     StoreThenStallBody(Duration),
+    /// Like `Status`, with a `Retry-After` written when the response is
+    /// made (an HTTP-date made when the daemon is started is long past by
+    /// the time it is sent).
+    StatusRetryAt { code: u16, retry_after: RetryAfter },
+}
+
+/// A `Retry-After` header the fake writes at response time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RetryAfter {
+    /// delta-seconds: the duration rounded up to whole seconds.
+    Seconds(Duration),
+    /// An HTTP-date this far ahead of the moment of the response (rounded
+    /// up to the next whole second, the format's resolution).
+    DateIn(Duration),
+    /// An HTTP-date this far before the moment of the response.
+    DateAgo(Duration),
+    /// Exactly this text (garbage, say).
+    Verbatim(String),
+}
+
+impl RetryAfter {
+    /// The header value, made now.
+    pub fn render(&self) -> String {
+        let now = SystemTime::now();
+        match self {
+            RetryAfter::Seconds(d) => ceil_secs(*d).to_string(),
+            RetryAfter::DateIn(d) => {
+                let at = now + *d;
+                let secs = at.duration_since(UNIX_EPOCH).map_or(0, ceil_secs);
+                httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(secs))
+            }
+            RetryAfter::DateAgo(d) => httpdate::fmt_http_date(now - *d),
+            RetryAfter::Verbatim(v) => v.clone(),
+        }
+    }
+}
+
+/// When a `Retry-After` value sent at `sent` (with the wall clock at
+/// `sent_wall`) ends; `None` for a value that is neither form.
+fn retry_after_end(value: &str, sent: Instant, sent_wall: SystemTime) -> Option<Instant> {
+    let value = value.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Longer than a year is as good as forever here (and cannot overflow).
+        let secs = value
+            .parse::<u64>()
+            .unwrap_or(u64::MAX)
+            .min(365 * 24 * 3600);
+        return Some(sent + Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(sent + at.duration_since(sent_wall).unwrap_or_default())
 }
 
 impl Fault {
@@ -202,6 +271,11 @@ impl Fault {
             retry_after: Some(retry_after.into()),
             message: format!("Scripted failure {code}"),
         }
+    }
+
+    /// `Fault::StatusRetryAt`: `code` with a `Retry-After` made at response time.
+    pub fn status_retry_at(code: u16, retry_after: RetryAfter) -> Fault {
+        Fault::StatusRetryAt { code, retry_after }
     }
 
     /// `Fault::Raw` with a string body.
@@ -227,6 +301,11 @@ impl fmt::Debug for Fault {
                 .field("code", code)
                 .field("retry_after", retry_after)
                 .field("message", message)
+                .finish(),
+            Fault::StatusRetryAt { code, retry_after } => f
+                .debug_struct("StatusRetryAt")
+                .field("code", code)
+                .field("retry_after", retry_after)
                 .finish(),
             Fault::DropBeforeStore => f.write_str("DropBeforeStore"),
             Fault::DropAfterStore => f.write_str("DropAfterStore"),
@@ -307,6 +386,11 @@ pub struct RequestRecord {
     /// Ids of the messages this request stored, in request order (empty when
     /// nothing was stored).
     pub stored_ids: Vec<Uuid>,
+    /// The `Retry-After` header answered, if any.
+    pub retry_after: Option<String>,
+    /// It arrived before the end of the latest `Retry-After` the fake had
+    /// sent for its `AccessToken` (on any endpoint).
+    pub early: bool,
 }
 
 /// A running fake Mews server. The server task is aborted and all its
@@ -359,6 +443,8 @@ impl FakeMews {
                 stored: Vec::new(),
                 requests: Vec::new(),
                 windows: Default::default(),
+                retry_after_ends: Default::default(),
+                throttle: None,
             }),
             next_seq: AtomicU64::new(0),
             changed,
@@ -448,6 +534,23 @@ impl FakeMews {
     /// Changes any option while the server runs.
     pub fn update_options(&self, f: impl FnOnce(&mut FakeOptions)) {
         f(&mut self.shared.state().opts);
+    }
+
+    /// Until `until`, every request on every endpoint is answered `429`,
+    /// with `retry_after` (made at response time) if given. Such requests
+    /// count in the rate window like any other.
+    pub fn throttle_until(&self, until: Instant, retry_after: Option<RetryAfter>) {
+        self.shared.state().throttle = Some((until, retry_after));
+    }
+
+    /// Requests (any endpoint) that arrived before the end of the latest
+    /// `Retry-After` the fake had sent for their `AccessToken`.
+    pub fn retry_after_violations(&self) -> usize {
+        self.shared
+            .records(|_| true)
+            .iter()
+            .filter(|r| r.early)
+            .count()
     }
 
     /// Every message stored, in storage order.
@@ -574,6 +677,10 @@ struct ServerState {
     requests: Vec<(u64, RequestRecord)>,
     /// Admission times per `AccessToken`, oldest first.
     windows: std::collections::HashMap<String, VecDeque<Instant>>,
+    /// Per `AccessToken`: when the latest `Retry-After` sent to it ends.
+    retry_after_ends: std::collections::HashMap<String, Instant>,
+    /// Until then every request gets `429` with this `Retry-After`.
+    throttle: Option<(Instant, Option<RetryAfter>)>,
 }
 
 struct StoredEntry {
@@ -671,11 +778,16 @@ impl Shared {
             let wait = admitted
                 .front()
                 .map_or(window, |&t| (t + window).saturating_duration_since(now));
-            let secs = ceil_secs(wait).max(1);
+            let wait = Duration::from_secs(ceil_secs(wait).max(1));
+            let retry_after = if st.opts.retry_after_as_date {
+                RetryAfter::DateIn(wait)
+            } else {
+                RetryAfter::Seconds(wait)
+            };
             return Err(Reply::Error {
                 status: StatusCode::TOO_MANY_REQUESTS,
                 message: format!("Too many requests: more than {limit} requests within {window:?}"),
-                retry_after: Some(secs.to_string()),
+                retry_after: Some(retry_after.render()),
             });
         }
         admitted.push_back(now);
@@ -843,6 +955,14 @@ impl Reply {
         Reply::error(StatusCode::BAD_REQUEST, message)
     }
 
+    /// The `Retry-After` header this reply carries.
+    fn retry_after(&self) -> Option<&str> {
+        match self {
+            Reply::Error { retry_after, .. } => retry_after.as_deref(),
+            _ => None,
+        }
+    }
+
     /// Status recorded in [`RequestRecord::status`].
     fn status_code(&self) -> u16 {
         match self {
@@ -946,6 +1066,8 @@ async fn handle(
         request_id: request_id.clone(),
         method: method.to_string(),
         stored_ids: Vec::new(),
+        retry_after: None,
+        early: false,
     };
     let mut stored = Vec::new();
     if let Some(Value::Object(map)) = &json {
@@ -972,7 +1094,37 @@ async fn handle(
     }
 
     let known = [ADD_PATH, GET_ALL_PATH, CONFIGURATION_PATH].contains(&path.as_str());
-    let reply = if !known {
+    let token = record.access_token.clone();
+    if !token.is_empty() {
+        record.early = shared
+            .state()
+            .retry_after_ends
+            .get(&token)
+            .is_some_and(|&end| arrived < end);
+    }
+    // Before any fault: a request counts in the window however it is
+    // answered, as at Mews; a limiter that forgot failed requests must fail.
+    let limited = if known && method == Method::POST && !token.is_empty() {
+        shared.admit(&token).err()
+    } else {
+        None
+    };
+    let throttled = || {
+        let st = shared.state();
+        match &st.throttle {
+            Some((until, retry_after)) if Instant::now() < *until => Some(Reply::Error {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: "Too many requests (scripted stretch)".to_owned(),
+                retry_after: retry_after.as_ref().map(RetryAfter::render),
+            }),
+            _ => None,
+        }
+    };
+    let reply = if let Some(reply) = limited {
+        reply
+    } else if let Some(reply) = known.then(throttled).flatten() {
+        reply
+    } else if !known {
         Reply::error(StatusCode::NOT_FOUND, format!("Not found: {path}"))
     } else if method != Method::POST {
         Reply::error(
@@ -1007,6 +1159,11 @@ async fn handle(
                 status: status_or_500(status),
                 content_type,
                 body,
+            },
+            Some(Fault::StatusRetryAt { code, retry_after }) => Reply::Error {
+                status: status_or_500(code),
+                message: format!("Scripted failure {code}"),
+                retry_after: Some(retry_after.render()),
             },
             Some(Fault::DropBeforeStore) => {
                 conn.drop_connection();
@@ -1044,6 +1201,15 @@ async fn handle(
     };
 
     record.status = reply.status_code();
+    record.retry_after = reply.retry_after().map(str::to_owned);
+    if let Some(end) = record
+        .retry_after
+        .as_deref()
+        .and_then(|v| retry_after_end(v, Instant::now(), SystemTime::now()))
+        && !token.is_empty()
+    {
+        shared.state().retry_after_ends.insert(token, end);
+    }
     record.body = json.unwrap_or(Value::Null);
     if shared.opts().verbose {
         println!(
@@ -1216,6 +1382,13 @@ async fn add(
                 body,
             };
         }
+        Some(Fault::StatusRetryAt { code, retry_after }) => {
+            return Reply::Error {
+                status: status_or_500(code),
+                message: format!("Scripted failure {code}"),
+                retry_after: Some(retry_after.render()),
+            };
+        }
         Some(Fault::DropBeforeStore) => {
             conn.drop_connection();
             return Reply::Dropped;
@@ -1237,10 +1410,7 @@ async fn add(
         Ok(env) => env,
         Err(reply) => return reply,
     };
-    if let Err(reply) = shared
-        .authorize(&env)
-        .and_then(|()| shared.admit(&env.access_token))
-    {
+    if let Err(reply) = shared.authorize(&env) {
         return reply;
     }
     let messages = match parse_messages(env.map) {
@@ -1398,10 +1568,7 @@ fn get_all(shared: &Shared, json: Option<&Value>) -> Reply {
         Ok(env) => env,
         Err(reply) => return reply,
     };
-    if let Err(reply) = shared
-        .authorize(&env)
-        .and_then(|()| shared.admit(&env.access_token))
-    {
+    if let Err(reply) = shared.authorize(&env) {
         return reply;
     }
     let threads: HashSet<Uuid> = match env.map.get("MessageThreadIds") {
