@@ -73,6 +73,7 @@ async fn main() -> std::io::Result<()> {
         retry_after_as_date: false,
         poison: None,
         verbose: true,
+        ..FakeOptions::default()
     };
     println!("[fake-mews] options: {opts:?}");
     let fake = FakeMews::start_on(SocketAddr::new(args.host, args.port), opts).await?;

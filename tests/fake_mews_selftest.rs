@@ -428,16 +428,16 @@ async fn raw_fault_sends_a_10_mb_body() {
     assert!(format!("{:?}", fake.requests()[0].fault).len() < 300);
 }
 
-/// Asserts that the request failed with a connection error, quickly.
+/// Asserts that the request failed with a connection error, not a hang:
+/// the client's 10 s timeout would report `is_timeout()` (no wall clock
+/// needed, so a loaded machine cannot fail it).
 async fn assert_dropped(fake: &FakeMews, body: &Value) {
-    let started = Instant::now();
     let err = post_raw(fake, ADD_PATH, serde_json::to_vec(body).unwrap())
         .await
         .err()
         .expect("the connection should be dropped without a response");
     assert!(!err.is_timeout(), "{err:?}");
     assert!(err.is_request(), "{err:?}");
-    assert!(started.elapsed() < Duration::from_secs(3), "{err:?}");
 }
 
 #[tokio::test]
@@ -692,7 +692,12 @@ async fn wait_for_accepted_panics_with_a_clear_message() {
 
 #[tokio::test]
 async fn stop_frees_the_port_and_drop_closes_connections() {
-    let fake = FakeMews::start().await;
+    // Not 127.0.0.1: once freed, an ephemeral port there may be taken by a
+    // parallel test's fake or connection before it is bound again. Nothing
+    // else binds 127.0.0.2 (all of 127.0.0.0/8 is loopback on Linux).
+    let fake = FakeMews::start_on(([127, 0, 0, 2], 0).into(), FakeOptions::default())
+        .await
+        .unwrap();
     let addr = fake.addr;
     let http = client();
     let body = add_body(&[(None, "x")]);

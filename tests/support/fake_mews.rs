@@ -114,6 +114,10 @@ pub struct FakeOptions {
     pub poison: Option<PoisonFn>,
     /// Print one line per request and per stored message to stdout.
     pub verbose: bool,
+    /// `messages/getAll` answers the last page's `Cursor` too (the Id of its
+    /// oldest message, as for every other page) instead of `null`, so a
+    /// client must stop on a page that is not full, not on a null cursor.
+    pub cursor_on_last_page: bool,
 }
 
 impl Default for FakeOptions {
@@ -126,6 +130,7 @@ impl Default for FakeOptions {
             retry_after_as_date: false,
             poison: None,
             verbose: false,
+            cursor_on_last_page: false,
         }
     }
 }
@@ -140,6 +145,7 @@ impl fmt::Debug for FakeOptions {
             .field("retry_after_as_date", &self.retry_after_as_date)
             .field("poison", &self.poison.as_ref().map(|_| "<fn>"))
             .field("verbose", &self.verbose)
+            .field("cursor_on_last_page", &self.cursor_on_last_page)
             .finish()
     }
 }
@@ -1628,7 +1634,7 @@ fn get_all(shared: &Shared, json: Option<&Value>) -> Reply {
         .iter()
         .map(|&(_, i)| message_json(&st.stored[i].msg, st.opts.sender_as_string))
         .collect();
-    let next_cursor = if more {
+    let next_cursor = if more || st.opts.cursor_on_last_page {
         found.last().map(|&(_, i)| st.stored[i].msg.id)
     } else {
         None
