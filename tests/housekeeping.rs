@@ -24,19 +24,32 @@ async fn store(dir: &Path) -> SqliteStore {
 /// `at`, in one transaction; returns their ids. (Delivery itself is tested
 /// elsewhere; here only the rows' life after it matters.)
 async fn deliver(store: &SqliteStore, n: usize, at: SystemTime) -> Vec<i64> {
-    sqlx::query_scalar(
+    // Inserted pending, then marked delivered: a producer may not insert
+    // daemon columns (migration ..06_producer_contract).
+    let mut tx = store.pool().begin().await.unwrap();
+    let ids: Vec<i64> = sqlx::query_scalar(
         "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1)
-         INSERT INTO outbox (message_thread_id, text, status, delivered_at, mews_message_id)
-         SELECT '7f9325f6-ef44-4911-89a8-ae51010a5aa4', hex(randomblob(500)), 'delivered', ?2,
-                lower(hex(randomblob(16)))
+         INSERT INTO outbox (message_thread_id, text)
+         SELECT '7f9325f6-ef44-4911-89a8-ae51010a5aa4', hex(randomblob(500))
          FROM n
          RETURNING id",
     )
     .bind(i64::try_from(n).unwrap())
-    .bind(timestamp(at))
-    .fetch_all(store.pool())
+    .fetch_all(&mut *tx)
     .await
-    .unwrap()
+    .unwrap();
+    sqlx::query(
+        "UPDATE outbox SET status = 'delivered', delivered_at = ?1,
+             mews_message_id = lower(hex(randomblob(16)))
+         WHERE id IN (SELECT value FROM json_each(?2))",
+    )
+    .bind(timestamp(at))
+    .bind(serde_json::to_string(&ids).unwrap())
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    ids
 }
 
 fn file_size(dir: &Path) -> u64 {
