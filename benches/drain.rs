@@ -318,7 +318,7 @@ fn floor(db: &Path, n: usize) -> f64 {
             let rows: Vec<(i64, String, Vec<u8>, i64)> = conn
                 .prepare_cached(sql::CLAIM)
                 .expect("prepare claim")
-                .query_map((account, &now, 1000), |r| {
+                .query_map((account, &now, 1000, 4_194_304i64), |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
                 })
                 .expect("claim")

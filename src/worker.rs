@@ -23,6 +23,7 @@ use crate::limiter::{RateLimit, SlidingWindow};
 use crate::mews::{AddedMessage, MewsClient, Outcome, OutgoingMessage, ReadBack, Reply};
 use crate::notify::Pulse;
 use crate::reconcile;
+use crate::request_size;
 use crate::retry::{exponential, retry_delay};
 use crate::store::{AccountPause, ClaimedRow, Outbox, RowOutcome, StoreError};
 
@@ -297,6 +298,9 @@ pub struct AccountWorker<S: Outbox> {
     breaker: Breaker,
     /// Tells the watchdog this loop is alive (see [`crate::notify::Liveness`]).
     pulse: Option<Pulse>,
+    /// Bytes of a `messages/add` body with no message in it (tokens
+    /// included), for `delivery.max_request_bytes`.
+    envelope_bytes: usize,
 }
 
 impl<S: Outbox> AccountWorker<S> {
@@ -316,6 +320,8 @@ impl<S: Outbox> AccountWorker<S> {
     ) -> Self {
         let batch = BatchLimit::new(delivery.batch_size);
         let breaker = Breaker::new(retry.breaker_failures);
+        let client = client.with_max_request_bytes(delivery.max_request_bytes);
+        let envelope_bytes = client.add_messages_envelope_bytes(&access_token);
         AccountWorker {
             store,
             client,
@@ -331,6 +337,7 @@ impl<S: Outbox> AccountWorker<S> {
             batch,
             breaker,
             pulse: None,
+            envelope_bytes,
         }
     }
 
@@ -405,9 +412,14 @@ impl<S: Outbox> AccountWorker<S> {
             return Step::Stopping;
         }
         let now = SystemTime::now();
+        // The claim loads at most one request's worth of text (plus one row).
+        let text_budget = self
+            .delivery
+            .max_request_bytes
+            .saturating_sub(self.envelope_bytes);
         let rows = match self
             .store
-            .claim(&self.account, now, self.batch.current())
+            .claim_within(&self.account, now, self.batch.current(), text_budget)
             .await
         {
             Ok(rows) => rows,
@@ -454,8 +466,18 @@ impl<S: Outbox> AccountWorker<S> {
         let Some(rows) = self.reconcile(rows).await else {
             return;
         };
+        let packed =
+            request_size::pack(rows, self.envelope_bytes, self.delivery.max_request_bytes);
+        if !packed.oversize.is_empty() {
+            tracing::warn!(
+                account = %self.account, rows = packed.oversize.len(),
+                max_request_bytes = self.delivery.max_request_bytes,
+                "dead-lettered rows too large for one request: split their texts or raise delivery.max_request_bytes, then `mews-outbox dead requeue` them (see `mews-outbox dead list`)"
+            );
+            self.record(&packed.oversize).await;
+        }
 
-        let mut queue = VecDeque::from([rows]);
+        let mut queue = VecDeque::from(packed.requests);
         let mut watch = RejectionWatch::default();
         while let Some(batch) = queue.pop_front() {
             if batch.is_empty() {
