@@ -375,7 +375,10 @@ impl SqliteStore {
     }
 
     /// Accounts that have `pending` rows but are not in `configured`, with
-    /// their counts; their rows get a `last_error` saying so.
+    /// their counts; their rows get a `last_error` saying so, and so do the
+    /// rows of configured accounts that wait behind such a row in their
+    /// thread (per-thread order holds them: without a reason of their own
+    /// they would wait silently).
     pub async fn flag_unknown_accounts(
         &self,
         configured: &[&str],
@@ -393,6 +396,25 @@ impl SqliteStore {
             "UPDATE outbox SET last_error = 'account ' || account || ' is not configured: add [accounts.' || account || '] to the configuration'
              WHERE status = 'pending' AND last_error IS NULL
                AND account NOT IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(&configured)
+        .execute(&self.writer)
+        .await?;
+        // Only threads whose head is unconfigured are read (a few rows of
+        // the heads table, then `outbox_thread_rows`); a message of ours is
+        // replaced when the blocking row changed, another reason is kept.
+        sqlx::query(
+            "UPDATE outbox SET last_error = 'waiting behind row ' || h.head_id
+                 || ' of its thread, whose account ' || h.account
+                 || ' is not configured: add [accounts.' || h.account
+                 || '] to the configuration, or delete row ' || h.head_id
+             FROM outbox_thread_head AS h
+             WHERE h.account NOT IN (SELECT value FROM json_each(?1))
+               AND outbox.message_thread_id = h.message_thread_id
+               AND outbox.id > h.head_id
+               AND outbox.status = 'pending'
+               AND outbox.account IN (SELECT value FROM json_each(?1))
+               AND (outbox.last_error IS NULL OR outbox.last_error LIKE 'waiting behind row %')",
         )
         .bind(&configured)
         .execute(&self.writer)
