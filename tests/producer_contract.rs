@@ -296,8 +296,11 @@ async fn large_rows_go_in_several_requests_within_the_bound_and_an_oversize_row_
     // the claim counts raw bytes, the worker the bytes as sent.
     let plain = "a".repeat(1_000_000);
     let quotes = "\"".repeat(700_000);
-    for (i, thread) in threads[..8].iter().enumerate() {
-        insert_sized(&db, thread, if i % 2 == 0 { &plain } else { &quotes }).await;
+    for (thread, quoted) in threads[..8]
+        .iter()
+        .zip([false, false, true, true, true, true, false, false])
+    {
+        insert_sized(&db, thread, if quoted { &quotes } else { &plain }).await;
     }
     // Too large raw, and too large only once escaped; each blocks nothing.
     let raw_oversize = insert_sized(&db, &threads[8], &"b".repeat(2_600_000)).await;
@@ -317,11 +320,11 @@ async fn large_rows_go_in_several_requests_within_the_bound_and_an_oversize_row_
             r.body_bytes
         );
     }
-    // Claim order is insertion order: each claim takes a letter row and a
-    // quote row (1.7 MB raw, 2.4 MB as sent); the last request carries the
-    // row behind the oversize one.
+    // Claims follow insertion order, each under 2.5 MB raw: [a a], [q q q]
+    // (2.1 MB raw but 4.2 MB as sent: three requests), [q a], [a], [B]
+    // (dead), [Q (dead), the row behind B].
     let counts: Vec<usize> = requests.iter().map(|r| r.message_count).collect();
-    assert_eq!(counts, [2, 2, 2, 2, 1]);
+    assert_eq!(counts, [2, 1, 1, 1, 2, 1, 1]);
     let rows = rows(&db).await;
     for id in [raw_oversize, escaped_oversize] {
         let row = rows.iter().find(|r| r.id == id).unwrap();
