@@ -466,8 +466,7 @@ impl<S: Outbox> AccountWorker<S> {
         let Some(rows) = self.reconcile(rows).await else {
             return;
         };
-        let packed =
-            request_size::pack(rows, self.envelope_bytes, self.delivery.max_request_bytes);
+        let packed = request_size::pack(rows, self.envelope_bytes, self.delivery.max_request_bytes);
         if !packed.oversize.is_empty() {
             tracing::warn!(
                 account = %self.account, rows = packed.oversize.len(),

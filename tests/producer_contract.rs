@@ -128,8 +128,14 @@ print("inserted")
     );
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 3, "{stdout}");
-    assert!(lines[0].starts_with("producer_may_not_set_status"), "{stdout}");
-    assert!(lines[1].starts_with("text_must_be_non_blank_text"), "{stdout}");
+    assert!(
+        lines[0].starts_with("producer_may_not_set_status"),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].starts_with("text_must_be_non_blank_text"),
+        "{stdout}"
+    );
     assert_eq!(lines[2], "inserted");
     assert_eq!(rows(&db).await.len(), 1);
 }
@@ -138,7 +144,12 @@ print("inserted")
 async fn text_made_only_of_unicode_white_space_is_refused() {
     let env = Env::new("http://127.0.0.1:9");
     let db = env.producer().await;
-    for text in ["\u{a0}", "\u{3000}", "\u{2028}", " \u{a0}\t\u{3000}\n\u{85}"] {
+    for text in [
+        "\u{a0}",
+        "\u{3000}",
+        "\u{2028}",
+        " \u{a0}\t\u{3000}\n\u{85}",
+    ] {
         let e = insert_text(&db, text).await.unwrap_err();
         assert!(e.contains("text_must_be_non_blank_text"), "{text:?}: {e}");
     }
@@ -343,7 +354,10 @@ async fn large_rows_go_in_several_requests_within_the_bound_and_an_oversize_row_
         + raw_oversize.to_string().len()
         + 2;
     let error = raw_error.last_error.as_deref().unwrap();
-    assert!(error.contains(&format!("{as_json} bytes as JSON")), "{error}");
+    assert!(
+        error.contains(&format!("{as_json} bytes as JSON")),
+        "{error}"
+    );
     assert_eq!(
         rows.iter().find(|r| r.id == behind).unwrap().status,
         "delivered",

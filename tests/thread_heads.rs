@@ -185,7 +185,12 @@ fn apply(conn: &rusqlite::Connection, op: &Op) {
                 .prepare(mews_outbox::store::sqlite::sql::CLAIM)
                 .unwrap()
                 .query_map(
-                    (ACCOUNTS[account], "9999-12-31T00:00:00.000Z", limit, i64::MAX),
+                    (
+                        ACCOUNTS[account],
+                        "9999-12-31T00:00:00.000Z",
+                        limit,
+                        i64::MAX,
+                    ),
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .unwrap()
