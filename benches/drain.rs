@@ -256,14 +256,18 @@ async fn large_rows(config: &Path, db: &Path, fake: &LeanMews, n: usize) {
         {
             let mut insert = tx
                 .prepare(
-                    "INSERT INTO outbox (message_thread_id, text, account)
-                     VALUES (?1, printf('%d:', ?3) || replace(zeroblob(1000000), x'00', 'a'), ?2)",
+                    "INSERT INTO outbox (message_thread_id, text, account) VALUES (?1, ?2, ?3)",
                 )
                 .expect("prepare insert");
+            let letters = "a".repeat(1_000_000);
             for i in 0..n {
                 let t = i % threads.len();
                 insert
-                    .execute((&threads[t], ACCOUNTS[t % ACCOUNTS.len()], i as i64))
+                    .execute((
+                        &threads[t],
+                        format!("{i}:{letters}"),
+                        ACCOUNTS[t % ACCOUNTS.len()],
+                    ))
                     .expect("insert");
             }
         }
