@@ -18,6 +18,11 @@
 //! 6. **startup**: spawn → "ready" on the database now holding N delivered rows.
 //!
 //! Figures are printed one per line, `name=value`, on stdout; progress on stderr.
+//!
+//! `cargo bench --bench drain -- --large-rows N` instead drains N rows of
+//! 1 MB each (the memory bound of `delivery.max_request_bytes`) and prints
+//! the daemon's peak RSS, `large_rows_peak_rss_mb`. Set
+//! `MEWS_OUTBOX__DELIVERY__MAX_REQUEST_BYTES` to try another bound.
 
 // A benchmark harness, like a test: a failed step should stop it loudly.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -59,6 +64,8 @@ struct Options {
     quick: bool,
     /// Stop after the floor (for profiling the SQL alone).
     floor_only: bool,
+    /// Instead of the phases, drain this many rows of 1 MB (peak RSS).
+    large_rows: Option<usize>,
 }
 
 impl Options {
@@ -99,6 +106,7 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
         messages: 1_000_000,
         quick: false,
         floor_only: false,
+        large_rows: None,
     };
     // `cargo bench` passes --bench; `cargo test --all-targets` runs this
     // binary without it: then it is a quick smoke test of every phase.
@@ -112,6 +120,14 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
             "--bench" => {}
             "--quick" => options.quick = true,
             "--floor-only" => options.floor_only = true,
+            "--large-rows" => {
+                let n = args.next().ok_or("--large-rows needs a number")?;
+                options.large_rows = Some(
+                    n.replace('_', "")
+                        .parse()
+                        .map_err(|_| format!("--large-rows: not a number: {n}"))?,
+                );
+            }
             "--messages" => {
                 let n = args.next().ok_or("--messages needs a number")?;
                 options.messages = n
@@ -138,6 +154,11 @@ async fn run(options: Options) {
     std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .expect("chmod config");
 
+    if let Some(n) = options.large_rows {
+        migrate(&config);
+        large_rows(&config, &db, &fake, n).await;
+        return;
+    }
     eprintln!("drain: {} messages, daemon {DAEMON}", options.messages);
     migrate(&config);
     let started = Instant::now();
@@ -222,6 +243,51 @@ async fn run(options: Options) {
     startups.sort_by(f64::total_cmp);
     eprintln!("startup runs (ms): {startups:.1?}");
     println!("startup_ms={:.1}", startups[startups.len() / 2]);
+}
+
+/// Drains `n` rows of 1 MB (1,000,000 letters) over 1,000 threads and
+/// prints the daemon's peak RSS: it must follow `delivery.max_request_bytes`,
+/// not the backlog.
+async fn large_rows(config: &Path, db: &Path, fake: &LeanMews, n: usize) {
+    let threads = thread_ids();
+    {
+        let mut conn = open(db);
+        let tx = conn.transaction().expect("begin");
+        {
+            let mut insert = tx
+                .prepare(
+                    "INSERT INTO outbox (message_thread_id, text, account) VALUES (?1, ?2, ?3)",
+                )
+                .expect("prepare insert");
+            let letters = "a".repeat(1_000_000);
+            for i in 0..n {
+                let t = i % threads.len();
+                insert
+                    .execute((
+                        &threads[t],
+                        format!("{i}:{letters}"),
+                        ACCOUNTS[t % ACCOUNTS.len()],
+                    ))
+                    .expect("insert");
+            }
+        }
+        tx.commit().expect("commit");
+        conn.pragma_update(None, "wal_checkpoint", "TRUNCATE")
+            .expect("checkpoint");
+    }
+    eprintln!("large rows: {n} rows of 1 MB inserted; draining");
+    let mut daemon = Daemon::start(config);
+    daemon.wait_ready();
+    fake.wait_for_messages(n as u64).await;
+    wait_delivered(db, n as u64);
+    eprintln!("large rows: delivered in {} requests", fake.requests());
+    println!("large_rows={n}");
+    println!("large_rows_requests={}", fake.requests());
+    println!(
+        "large_rows_peak_rss_mb={:.1}",
+        peak_rss_kib(daemon.pid()) as f64 / 1024.0
+    );
+    daemon.stop();
 }
 
 /// The daemon's configuration. Add per-account keys to [`PER_ACCOUNT_SETTINGS`].
@@ -318,7 +384,7 @@ fn floor(db: &Path, n: usize) -> f64 {
             let rows: Vec<(i64, String, Vec<u8>, i64)> = conn
                 .prepare_cached(sql::CLAIM)
                 .expect("prepare claim")
-                .query_map((account, &now, 1000), |r| {
+                .query_map((account, &now, 1000, 4_194_304i64), |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
                 })
                 .expect("claim")

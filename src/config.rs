@@ -31,6 +31,11 @@ pub const DEMO_ACCESS_TOKEN: &str =
 /// Largest batch the Connector API accepts in one `messages/add`.
 pub const MAX_BATCH_SIZE: usize = 1000;
 
+/// Bounds of `delivery.max_request_bytes`: at least room for the request's
+/// envelope and a message; at most what keeps memory modest (the response
+/// buffer is sized from it, see `MewsClient::with_max_request_bytes`).
+pub const MAX_REQUEST_BYTES_RANGE: std::ops::RangeInclusive<usize> = 16 * 1024..=64 * 1024 * 1024;
+
 /// A setting that could not be loaded or is invalid. The message names the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -129,6 +134,9 @@ pub struct Account {
 pub struct DeliverySettings {
     /// Messages per request, 1..=1000.
     pub batch_size: usize,
+    /// Largest `messages/add` body, in bytes (JSON as sent): bounds the
+    /// rows a claim loads and the memory a batch takes.
+    pub max_request_bytes: usize,
     /// How often the daemon looks for rows committed by producers when it
     /// cannot watch the WAL file (otherwise writes to it wake the daemon).
     #[serde(with = "humantime_serde")]
@@ -457,6 +465,17 @@ impl Settings {
                 ),
             ));
         }
+        if !MAX_REQUEST_BYTES_RANGE.contains(&d.max_request_bytes) {
+            return Err(invalid(
+                "delivery.max_request_bytes",
+                format!(
+                    "must be between {} and {}, got {}",
+                    MAX_REQUEST_BYTES_RANGE.start(),
+                    MAX_REQUEST_BYTES_RANGE.end(),
+                    d.max_request_bytes
+                ),
+            ));
+        }
         if d.poll_interval.is_zero() {
             return Err(invalid("delivery.poll_interval", "must be greater than 0"));
         }
@@ -549,6 +568,7 @@ impl std::fmt::Display for Settings {
         }
         let x = &self.delivery;
         writeln!(f, "\n[delivery]\nbatch_size = {}", x.batch_size)?;
+        writeln!(f, "max_request_bytes = {}", x.max_request_bytes)?;
         writeln!(f, "poll_interval = {:?}", d(x.poll_interval))?;
         writeln!(f, "max_concurrent_requests = {}", x.max_concurrent_requests)?;
         writeln!(f, "drain_timeout = {:?}", d(x.drain_timeout))?;

@@ -12,6 +12,7 @@
 //! - [`adapt`]: per-account reactions over many requests: batch size,
 //!   circuit breaker, systemic rejection
 //! - [`reconcile`]: matching ambiguous rows against what Mews has
+//! - [`request_size`]: request bytes, and packing rows under the byte bound
 //! - [`worker`]: one account's delivery loop (claim → send → record)
 //! - [`daemon`]: `run`: the database lock, the loops, reload, shutdown
 //! - [`signals`]: SIGTERM/SIGINT stop, SIGHUP reloads
@@ -37,6 +38,7 @@ pub mod mews;
 pub mod notify;
 pub mod online_check;
 pub mod reconcile;
+pub mod request_size;
 pub mod retry;
 pub mod secrets;
 pub mod signals;

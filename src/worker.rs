@@ -26,6 +26,7 @@ use crate::limiter::{RateLimit, SlidingWindow};
 use crate::mews::{AddedMessage, MewsClient, Outcome, OutgoingMessage, ReadBack, Reply};
 use crate::notify::Pulse;
 use crate::reconcile;
+use crate::request_size;
 use crate::retry::{exponential, retry_delay, throttle_pause};
 use crate::store::{AccountPause, ClaimedRow, Outbox, RowOutcome, StoreError};
 
@@ -324,6 +325,9 @@ pub struct AccountWorker<S: Outbox> {
     rejections: RejectionStreak,
     /// Tells the watchdog this loop is alive (see [`crate::notify::Liveness`]).
     pulse: Option<Pulse>,
+    /// Bytes of a `messages/add` body with no message in it (tokens
+    /// included), for `delivery.max_request_bytes`.
+    envelope_bytes: usize,
 }
 
 impl<S: Outbox> AccountWorker<S> {
@@ -343,6 +347,8 @@ impl<S: Outbox> AccountWorker<S> {
     ) -> Self {
         let batch = BatchLimit::new(delivery.batch_size);
         let breaker = Breaker::new(retry.breaker_failures);
+        let client = client.with_max_request_bytes(delivery.max_request_bytes);
+        let envelope_bytes = client.add_messages_envelope_bytes(&access_token);
         AccountWorker {
             store,
             client,
@@ -359,6 +365,7 @@ impl<S: Outbox> AccountWorker<S> {
             breaker,
             rejections: RejectionStreak::default(),
             pulse: None,
+            envelope_bytes,
         }
     }
 
@@ -440,7 +447,16 @@ impl<S: Outbox> AccountWorker<S> {
         } else {
             self.batch.current()
         };
-        let rows = match self.store.claim(&self.account, now, limit).await {
+        // The claim loads at most one request's worth of text (plus one row).
+        let text_budget = self
+            .delivery
+            .max_request_bytes
+            .saturating_sub(self.envelope_bytes);
+        let rows = match self
+            .store
+            .claim_within(&self.account, now, limit, text_budget)
+            .await
+        {
             Ok(rows) => rows,
             Err(e) => {
                 self.store_failed("claim rows", &e);
@@ -485,8 +501,17 @@ impl<S: Outbox> AccountWorker<S> {
         let Some(rows) = self.reconcile(rows).await else {
             return;
         };
+        let packed = request_size::pack(rows, self.envelope_bytes, self.delivery.max_request_bytes);
+        if !packed.oversize.is_empty() {
+            tracing::warn!(
+                account = %self.account, rows = packed.oversize.len(),
+                max_request_bytes = self.delivery.max_request_bytes,
+                "dead-lettered rows too large for one request: split their texts or raise delivery.max_request_bytes, then `mews-outbox dead requeue` them (see `mews-outbox dead list`)"
+            );
+            self.record(&packed.oversize).await;
+        }
 
-        let mut queue = VecDeque::from([rows]);
+        let mut queue = VecDeque::from(packed.requests);
         let mut watch = RejectionWatch::default();
         // An accepted request of this batch proves the account works: a
         // single rejected after it is its own fault, at once.

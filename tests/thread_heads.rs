@@ -128,8 +128,15 @@ fn apply(conn: &rusqlite::Connection, op: &Op) {
                 .unwrap();
         }
         Op::InsertWithStatus { thread, status } => {
-            conn.execute(insert, (THREADS[thread], ACCOUNTS[0], STATUSES[status]))
+            // A producer may not insert daemon columns (migration
+            // ..06_producer_contract): inserted pending, then set.
+            conn.execute(insert, (THREADS[thread], ACCOUNTS[0], "pending"))
                 .unwrap();
+            conn.execute(
+                "UPDATE outbox SET status = ?1 WHERE id = last_insert_rowid()",
+                [STATUSES[status]],
+            )
+            .unwrap();
         }
         Op::SetStatus { row, status } => {
             if let Some(id) = nth_row(conn, row) {
@@ -178,7 +185,12 @@ fn apply(conn: &rusqlite::Connection, op: &Op) {
                 .prepare(mews_outbox::store::sqlite::sql::CLAIM)
                 .unwrap()
                 .query_map(
-                    (ACCOUNTS[account], "9999-12-31T00:00:00.000Z", limit),
+                    (
+                        ACCOUNTS[account],
+                        "9999-12-31T00:00:00.000Z",
+                        limit,
+                        i64::MAX,
+                    ),
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .unwrap()

@@ -14,7 +14,8 @@ use crate::config::MewsSettings;
 use crate::retry::parse_retry_after;
 pub use wire::{AddedMessage, OutgoingMessage, Sender, TimeInterval};
 
-/// Largest response body read; a 1000-message reply echoes every text.
+/// Largest response body read by a client without a request bound (see
+/// [`MewsClient::with_max_request_bytes`]); a reply echoes every text.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
 /// What a `messages/add` request came to, for the whole batch.
@@ -135,6 +136,8 @@ pub struct MewsClient {
     client_token: SecretString,
     client: String,
     request_timeout: Duration,
+    /// Largest response body read, in bytes.
+    max_response_bytes: usize,
 }
 
 impl MewsClient {
@@ -160,12 +163,37 @@ impl MewsClient {
             client_token: settings.client_token.clone(),
             client: settings.client.clone(),
             request_timeout: settings.request_timeout,
+            max_response_bytes: MAX_RESPONSE_BYTES,
         })
     }
 
     /// How long a request may take before it counts as failed.
     pub fn request_timeout(&self) -> Duration {
         self.request_timeout
+    }
+
+    /// Sizes the response buffer for requests of at most `max_request_bytes`:
+    /// Mews echoes each text, and a JSON writer may escape every character
+    /// of it as `\u00XX` (6 bytes for 1), plus its own ~1 KiB per message.
+    pub fn with_max_request_bytes(mut self, max_request_bytes: usize) -> MewsClient {
+        self.max_response_bytes = max_request_bytes
+            .saturating_mul(6)
+            .saturating_add(crate::config::MAX_BATCH_SIZE * 1024);
+        self
+    }
+
+    /// Bytes of a `messages/add` body for `access_token` with no message in
+    /// it (`"Messages":[]`): what a request costs besides its messages.
+    pub fn add_messages_envelope_bytes(&self, access_token: &SecretString) -> usize {
+        let body = wire::AddMessagesRequest {
+            client_token: self.client_token.expose_secret(),
+            access_token: access_token.expose_secret(),
+            client: &self.client,
+            messages: &[],
+        };
+        // Serialising plain strings into a Vec cannot fail; 0 would only
+        // make the bound looser by the envelope.
+        serde_json::to_vec(&body).map(|v| v.len()).unwrap_or(0)
     }
 
     /// Posts one batch to `messages/add`. Never fails: every failure is an [`Outcome`].
@@ -341,7 +369,7 @@ impl MewsClient {
         let request_id = header("request-id");
         let retry_after = header("retry-after");
         let location = header("location");
-        let body = read_capped(response).await;
+        let body = read_capped(response, self.max_response_bytes).await;
         (
             Ok(RawResponse {
                 status,
@@ -424,8 +452,8 @@ pub struct ReadBack {
 enum BodyError {
     #[error("{0}")]
     Http(#[from] reqwest::Error),
-    #[error("larger than {MAX_RESPONSE_BYTES} bytes")]
-    TooLarge,
+    #[error("larger than {0} bytes")]
+    TooLarge(usize),
 }
 
 impl BodyError {
@@ -434,11 +462,11 @@ impl BodyError {
     }
 }
 
-async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, BodyError> {
+async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<Vec<u8>, BodyError> {
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await? {
-        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
-            return Err(BodyError::TooLarge);
+        if body.len() + chunk.len() > cap {
+            return Err(BodyError::TooLarge(cap));
         }
         body.extend_from_slice(&chunk);
     }

@@ -205,6 +205,17 @@ pub trait Outbox: Clone + Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<ClaimedRow>, StoreError>> + Send;
 
+    /// Like [`Outbox::claim`], but stops once the claimed texts (plus
+    /// `sql::MESSAGE_ENVELOPE_BYTES` each) would pass `max_bytes`; always
+    /// claims at least one row when one is due.
+    fn claim_within(
+        &self,
+        account: &str,
+        now: SystemTime,
+        limit: usize,
+        max_bytes: usize,
+    ) -> impl Future<Output = Result<Vec<ClaimedRow>, StoreError>> + Send;
+
     /// When the next row of `account` that is not blocked by its thread
     /// becomes due, if any is scheduled after `now`.
     fn next_due(

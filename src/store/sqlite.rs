@@ -406,7 +406,10 @@ impl SqliteStore {
     }
 
     /// Accounts that have `pending` rows but are not in `configured`, with
-    /// their counts; their rows get a `last_error` saying so.
+    /// their counts; their rows get a `last_error` saying so, and so do the
+    /// rows of configured accounts that wait behind such a row in their
+    /// thread (per-thread order holds them: without a reason of their own
+    /// they would wait silently).
     pub async fn flag_unknown_accounts(
         &self,
         configured: &[&str],
@@ -424,6 +427,25 @@ impl SqliteStore {
             "UPDATE outbox SET last_error = 'account ' || account || ' is not configured: add [accounts.' || account || '] to the configuration'
              WHERE status = 'pending' AND last_error IS NULL
                AND account NOT IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(&configured)
+        .execute(&self.writer)
+        .await?;
+        // Only threads whose head is unconfigured are read (a few rows of
+        // the heads table, then `outbox_thread_rows`); a message of ours is
+        // replaced when the blocking row changed, another reason is kept.
+        sqlx::query(
+            "UPDATE outbox SET last_error = 'waiting behind row ' || h.head_id
+                 || ' of its thread, whose account ' || h.account
+                 || ' is not configured: add [accounts.' || h.account
+                 || '] to the configuration, or delete row ' || h.head_id
+             FROM outbox_thread_head AS h
+             WHERE h.account NOT IN (SELECT value FROM json_each(?1))
+               AND outbox.message_thread_id = h.message_thread_id
+               AND outbox.id > h.head_id
+               AND outbox.status = 'pending'
+               AND outbox.account IN (SELECT value FROM json_each(?1))
+               AND (outbox.last_error IS NULL OR outbox.last_error LIKE 'waiting behind row %')",
         )
         .bind(&configured)
         .execute(&self.writer)
@@ -566,7 +588,12 @@ async fn data_version(conn: &mut SqliteConnection) -> Result<i64, sqlx::Error> {
         .await
 }
 
-/// A CHECK, UNIQUE or NOT NULL failure is the producer's input being refused.
+/// SQLITE_CONSTRAINT_TRIGGER: a trigger's RAISE(ABORT, ...), which is how
+/// the producer contract (migration `..06_producer_contract`) refuses a row.
+const SQLITE_CONSTRAINT_TRIGGER: &str = "1811";
+
+/// A CHECK, UNIQUE, NOT NULL or producer-contract failure is the producer's
+/// input being refused.
 fn refused(e: sqlx::Error) -> StoreError {
     match &e {
         sqlx::Error::Database(db)
@@ -575,7 +602,7 @@ fn refused(e: sqlx::Error) -> StoreError {
                 sqlx::error::ErrorKind::CheckViolation
                     | sqlx::error::ErrorKind::NotNullViolation
                     | sqlx::error::ErrorKind::UniqueViolation
-            ) =>
+            ) || db.code().as_deref() == Some(SQLITE_CONSTRAINT_TRIGGER) =>
         {
             StoreError::Refused(db.message().to_owned())
         }
@@ -590,10 +617,21 @@ impl Outbox for SqliteStore {
         now: SystemTime,
         limit: usize,
     ) -> Result<Vec<ClaimedRow>, StoreError> {
+        self.claim_within(account, now, limit, usize::MAX).await
+    }
+
+    async fn claim_within(
+        &self,
+        account: &str,
+        now: SystemTime,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<ClaimedRow>, StoreError> {
         let rows = sqlx::query(sql::CLAIM)
             .bind(account)
             .bind(timestamp(now))
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
             .fetch_all(&self.writer)
             .await?;
         let mut claimed = rows
@@ -864,17 +902,38 @@ pub mod sql {
     /// Per-thread order holds by construction: only a thread's oldest
     /// unfinished row is its head (migration `..04_thread_heads`). The
     /// triggers then mark these heads as in flight.
+    ///
+    /// `?4` bounds the claim by bytes: the heads are taken, in claim order,
+    /// while their texts plus [`MESSAGE_ENVELOPE_BYTES`] each add up to at
+    /// most `?4`, and always at least one (a row too large for any request
+    /// must still be claimed, to be dead-lettered rather than block its
+    /// thread). `octet_length` of a column reads only the record header, not
+    /// the text, so the claim never loads more than the bound (plus one
+    /// row) whatever the rows hold.
     pub const CLAIM: &str = "
         UPDATE outbox
         SET status = 'sending', first_sent_at = coalesce(first_sent_at, ?2)
         WHERE id IN (
-            SELECT head_id FROM outbox_thread_head
-            WHERE account = ?1 AND ready_at <= ?2
-            ORDER BY ready_at, head_id
-            LIMIT ?3)
+            SELECT head_id FROM (
+                SELECT c.head_id,
+                       row_number() OVER w AS n,
+                       sum(octet_length(o.text) + 128) OVER w AS running_bytes
+                FROM (SELECT head_id, ready_at FROM outbox_thread_head
+                      WHERE account = ?1 AND ready_at <= ?2
+                      ORDER BY ready_at, head_id
+                      LIMIT ?3) AS c
+                JOIN outbox AS o ON o.id = c.head_id
+                WINDOW w AS (ORDER BY c.ready_at, c.head_id ROWS UNBOUNDED PRECEDING))
+            WHERE n = 1 OR running_bytes <= ?4)
           AND +status = 'pending'
         RETURNING id, message_thread_id, CAST(text AS BLOB) AS text, attempts,
                   needs_reconcile, first_sent_at";
+
+    /// What [`CLAIM`] counts for each message besides its text: the JSON
+    /// around it, `{"MessageThreadId":"<36>","Text":"","Identifier":"<id>"},`
+    /// (at most 104 bytes), rounded up. Escaping inside the text is not
+    /// counted here: the worker measures the real size before sending.
+    pub const MESSAGE_ENVELOPE_BYTES: usize = 128;
 
     /// When the next head of account `?1` becomes due after `?2`.
     pub const NEXT_DUE: &str = "

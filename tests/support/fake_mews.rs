@@ -385,6 +385,8 @@ pub struct RequestRecord {
     pub fault: Option<Fault>,
     /// The raw request JSON, or `Null` if unparsable.
     pub body: Value,
+    /// Size of the request body as received, in bytes (0 when rejected).
+    pub body_bytes: usize,
     /// Value of the `Request-Id` header sent back (also for dropped ones).
     pub request_id: String,
     /// HTTP method.
@@ -1069,6 +1071,7 @@ async fn handle(
         status: 0,
         fault: None,
         body: Value::Null,
+        body_bytes: body.as_ref().map_or(0, Bytes::len),
         request_id: request_id.clone(),
         method: method.to_string(),
         stored_ids: Vec::new(),
