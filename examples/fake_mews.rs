@@ -72,6 +72,7 @@ async fn main() -> std::io::Result<()> {
         rate_limit: args.rate_limit,
         poison: None,
         verbose: true,
+        clock_offset_ms: 0,
     };
     println!("[fake-mews] options: {opts:?}");
     let fake = FakeMews::start_on(SocketAddr::new(args.host, args.port), opts).await?;
