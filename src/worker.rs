@@ -34,6 +34,11 @@ const STORE_RETRY_DELAY: Duration = Duration::from_secs(1);
 const STORE_STEP_BUDGET: Duration = Duration::from_secs(60);
 /// Added to `mews.request_timeout` for the watchdog's patience with a request.
 const REQUEST_SLACK: Duration = Duration::from_secs(10);
+/// The start of a `messages/add` request is recorded this far ahead of the
+/// clock, so that the request, sent right after the commit, starts before
+/// the time recorded: rows it leaves `sending` then settle from no earlier
+/// than its real start. A slow commit makes the lead grow.
+const START_STAMP_LEAD: Duration = Duration::from_secs(1);
 
 /// Why an account stops sending for a while.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -617,7 +622,8 @@ impl<S: Outbox> AccountWorker<S> {
         }
     }
 
-    /// Sends one batch to messages/add. `None` when stopping before it went.
+    /// Sends one batch to messages/add. `None` when stopping before it went,
+    /// or when its start could not be recorded.
     async fn send(&mut self, batch: &[ClaimedRow]) -> Option<Reply> {
         let messages: Vec<OutgoingMessage<'_>> = batch
             .iter()
@@ -629,6 +635,11 @@ impl<S: Outbox> AccountWorker<S> {
             .collect();
         self.waiting();
         let permit = self.admit().await?;
+        if !self.stamp_request_start().await {
+            drop(permit);
+            self.request_ended().await;
+            return None;
+        }
         self.busy(
             "waiting for Mews",
             self.client.request_timeout() + REQUEST_SLACK,
@@ -645,6 +656,28 @@ impl<S: Outbox> AccountWorker<S> {
             pulse.outcome(&self.account, reply.outcome.name(), reply.http_status);
         }
         Some(reply)
+    }
+
+    /// Records, just before a `messages/add` request goes, a time no earlier
+    /// than its start (see [`Outbox::request_starting`]). `false` when it
+    /// could not: then the request is not sent (a crash during it would
+    /// leave rows that settle from an older time).
+    async fn stamp_request_start(&self) -> bool {
+        let mut lead = START_STAMP_LEAD;
+        for _ in 0..4 {
+            let by = SystemTime::now() + lead;
+            if let Err(e) = self.store.request_starting(&self.account, by).await {
+                tracing::error!(account = %self.account, error = %e, "cannot record that a request is starting, so it is not sent; its rows wait and are tried again");
+                return false;
+            }
+            // Half the lead is left for building the request.
+            if SystemTime::now() + lead / 2 <= by {
+                return true;
+            }
+            lead *= 4;
+        }
+        tracing::error!(account = %self.account, "recording that a request is starting keeps taking seconds, so it is not sent; its rows wait and are tried again; check the database's disk");
+        false
     }
 
     /// Rows whose last send may have reached Mews are looked for there

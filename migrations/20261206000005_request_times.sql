@@ -1,0 +1,12 @@
+-- Settling after a crash or an abandoned request: Mews may still be storing
+-- the messages of a request that the daemon stopped waiting for, so rows
+-- left `sending` are not read back before this time plus
+-- `mews.request_timeout`.
+--
+-- A time no earlier than the start of the account's latest `messages/add`
+-- request, written (and committed) just before that request is sent. Kept
+-- per account, not per row: an account has at most one request in flight,
+-- so its latest start bounds the start of the request of every row of it
+-- left `sending`; and it costs one small write per request instead of
+-- rewriting every row of the batch once more. NULL until the first request.
+ALTER TABLE outbox_account_state ADD COLUMN add_started_by TEXT;
