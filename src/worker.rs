@@ -22,7 +22,7 @@ use crate::config::{DeliverySettings, RetrySettings};
 use crate::limiter::{RateLimit, SlidingWindow};
 use crate::mews::{AddedMessage, MewsClient, Outcome, OutgoingMessage, ReadBack, Reply};
 use crate::notify::Pulse;
-use crate::reconcile;
+use crate::reconcile::{self, ClockOffset};
 use crate::retry::{exponential, retry_delay};
 use crate::store::{AccountPause, ClaimedRow, Outbox, RowOutcome, StoreError};
 
@@ -302,6 +302,9 @@ pub struct AccountWorker<S: Outbox> {
     breaker: Breaker,
     /// Tells the watchdog this loop is alive (see [`crate::notify::Liveness`]).
     pulse: Option<Pulse>,
+    /// Mews's clock against ours, from the `Date` of the latest response
+    /// that had one; decides which copies a read-back may adopt.
+    clock: Option<ClockOffset>,
 }
 
 impl<S: Outbox> AccountWorker<S> {
@@ -336,6 +339,7 @@ impl<S: Outbox> AccountWorker<S> {
             batch,
             breaker,
             pulse: None,
+            clock: None,
         }
     }
 
@@ -651,6 +655,9 @@ impl<S: Outbox> AccountWorker<S> {
             .await;
         drop(permit);
         self.request_ended().await;
+        if reply.clock.is_some() {
+            self.clock = reply.clock;
+        }
         log_reply(&self.account, batch.len(), &reply);
         if let Some(pulse) = &self.pulse {
             pulse.outcome(&self.account, reply.outcome.name(), reply.http_status);
@@ -713,7 +720,9 @@ impl<S: Outbox> AccountWorker<S> {
                 return None;
             }
         };
-        let candidates = reconcile::candidates(&doubtful, &messages);
+        // The read-back's own answer has measured the clock, if nothing had.
+        let clock = self.clock.unwrap_or(ClockOffset::UNMEASURED);
+        let candidates = reconcile::candidates(&doubtful, &messages, &clock);
         let owned = match self.store.owned_message_ids(&candidates).await {
             Ok(owned) => owned,
             Err(e) => {
@@ -722,7 +731,7 @@ impl<S: Outbox> AccountWorker<S> {
                 return None;
             }
         };
-        let matched = reconcile::match_rows(&doubtful, &messages, &owned);
+        let matched = reconcile::match_rows(&doubtful, &messages, &owned, &clock);
         let found: Vec<_> = matched
             .found
             .iter()
@@ -748,7 +757,7 @@ impl<S: Outbox> AccountWorker<S> {
         let mut threads: Vec<&str> = rows.iter().map(|r| r.message_thread_id.as_str()).collect();
         threads.sort_unstable();
         threads.dedup();
-        let window = reconcile::window(rows, SystemTime::now());
+        let window = reconcile::window(rows, SystemTime::now(), self.clock.as_ref());
         let mut messages = Vec::new();
         let mut cursor: Option<String> = None;
         for _ in 0..reconcile::MAX_PAGES {
@@ -770,6 +779,9 @@ impl<S: Outbox> AccountWorker<S> {
                 .await;
             drop(permit);
             self.request_ended().await;
+            if back.clock.is_some() {
+                self.clock = back.clock;
+            }
             log_read_back(&self.account, threads.len(), &back);
             match back.page {
                 Ok(page) => {

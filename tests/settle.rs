@@ -38,15 +38,27 @@ async fn assert_each_row_delivered_once_with_the_first_copy(
 ) {
     wait_for_status(db, "delivered", ROWS as i64).await;
     let slow = slow_request(fake).await;
-    assert_eq!(slow.stored_ids.len(), ROWS, "the slow request stored them all");
+    assert_eq!(
+        slow.stored_ids.len(),
+        ROWS,
+        "the slow request stored them all"
+    );
     let accepted = fake.accepted();
-    assert_eq!(accepted.len(), ROWS, "duplicates: {}", accepted.len() - ROWS);
+    assert_eq!(
+        accepted.len(),
+        ROWS,
+        "duplicates: {}",
+        accepted.len() - ROWS
+    );
     let by_id: HashMap<String, &StoredMessage> =
         accepted.iter().map(|m| (m.id.to_string(), m)).collect();
     for row in rows(db).await {
         let id = row.mews_message_id.as_deref().expect("a Mews id");
         let copy = by_id[id];
-        assert_eq!(copy.identifier.as_deref(), Some(row.id.to_string().as_str()));
+        assert_eq!(
+            copy.identifier.as_deref(),
+            Some(row.id.to_string().as_str())
+        );
         assert!(slow.stored_ids.contains(&copy.id), "row {}", row.id);
     }
 }
@@ -95,7 +107,10 @@ async fn a_reload_that_abandons_a_request_mews_is_still_storing_duplicates_nothi
     fake.script([slow_store()]);
     let env = Env::with(
         &fake.base_url,
-        &[("request_timeout", "\"5s\""), ("drain_timeout", "\"100ms\"")],
+        &[
+            ("request_timeout", "\"5s\""),
+            ("drain_timeout", "\"100ms\""),
+        ],
         "",
     );
     let db = env.producer().await;
@@ -134,7 +149,12 @@ async fn a_timed_out_request_that_mews_stored_later_is_found_by_the_read_back() 
         row.mews_message_id.as_deref(),
         Some(first.stored_ids[0].to_string().as_str())
     );
-    assert!(row.last_error.as_deref().unwrap().contains("no response within 2s"));
+    assert!(
+        row.last_error
+            .as_deref()
+            .unwrap()
+            .contains("no response within 2s")
+    );
 }
 
 /// One row whose first request loses its connection (after Mews stored it
@@ -176,7 +196,11 @@ async fn older_identical_text_case(clock_offset_ms: i64, stored: bool) {
         "read back"
     );
     let accepted = fake.accepted();
-    assert_eq!(accepted.len(), 2, "the older text and exactly one copy of ours");
+    assert_eq!(
+        accepted.len(),
+        2,
+        "the older text and exactly one copy of ours"
+    );
     let ours = accepted.iter().find(|m| m.id != older.id).unwrap();
     let row = &rows(&db).await[0];
     assert_eq!(
@@ -185,7 +209,11 @@ async fn older_identical_text_case(clock_offset_ms: i64, stored: bool) {
         "offset {clock_offset_ms} ms, stored {stored}: the row carries its own copy"
     );
     let adds = fake.add_requests();
-    assert_eq!(adds.len(), if stored { 1 } else { 2 }, "sent again only when Mews had nothing");
+    assert_eq!(
+        adds.len(),
+        if stored { 1 } else { 2 },
+        "sent again only when Mews had nothing"
+    );
 }
 
 #[tokio::test]

@@ -11,6 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 
 use crate::config::MewsSettings;
+use crate::reconcile::ClockOffset;
 use crate::retry::parse_retry_after;
 pub use wire::{AddedMessage, OutgoingMessage, Sender, TimeInterval};
 
@@ -108,6 +109,8 @@ pub struct Reply {
     pub request_id: Option<String>,
     pub elapsed: Duration,
     pub outcome: Outcome,
+    /// Mews's clock against ours, from the response's `Date` header.
+    pub clock: Option<ClockOffset>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -217,6 +220,7 @@ impl MewsClient {
             limitation: wire::Limitation { count, cursor },
         };
         let (response, elapsed) = self.exchange(&self.get_all_url, &body).await;
+        let clock = response.as_ref().ok().and_then(|r| r.clock);
         let (http_status, request_id, page) = match response {
             Err(outcome) => (None, None, Err(outcome)),
             Ok(r) => {
@@ -249,6 +253,7 @@ impl MewsClient {
             http_status,
             request_id,
             elapsed,
+            clock,
             page: page.map(|p| MessagePage {
                 messages: p.messages,
                 cursor: p.cursor,
@@ -264,6 +269,7 @@ impl MewsClient {
                 request_id: None,
                 elapsed,
                 outcome,
+                clock: None,
             },
             Ok(r) => {
                 let outcome = match r.body {
@@ -277,6 +283,7 @@ impl MewsClient {
                     request_id: r.request_id,
                     elapsed,
                     outcome,
+                    clock: r.clock,
                 }
             }
         }
@@ -289,6 +296,7 @@ impl MewsClient {
         body: &impl serde::Serialize,
     ) -> (Result<RawResponse, Outcome>, Duration) {
         let started = Instant::now();
+        let sent_at = SystemTime::now();
         let sent = self
             .http
             .post(url.clone())
@@ -312,6 +320,11 @@ impl MewsClient {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         };
+        // Mews wrote `Date` about when its headers left: measured against
+        // the middle of the time until they arrived here.
+        let clock = header("date")
+            .and_then(|d| httpdate::parse_http_date(&d).ok())
+            .map(|date| ClockOffset::measure(date, sent_at, started.elapsed()));
         let status = response.status().as_u16();
         let request_id = header("request-id");
         let retry_after = header("retry-after");
@@ -322,6 +335,7 @@ impl MewsClient {
                 request_id,
                 retry_after,
                 body,
+                clock,
             }),
             started.elapsed(),
         )
@@ -334,6 +348,7 @@ struct RawResponse {
     request_id: Option<String>,
     retry_after: Option<String>,
     body: Result<Vec<u8>, BodyError>,
+    clock: Option<ClockOffset>,
 }
 
 /// A status line arrived but not the whole body: Mews has finished with the
@@ -363,6 +378,8 @@ pub struct ReadBack {
     pub http_status: Option<u16>,
     pub request_id: Option<String>,
     pub elapsed: Duration,
+    /// Mews's clock against ours, from the response's `Date` header.
+    pub clock: Option<ClockOffset>,
     /// The page, or what went wrong (as for `messages/add`).
     pub page: Result<MessagePage, Outcome>,
 }

@@ -1123,8 +1123,19 @@ mod tests {
         assert_eq!(s.recover_abandoned(settle, now).await.unwrap(), 2);
         assert_eq!(next_attempt_at(&s, a).await, timestamp(started + settle));
         assert_eq!(next_attempt_at(&s, b).await, timestamp(now + settle));
-        assert!(s.claim("default", started + settle - Duration::from_millis(1), 10).await.unwrap().is_empty());
-        assert_eq!(s.claim("default", started + settle, 10).await.unwrap().len(), 1);
+        assert!(
+            s.claim("default", started + settle - Duration::from_millis(1), 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            s.claim("default", started + settle, 10)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     async fn reconcile_flag(s: &SqliteStore, id: i64) -> i64 {
