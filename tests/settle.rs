@@ -5,6 +5,8 @@
 //! row's first send could have reached Mews, by Mews's clock as measured
 //! from its `Date` headers.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
+
 mod support;
 
 use std::collections::HashMap;
