@@ -234,3 +234,57 @@ async fn with_mews_clock_three_minutes_behind_the_stored_copy_is_adopted_and_the
     older_identical_text_case(-180_000, true).await;
     older_identical_text_case(-180_000, false).await;
 }
+
+/// The fake itself: a Mews whose clock is 3 minutes behind dates its
+/// answers and its `CreatedUtc` by that clock, not by hyper's; and a
+/// client that gives up does not stop it from storing.
+#[tokio::test]
+async fn the_fake_keeps_its_own_clock_and_stores_what_a_departed_client_sent() {
+    let fake = FakeMews::start_with(FakeOptions {
+        clock_offset_ms: -180_000,
+        ..Default::default()
+    })
+    .await;
+    fake.script([Fault::SlowStore {
+        store_after: Duration::from_millis(300),
+        answer_after: None,
+    }]);
+    let body = serde_json::json!({
+        "ClientToken": "c", "AccessToken": "a", "Client": "settle 1.0",
+        "Messages": [{"MessageThreadId": Uuid::new_v4(), "Text": "x", "Identifier": "1"}],
+    });
+    let http = reqwest::Client::new();
+    let url = fake.url(support::fake_mews::ADD_PATH);
+    let gave_up = http
+        .post(&url)
+        .timeout(Duration::from_millis(50))
+        .json(&body)
+        .send()
+        .await;
+    assert!(gave_up.unwrap_err().is_timeout());
+    let stored = fake.wait_for_accepted(1, WAIT).await;
+    assert_eq!(stored[0].identifier.as_deref(), Some("1"));
+
+    let sent_at = std::time::SystemTime::now();
+    let answer = http.post(&url).json(&body).send().await.unwrap();
+    let date = answer.headers()["date"].to_str().unwrap().to_owned();
+    let date = httpdate::parse_http_date(&date).unwrap();
+    let behind = sent_at.duration_since(date).unwrap();
+    // Whole seconds, and the answer took a moment: 180 s, give or take 2.
+    assert!(
+        (Duration::from_secs(178)..=Duration::from_secs(182)).contains(&behind),
+        "{behind:?}"
+    );
+    let json: serde_json::Value = answer.json().await.unwrap();
+    let created = json["Messages"][0]["Message"]["CreatedUtc"]
+        .as_str()
+        .unwrap();
+    let created = humantime::parse_rfc3339(created).unwrap();
+    let apart = date
+        .duration_since(created)
+        .unwrap_or_else(|e| e.duration());
+    assert!(
+        apart <= Duration::from_secs(1),
+        "CreatedUtc and Date by one clock"
+    );
+}
