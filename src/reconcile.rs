@@ -12,7 +12,7 @@
 //! this module decides, without I/O.
 
 use std::collections::HashSet;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::mews::{AddedMessage, TimeInterval};
 use crate::store::ClaimedRow;
@@ -66,6 +66,29 @@ impl ClockOffset {
     /// The latest Mews's clock can have read when ours read `t`.
     fn latest_at_mews(&self, t: SystemTime) -> SystemTime {
         shift(t, self.offset_ms) + self.uncertainty
+    }
+}
+
+/// A kept measurement is replaced by a less precise one only once it is
+/// this old (Mews's clock may have been corrected meanwhile).
+pub const MEASUREMENT_MAX_AGE: Duration = Duration::from_secs(10 * 60);
+
+/// The measurement to keep after `new`, taken at `now`: the newer one,
+/// unless a measurement younger than [`MEASUREMENT_MAX_AGE`] is more
+/// precise (a slow answer measures with a wider uncertainty).
+pub fn keep_measurement(
+    kept: Option<(ClockOffset, Instant)>,
+    new: ClockOffset,
+    now: Instant,
+) -> (ClockOffset, Instant) {
+    match kept {
+        Some((old, at))
+            if old.uncertainty < new.uncertainty
+                && now.saturating_duration_since(at) < MEASUREMENT_MAX_AGE =>
+        {
+            (old, at)
+        }
+        _ => (new, now),
     }
 }
 
@@ -396,6 +419,25 @@ mod tests {
         assert_eq!(
             match_rows(&rows, &[fine], &HashSet::new(), &SAME).absent,
             [1]
+        );
+    }
+
+    #[test]
+    fn a_slow_answer_does_not_replace_a_recent_precise_measurement() {
+        let t0 = Instant::now();
+        let precise = mews_clock(1000);
+        let sloppy = ClockOffset::measure(at(60), at(50), Duration::from_secs(8));
+        assert_eq!(keep_measurement(None, sloppy, t0), (sloppy, t0));
+        let kept = Some((precise, t0));
+        let soon = t0 + Duration::from_secs(5);
+        assert_eq!(keep_measurement(kept, sloppy, soon), (precise, t0));
+        let later = t0 + MEASUREMENT_MAX_AGE;
+        assert_eq!(keep_measurement(kept, sloppy, later), (sloppy, later));
+        let newer = mews_clock(-500);
+        assert_eq!(
+            keep_measurement(kept, newer, soon),
+            (newer, soon),
+            "as precise: the newer"
         );
     }
 

@@ -302,9 +302,10 @@ pub struct AccountWorker<S: Outbox> {
     breaker: Breaker,
     /// Tells the watchdog this loop is alive (see [`crate::notify::Liveness`]).
     pulse: Option<Pulse>,
-    /// Mews's clock against ours, from the `Date` of the latest response
-    /// that had one; decides which copies a read-back may adopt.
-    clock: Option<ClockOffset>,
+    /// Mews's clock against ours, from the `Date` of a recent response, and
+    /// when it was measured ([`reconcile::keep_measurement`]); decides which
+    /// copies a read-back may adopt.
+    clock: Option<(ClockOffset, std::time::Instant)>,
 }
 
 impl<S: Outbox> AccountWorker<S> {
@@ -655,9 +656,7 @@ impl<S: Outbox> AccountWorker<S> {
             .await;
         drop(permit);
         self.request_ended().await;
-        if reply.clock.is_some() {
-            self.clock = reply.clock;
-        }
+        self.measured(reply.clock);
         log_reply(&self.account, batch.len(), &reply);
         if let Some(pulse) = &self.pulse {
             pulse.outcome(&self.account, reply.outcome.name(), reply.http_status);
@@ -665,11 +664,23 @@ impl<S: Outbox> AccountWorker<S> {
         Some(reply)
     }
 
+    /// Keeps what a response's `Date` said about Mews's clock.
+    fn measured(&mut self, clock: Option<ClockOffset>) {
+        if let Some(new) = clock {
+            self.clock = Some(reconcile::keep_measurement(
+                self.clock,
+                new,
+                std::time::Instant::now(),
+            ));
+        }
+    }
+
     /// Records, just before a `messages/add` request goes, a time no earlier
     /// than its start (see [`Outbox::request_starting`]). `false` when it
     /// could not: then the request is not sent (a crash during it would
     /// leave rows that settle from an older time).
     async fn stamp_request_start(&self) -> bool {
+        self.busy("recording a request's start", STORE_STEP_BUDGET);
         let mut lead = START_STAMP_LEAD;
         for _ in 0..4 {
             let by = SystemTime::now() + lead;
@@ -721,7 +732,7 @@ impl<S: Outbox> AccountWorker<S> {
             }
         };
         // The read-back's own answer has measured the clock, if nothing had.
-        let clock = self.clock.unwrap_or(ClockOffset::UNMEASURED);
+        let clock = self.clock.map_or(ClockOffset::UNMEASURED, |(c, _)| c);
         let candidates = reconcile::candidates(&doubtful, &messages, &clock);
         let owned = match self.store.owned_message_ids(&candidates).await {
             Ok(owned) => owned,
@@ -757,7 +768,8 @@ impl<S: Outbox> AccountWorker<S> {
         let mut threads: Vec<&str> = rows.iter().map(|r| r.message_thread_id.as_str()).collect();
         threads.sort_unstable();
         threads.dedup();
-        let window = reconcile::window(rows, SystemTime::now(), self.clock.as_ref());
+        let clock = self.clock.map(|(c, _)| c);
+        let window = reconcile::window(rows, SystemTime::now(), clock.as_ref());
         let mut messages = Vec::new();
         let mut cursor: Option<String> = None;
         for _ in 0..reconcile::MAX_PAGES {
@@ -779,9 +791,7 @@ impl<S: Outbox> AccountWorker<S> {
                 .await;
             drop(permit);
             self.request_ended().await;
-            if back.clock.is_some() {
-                self.clock = back.clock;
-            }
+            self.measured(back.clock);
             log_read_back(&self.account, threads.len(), &back);
             match back.page {
                 Ok(page) => {
