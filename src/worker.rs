@@ -37,8 +37,11 @@ const REQUEST_SLACK: Duration = Duration::from_secs(10);
 /// The start of a `messages/add` request is recorded this far ahead of the
 /// clock, so that the request, sent right after the commit, starts before
 /// the time recorded: rows it leaves `sending` then settle from no earlier
-/// than its real start. A slow commit makes the lead grow.
-const START_STAMP_LEAD: Duration = Duration::from_secs(1);
+/// than its real start. While a stamp is still half its lead ahead, it
+/// covers the next requests too: one write every few seconds per account,
+/// not one per request (a drain sends hundreds a second), for at most this
+/// much longer a settle after a crash. A slow commit makes the lead grow.
+const START_STAMP_LEAD: Duration = Duration::from_secs(5);
 
 /// Why an account stops sending for a while.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -306,6 +309,8 @@ pub struct AccountWorker<S: Outbox> {
     /// when it was measured ([`reconcile::keep_measurement`]); decides which
     /// copies a read-back may adopt.
     clock: Option<(ClockOffset, std::time::Instant)>,
+    /// The latest start stamp committed ([`Outbox::request_starting`]).
+    started_by: Option<SystemTime>,
 }
 
 impl<S: Outbox> AccountWorker<S> {
@@ -341,6 +346,7 @@ impl<S: Outbox> AccountWorker<S> {
             breaker,
             pulse: None,
             clock: None,
+            started_by: None,
         }
     }
 
@@ -679,7 +685,13 @@ impl<S: Outbox> AccountWorker<S> {
     /// than its start (see [`Outbox::request_starting`]). `false` when it
     /// could not: then the request is not sent (a crash during it would
     /// leave rows that settle from an older time).
-    async fn stamp_request_start(&self) -> bool {
+    async fn stamp_request_start(&mut self) -> bool {
+        if self
+            .started_by
+            .is_some_and(|by| SystemTime::now() + START_STAMP_LEAD / 2 <= by)
+        {
+            return true;
+        }
         self.busy("recording a request's start", STORE_STEP_BUDGET);
         let mut lead = START_STAMP_LEAD;
         for _ in 0..4 {
@@ -690,6 +702,7 @@ impl<S: Outbox> AccountWorker<S> {
             }
             // Half the lead is left for building the request.
             if SystemTime::now() + lead / 2 <= by {
+                self.started_by = Some(by);
                 return true;
             }
             lead *= 4;
