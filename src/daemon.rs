@@ -56,7 +56,11 @@ pub async fn run(
     check_local_filesystem(&settings.database.path)?;
     let lock = DaemonLock::acquire(&settings.database.path)?;
     let store = SqliteStore::open(&settings.database.path, settings.database.busy_timeout).await?;
-    let recovered = store.recover_abandoned().await?;
+    // The previous run may have died during a request that Mews is still
+    // storing: those rows settle as after a timeout (from the request's start).
+    let recovered = store
+        .recover_abandoned(settings.mews.request_timeout, SystemTime::now())
+        .await?;
     let client = MewsClient::new(&settings.mews)?;
     log_start(&settings, recovered);
 
@@ -233,11 +237,16 @@ async fn reload(
     }
 
     let drained = generation.stop(current.delivery.drain_timeout).await;
-    let abandoned = store.recover_abandoned().await?;
+    // An aborted request may still be stored by Mews: its rows settle for the
+    // timeout it was sent with before the new generation reads them back.
+    let abandoned = store
+        .recover_abandoned(current.mews.request_timeout, SystemTime::now())
+        .await?;
     if !drained {
         tracing::warn!(
             rows = abandoned,
-            "reload: requests still in flight after delivery.drain_timeout were abandoned; their rows are pending again (Mews may already have some: possible duplicates)"
+            settle = %humantime::format_duration(current.mews.request_timeout),
+            "reload: requests still in flight after delivery.drain_timeout were abandoned; their rows are pending again and are read back from Mews (messages/getAll) once their request has had mews.request_timeout to finish"
         );
     }
     match Generation::start(store, &new, client, liveness).await {

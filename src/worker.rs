@@ -25,7 +25,7 @@ use crate::config::{DeliverySettings, RetrySettings};
 use crate::limiter::{RateLimit, SlidingWindow};
 use crate::mews::{AddedMessage, MewsClient, Outcome, OutgoingMessage, ReadBack, Reply};
 use crate::notify::Pulse;
-use crate::reconcile;
+use crate::reconcile::{self, ClockOffset};
 use crate::request_size;
 use crate::retry::{exponential, retry_delay, throttle_pause};
 use crate::store::{AccountPause, ClaimedRow, Outbox, RowOutcome, StoreError};
@@ -38,6 +38,14 @@ const STORE_RETRY_DELAY: Duration = Duration::from_secs(1);
 const STORE_STEP_BUDGET: Duration = Duration::from_secs(60);
 /// Added to `mews.request_timeout` for the watchdog's patience with a request.
 const REQUEST_SLACK: Duration = Duration::from_secs(10);
+/// The start of a `messages/add` request is recorded this far ahead of the
+/// clock, so that the request, sent right after the commit, starts before
+/// the time recorded: rows it leaves `sending` then settle from no earlier
+/// than its real start. While a stamp is still half its lead ahead, it
+/// covers the next requests too: one write every few seconds per account,
+/// not one per request (a drain sends hundreds a second), for at most this
+/// much longer a settle after a crash. A slow commit makes the lead grow.
+const START_STAMP_LEAD: Duration = Duration::from_secs(5);
 
 /// Why an account stops sending for a while.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,6 +336,12 @@ pub struct AccountWorker<S: Outbox> {
     /// Bytes of a `messages/add` body with no message in it (tokens
     /// included), for `delivery.max_request_bytes`.
     envelope_bytes: usize,
+    /// Mews's clock against ours, from the `Date` of a recent response, and
+    /// when it was measured ([`reconcile::keep_measurement`]); decides which
+    /// copies a read-back may adopt.
+    clock: Option<(ClockOffset, std::time::Instant)>,
+    /// The latest start stamp committed ([`Outbox::request_starting`]).
+    started_by: Option<SystemTime>,
 }
 
 impl<S: Outbox> AccountWorker<S> {
@@ -366,6 +380,8 @@ impl<S: Outbox> AccountWorker<S> {
             rejections: RejectionStreak::default(),
             pulse: None,
             envelope_bytes,
+            clock: None,
+            started_by: None,
         }
     }
 
@@ -800,7 +816,8 @@ impl<S: Outbox> AccountWorker<S> {
         }
     }
 
-    /// Sends one batch to messages/add. `None` when stopping before it went.
+    /// Sends one batch to messages/add. `None` when stopping before it went,
+    /// or when its start could not be recorded.
     async fn send(&mut self, batch: &[ClaimedRow]) -> Option<Reply> {
         let messages: Vec<OutgoingMessage<'_>> = batch
             .iter()
@@ -812,6 +829,11 @@ impl<S: Outbox> AccountWorker<S> {
             .collect();
         self.waiting();
         let permit = self.admit().await?;
+        if !self.stamp_request_start().await {
+            drop(permit);
+            self.request_ended().await;
+            return None;
+        }
         self.busy(
             "waiting for Mews",
             self.client.request_timeout() + REQUEST_SLACK,
@@ -823,11 +845,53 @@ impl<S: Outbox> AccountWorker<S> {
             .await;
         drop(permit);
         self.request_ended().await;
+        self.measured(reply.clock);
         log_reply(&self.account, batch.len(), &reply);
         if let Some(pulse) = &self.pulse {
             pulse.outcome(&self.account, reply.outcome.name(), reply.http_status);
         }
         Some(reply)
+    }
+
+    /// Keeps what a response's `Date` said about Mews's clock.
+    fn measured(&mut self, clock: Option<ClockOffset>) {
+        if let Some(new) = clock {
+            self.clock = Some(reconcile::keep_measurement(
+                self.clock,
+                new,
+                std::time::Instant::now(),
+            ));
+        }
+    }
+
+    /// Records, just before a `messages/add` request goes, a time no earlier
+    /// than its start (see [`Outbox::request_starting`]). `false` when it
+    /// could not: then the request is not sent (a crash during it would
+    /// leave rows that settle from an older time).
+    async fn stamp_request_start(&mut self) -> bool {
+        if self
+            .started_by
+            .is_some_and(|by| SystemTime::now() + START_STAMP_LEAD / 2 <= by)
+        {
+            return true;
+        }
+        self.busy("recording a request's start", STORE_STEP_BUDGET);
+        let mut lead = START_STAMP_LEAD;
+        for _ in 0..4 {
+            let by = SystemTime::now() + lead;
+            if let Err(e) = self.store.request_starting(&self.account, by).await {
+                tracing::error!(account = %self.account, error = %e, "cannot record that a request is starting, so it is not sent; its rows wait and are tried again");
+                return false;
+            }
+            // Half the lead is left for building the request.
+            if SystemTime::now() + lead / 2 <= by {
+                self.started_by = Some(by);
+                return true;
+            }
+            lead *= 4;
+        }
+        tracing::error!(account = %self.account, "recording that a request is starting keeps taking seconds, so it is not sent; its rows wait and are tried again; check the database's disk");
+        false
     }
 
     /// Rows whose last send may have reached Mews are looked for there
@@ -863,7 +927,9 @@ impl<S: Outbox> AccountWorker<S> {
                 return None;
             }
         };
-        let candidates = reconcile::candidates(&doubtful, &messages);
+        // The read-back's own answer has measured the clock, if nothing had.
+        let clock = self.clock.map_or(ClockOffset::UNMEASURED, |(c, _)| c);
+        let candidates = reconcile::candidates(&doubtful, &messages, &clock);
         let owned = match self.store.owned_message_ids(&candidates).await {
             Ok(owned) => owned,
             Err(e) => {
@@ -872,7 +938,7 @@ impl<S: Outbox> AccountWorker<S> {
                 return None;
             }
         };
-        let matched = reconcile::match_rows(&doubtful, &messages, &owned);
+        let matched = reconcile::match_rows(&doubtful, &messages, &owned, &clock);
         let found: Vec<_> = matched
             .found
             .iter()
@@ -898,7 +964,8 @@ impl<S: Outbox> AccountWorker<S> {
         let mut threads: Vec<&str> = rows.iter().map(|r| r.message_thread_id.as_str()).collect();
         threads.sort_unstable();
         threads.dedup();
-        let window = reconcile::window(rows, SystemTime::now());
+        let clock = self.clock.map(|(c, _)| c);
+        let window = reconcile::window(rows, SystemTime::now(), clock.as_ref());
         let mut messages = Vec::new();
         let mut cursor: Option<String> = None;
         for _ in 0..reconcile::MAX_PAGES {
@@ -920,6 +987,7 @@ impl<S: Outbox> AccountWorker<S> {
                 .await;
             drop(permit);
             self.request_ended().await;
+            self.measured(back.clock);
             log_read_back(&self.account, threads.len(), &back);
             match back.page {
                 Ok(page) => {

@@ -11,6 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 
 use crate::config::MewsSettings;
+use crate::reconcile::ClockOffset;
 use crate::retry::parse_retry_after;
 pub use wire::{AddedMessage, OutgoingMessage, Sender, TimeInterval};
 
@@ -116,6 +117,8 @@ pub struct Reply {
     pub request_id: Option<String>,
     pub elapsed: Duration,
     pub outcome: Outcome,
+    /// Mews's clock against ours, from the response's `Date` header.
+    pub clock: Option<ClockOffset>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -259,6 +262,7 @@ impl MewsClient {
             limitation: wire::Limitation { count, cursor },
         };
         let (response, elapsed) = self.exchange(&self.get_all_url, &body).await;
+        let clock = response.as_ref().ok().and_then(|r| r.clock);
         let (http_status, request_id, page) = match response {
             Err(outcome) => (None, None, Err(outcome)),
             Ok(r) => {
@@ -301,6 +305,7 @@ impl MewsClient {
             http_status,
             request_id,
             elapsed,
+            clock,
             page: page.map(|p| MessagePage {
                 messages: p.messages,
                 cursor: p.cursor,
@@ -316,6 +321,7 @@ impl MewsClient {
                 request_id: None,
                 elapsed,
                 outcome,
+                clock: None,
             },
             Ok(r) => {
                 let outcome = match r.body {
@@ -330,6 +336,7 @@ impl MewsClient {
                     request_id: r.request_id,
                     elapsed,
                     outcome,
+                    clock: r.clock,
                 }
             }
         }
@@ -342,6 +349,7 @@ impl MewsClient {
         body: &impl serde::Serialize,
     ) -> (Result<RawResponse, Outcome>, Duration) {
         let started = Instant::now();
+        let sent_at = SystemTime::now();
         let sent = self
             .http
             .post(url.clone())
@@ -365,6 +373,11 @@ impl MewsClient {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         };
+        // Mews wrote `Date` about when its headers left: measured against
+        // the middle of the time until they arrived here.
+        let clock = header("date")
+            .and_then(|d| httpdate::parse_http_date(&d).ok())
+            .map(|date| ClockOffset::measure(date, sent_at, started.elapsed()));
         let status = response.status().as_u16();
         let request_id = header("request-id");
         let retry_after = header("retry-after");
@@ -377,6 +390,7 @@ impl MewsClient {
                 retry_after,
                 location,
                 body,
+                clock,
             }),
             started.elapsed(),
         )
@@ -401,6 +415,7 @@ struct RawResponse {
     /// The `Location` header of a redirect; never followed.
     location: Option<String>,
     body: Result<Vec<u8>, BodyError>,
+    clock: Option<ClockOffset>,
 }
 
 /// A status line arrived but not the whole body: Mews has finished with the
@@ -444,6 +459,8 @@ pub struct ReadBack {
     pub http_status: Option<u16>,
     pub request_id: Option<String>,
     pub elapsed: Duration,
+    /// Mews's clock against ours, from the response's `Date` header.
+    pub clock: Option<ClockOffset>,
     /// The page, or what went wrong (as for `messages/add`).
     pub page: Result<MessagePage, Outcome>,
 }

@@ -263,6 +263,15 @@ pub trait Outbox: Clone + Send + Sync + 'static {
         ids: &[&str],
     ) -> impl Future<Output = Result<HashSet<String>, StoreError>> + Send;
 
+    /// Remembers, before a `messages/add` request of `account` is sent, a
+    /// time no earlier than its start: rows it leaves `sending` (a crash, a
+    /// request abandoned) settle from there ([`SqliteStore::recover_abandoned`]).
+    fn request_starting(
+        &self,
+        account: &str,
+        started_by: SystemTime,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// End times of the account's latest requests (for the rate limiter).
     fn recent_requests(
         &self,

@@ -169,14 +169,28 @@ impl SqliteStore {
         &self.path
     }
 
-    /// Puts rows left `sending` by a previous daemon back to `pending`, to be
-    /// read back from Mews before they are sent again (the request carrying
-    /// them may have reached Mews). Only safe while holding the
-    /// [`DaemonLock`]. Returns how many.
-    pub async fn recover_abandoned(&self) -> Result<u64, StoreError> {
+    /// Puts rows left `sending` by a previous daemon (or by an abandoned
+    /// generation) back to `pending`, to be read back from Mews before they
+    /// are sent again (the request carrying them may have reached Mews).
+    /// Mews may still be storing that request, so, like a timed-out one,
+    /// they are not due before its start plus `settle`: the account's
+    /// `add_started_by` (see [`Outbox::request_starting`]), or `now` when it
+    /// is unknown. Only safe while holding the [`DaemonLock`]. Returns how many.
+    pub async fn recover_abandoned(
+        &self,
+        settle: Duration,
+        now: SystemTime,
+    ) -> Result<u64, StoreError> {
         let done = sqlx::query(
-            "UPDATE outbox SET status = 'pending', needs_reconcile = 1 WHERE status = 'sending'",
+            "UPDATE outbox SET status = 'pending', needs_reconcile = 1,
+                next_attempt_at = max(next_attempt_at, coalesce(
+                    (SELECT strftime('%Y-%m-%dT%H:%M:%fZ', s.add_started_by, ?1)
+                     FROM outbox_account_state AS s WHERE s.account = outbox.account),
+                    ?2))
+             WHERE status = 'sending'",
         )
+        .bind(format!("+{:.3} seconds", settle.as_secs_f64()))
+        .bind(timestamp(now + settle))
         .execute(&self.writer)
         .await?;
         Ok(done.rows_affected())
@@ -867,6 +881,22 @@ impl Outbox for SqliteStore {
         Ok(ends.iter().filter_map(|t| parse_timestamp(t)).collect())
     }
 
+    async fn request_starting(
+        &self,
+        account: &str,
+        started_by: SystemTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO outbox_account_state (account, add_started_by) VALUES (?1, ?2)
+             ON CONFLICT (account) DO UPDATE SET add_started_by = excluded.add_started_by",
+        )
+        .bind(account)
+        .bind(timestamp(started_by))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
     async fn save_recent_requests(
         &self,
         account: &str,
@@ -1161,7 +1191,12 @@ mod tests {
             Some(timestamp(now)),
             "the claim stamps the first send"
         );
-        assert_eq!(s.recover_abandoned().await.unwrap(), 1);
+        assert_eq!(
+            s.recover_abandoned(Duration::from_secs(2), now)
+                .await
+                .unwrap(),
+            1
+        );
         let later = now + Duration::from_secs(5);
         let again = s.claim("default", later, 10).await.unwrap();
         assert_eq!(again.len(), 1);
@@ -1173,6 +1208,52 @@ mod tests {
             again[0].first_sent_at.map(timestamp),
             Some(timestamp(now)),
             "the first send stays the first"
+        );
+    }
+
+    async fn next_attempt_at(s: &SqliteStore, id: i64) -> String {
+        sqlx::query_scalar("SELECT next_attempt_at FROM outbox WHERE id = ?1")
+            .bind(id)
+            .fetch_one(s.pool())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn recovered_rows_settle_from_their_requests_start_or_from_now_when_unknown() {
+        let (_dir, s) = store().await;
+        let a = insert(&s, T1, "x").await;
+        let b: i64 = sqlx::query_scalar(
+            "INSERT INTO outbox (message_thread_id, text, account) VALUES (?1, 'y', 'other') RETURNING id",
+        )
+        .bind(T2)
+        .fetch_one(s.pool())
+        .await
+        .unwrap();
+        let claimed_at = SystemTime::now();
+        s.claim("default", claimed_at, 10).await.unwrap();
+        s.claim("other", claimed_at, 10).await.unwrap();
+        // The request of `default` started well after the claim (it waited
+        // for the rate limit, a read-back, a permit); `other` never said.
+        let started = claimed_at + Duration::from_secs(40);
+        s.request_starting("default", started).await.unwrap();
+        let now = claimed_at + Duration::from_secs(41);
+        let settle = Duration::from_millis(30_500);
+        assert_eq!(s.recover_abandoned(settle, now).await.unwrap(), 2);
+        assert_eq!(next_attempt_at(&s, a).await, timestamp(started + settle));
+        assert_eq!(next_attempt_at(&s, b).await, timestamp(now + settle));
+        assert!(
+            s.claim("default", started + settle - Duration::from_millis(1), 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            s.claim("default", started + settle, 10)
+                .await
+                .unwrap()
+                .len(),
+            1
         );
     }
 

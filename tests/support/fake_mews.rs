@@ -19,7 +19,8 @@
 //! * Any other path: `404`; a known path with a method other than `POST`:
 //!   `405`.
 //!
-//! Every response, whatever its status, carries a fresh `Request-Id` header,
+//! Every response, whatever its status, carries a fresh `Request-Id` header
+//! and a `Date` header from the fake's clock ([`FakeOptions::clock_offset`]),
 //! and every error body is `{"Message": .., "RequestId": <same id>,
 //! "Details": null}`.
 //!
@@ -41,6 +42,10 @@
 //! accepted socket and calling `shutdown(Both)` on it from the request
 //! handler: the client sees the connection closed before any response byte
 //! (reqwest: "connection closed before message completed"), never a hang.
+//!
+//! Each request is handled in a task of its own, which a client that gives
+//! up or dies cannot cancel: like Mews, the fake finishes (and stores) what
+//! it started even when nobody waits for the answer any more.
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
@@ -118,6 +123,10 @@ pub struct FakeOptions {
     /// oldest message, as for every other page) instead of `null`, so a
     /// client must stop on a page that is not full, not on a null cursor.
     pub cursor_on_last_page: bool,
+    /// How far the fake's clock is from the real one, in milliseconds
+    /// (positive: ahead), as for a Mews whose clock differs from ours. It
+    /// shifts `CreatedUtc`, the `getAll` filter and the `Date` header alike.
+    pub clock_offset_ms: i64,
 }
 
 impl Default for FakeOptions {
@@ -131,6 +140,7 @@ impl Default for FakeOptions {
             poison: None,
             verbose: false,
             cursor_on_last_page: false,
+            clock_offset_ms: 0,
         }
     }
 }
@@ -146,6 +156,7 @@ impl fmt::Debug for FakeOptions {
             .field("poison", &self.poison.as_ref().map(|_| "<fn>"))
             .field("verbose", &self.verbose)
             .field("cursor_on_last_page", &self.cursor_on_last_page)
+            .field("clock_offset_ms", &self.clock_offset_ms)
             .finish()
     }
 }
@@ -184,6 +195,14 @@ pub enum Fault {
     /// Store the messages, then sleep (server side) before answering
     /// normally: a client that gives up or dies meanwhile never learns of it.
     StoreThenDelay(Duration),
+    /// Validate, store the messages `store_after` after the request arrived,
+    /// then answer normally `answer_after` after it arrived (`None`: never;
+    /// the connection stays open until the client goes). A Mews still
+    /// working on a request that the client has given up on, or died during.
+    SlowStore {
+        store_after: Duration,
+        answer_after: Option<Duration>,
+    },
     /// Store all messages but leave the last `N` (in request order) out of
     /// the `200` response.
     OmitIdentifiers(usize),
@@ -318,6 +337,14 @@ impl fmt::Debug for Fault {
             Fault::DelayThenNormal(d) => f.debug_tuple("DelayThenNormal").field(d).finish(),
             Fault::StoreThenStatus(code) => f.debug_tuple("StoreThenStatus").field(code).finish(),
             Fault::StoreThenDelay(d) => f.debug_tuple("StoreThenDelay").field(d).finish(),
+            Fault::SlowStore {
+                store_after,
+                answer_after,
+            } => f
+                .debug_struct("SlowStore")
+                .field("store_after", store_after)
+                .field("answer_after", answer_after)
+                .finish(),
             Fault::OmitIdentifiers(n) => f.debug_tuple("OmitIdentifiers").field(n).finish(),
             Fault::ExtraIdentifier => f.write_str("ExtraIdentifier"),
             Fault::Redirect { code, location } => f
@@ -450,6 +477,7 @@ impl FakeMews {
                 configuration_faults: VecDeque::new(),
                 stored: Vec::new(),
                 requests: Vec::new(),
+                add_arrivals: 0,
                 windows: Default::default(),
                 retry_after_ends: Default::default(),
                 throttle: None,
@@ -561,6 +589,33 @@ impl FakeMews {
             .count()
     }
 
+    /// Stores a message as if someone (another program, a person in Mews)
+    /// had added it `age` ago by the fake's clock, with this `AccessToken`;
+    /// it is listed by `getAll` like any other. Returns it.
+    pub fn seed_message(
+        &self,
+        access_token: &str,
+        thread: Uuid,
+        text: &str,
+        age: Duration,
+    ) -> StoredMessage {
+        let created = whole_seconds(self.shared.now() - age);
+        let msg = StoredMessage {
+            id: Uuid::new_v4(),
+            message_thread_id: thread,
+            text: text.to_owned(),
+            created_utc: humantime::format_rfc3339_seconds(created).to_string(),
+            access_token: access_token.to_owned(),
+            identifier: None,
+        };
+        self.shared.state().stored.push(StoredEntry {
+            msg: msg.clone(),
+            created,
+        });
+        self.shared.notify();
+        msg
+    }
+
     /// Every message stored, in storage order.
     pub fn accepted(&self) -> Vec<StoredMessage> {
         self.shared
@@ -633,6 +688,22 @@ impl FakeMews {
         self.requests()
     }
 
+    /// Waits until `n` `messages/add` requests have arrived, answered or not
+    /// (a request shows in [`FakeMews::requests`] only once answered).
+    /// Panics after `timeout`.
+    pub async fn wait_for_add_arrivals(&self, n: usize, timeout: Duration) {
+        if self
+            .wait_until(timeout, |st| st.add_arrivals >= n)
+            .await
+            .is_err()
+        {
+            panic!(
+                "FakeMews::wait_for_add_arrivals: {} of {n} messages/add requests arrived within {timeout:?}",
+                self.shared.state().add_arrivals
+            );
+        }
+    }
+
     /// Waits (on the change notification, no polling) until `cond` holds.
     async fn wait_until(
         &self,
@@ -683,6 +754,8 @@ struct ServerState {
     configuration_faults: VecDeque<Fault>,
     stored: Vec<StoredEntry>,
     requests: Vec<(u64, RequestRecord)>,
+    /// `messages/add` requests that have arrived, answered or not.
+    add_arrivals: usize,
     /// Admission times per `AccessToken`, oldest first.
     windows: std::collections::HashMap<String, VecDeque<Instant>>,
     /// Per `AccessToken`: when the latest `Retry-After` sent to it ends.
@@ -705,6 +778,17 @@ impl Shared {
 
     fn opts(&self) -> FakeOptions {
         self.state().opts.clone()
+    }
+
+    /// The fake's clock: the real one shifted by `clock_offset_ms`.
+    fn now(&self) -> SystemTime {
+        let offset = self.state().opts.clock_offset_ms;
+        let delta = Duration::from_millis(offset.unsigned_abs());
+        if offset >= 0 {
+            SystemTime::now() + delta
+        } else {
+            SystemTime::now() - delta
+        }
     }
 
     fn notify(&self) {
@@ -805,10 +889,7 @@ impl Shared {
     /// Stores `messages` with fresh ids and the current second as
     /// `CreatedUtc`.
     fn store(&self, access_token: &str, messages: Vec<NewMessage>) -> Vec<StoredMessage> {
-        let secs = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let created = UNIX_EPOCH + Duration::from_secs(secs);
+        let created = whole_seconds(self.now());
         let created_utc = humantime::format_rfc3339_seconds(created).to_string();
         let stored: Vec<StoredMessage> = messages
             .into_iter()
@@ -830,6 +911,12 @@ impl Shared {
         self.notify();
         stored
     }
+}
+
+/// `t` cut to the second, like Mews's `CreatedUtc`.
+fn whole_seconds(t: SystemTime) -> SystemTime {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    UNIX_EPOCH + Duration::from_secs(secs)
 }
 
 fn ceil_secs(d: Duration) -> u64 {
@@ -983,7 +1070,7 @@ impl Reply {
         }
     }
 
-    fn into_response(self, request_id: &str) -> Response {
+    fn into_response(self, request_id: &str, date: SystemTime) -> Response {
         let mut response = match self {
             Reply::Json(status, body) => (status, axum::Json(body)).into_response(),
             Reply::Error {
@@ -1032,6 +1119,10 @@ impl Reply {
                 .headers_mut()
                 .insert(HeaderName::from_static("request-id"), v);
         }
+        // Set explicitly: hyper's own `Date` follows the real clock.
+        if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(date)) {
+            response.headers_mut().insert(header::DATE, v);
+        }
         response
     }
 }
@@ -1043,8 +1134,9 @@ fn status_or_500(code: u16) -> StatusCode {
 // ---------------------------------------------------------------------------
 // Handler
 
-/// The single entry point: records the request, routes it, answers with a
-/// `Request-Id` header.
+/// The single entry point: hands the request to a task of its own, so that
+/// a client that disconnects (hyper then drops this future) cannot stop the
+/// fake half-way, before it stores what it would have stored.
 async fn handle(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(conn): ConnectInfo<ConnHandle>,
@@ -1053,9 +1145,29 @@ async fn handle(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let arrived = Instant::now();
+    let task = tokio::spawn(handle_detached(shared, conn, method, uri, body, arrived));
+    match task.await {
+        Ok(response) => response,
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// Records the request, routes it, answers with `Request-Id` and `Date`.
+async fn handle_detached(
+    shared: Arc<Shared>,
+    conn: ConnHandle,
+    method: Method,
+    uri: Uri,
+    body: Result<Bytes, BytesRejection>,
+    arrived: Instant,
+) -> Response {
     let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
     let request_id = Uuid::new_v4().to_string();
     let path = uri.path().to_owned();
+    if path == ADD_PATH {
+        shared.state().add_arrivals += 1;
+        shared.notify();
+    }
     let (json, body_error) = match &body {
         Ok(bytes) => (serde_json::from_slice::<Value>(bytes).ok(), None),
         Err(rejection) => (None, Some(rejection.to_string())),
@@ -1146,7 +1258,15 @@ async fn handle(
             format!("Request body rejected: {e}"),
         )
     } else if path == ADD_PATH {
-        add(&shared, &conn, json.as_ref(), &mut record, &mut stored).await
+        add(
+            &shared,
+            &conn,
+            json.as_ref(),
+            &mut record,
+            &mut stored,
+            arrived,
+        )
+        .await
     } else if path == GET_ALL_PATH {
         let fault = shared.state().get_all_faults.pop_front();
         record.fault.clone_from(&fault);
@@ -1243,7 +1363,7 @@ async fn handle(
     }
     record.stored_ids = stored.iter().map(|m| m.id).collect();
     shared.record(seq, record);
-    reply.into_response(&request_id)
+    reply.into_response(&request_id, shared.now())
 }
 
 /// `ClientToken`, `AccessToken` and `Client` of a request.
@@ -1364,6 +1484,7 @@ async fn add(
     json: Option<&Value>,
     record: &mut RequestRecord,
     stored_out: &mut Vec<StoredMessage>,
+    arrived: Instant,
 ) -> Reply {
     let fault = shared.state().faults.pop_front();
     record.fault.clone_from(&fault);
@@ -1434,6 +1555,9 @@ async fn add(
         return Reply::error(StatusCode::FORBIDDEN, format!("poisoned: {prefix}"));
     }
 
+    if let Some(Fault::SlowStore { store_after, .. }) = &after_store {
+        tokio::time::sleep_until((arrived + *store_after).into()).await;
+    }
     let stored = shared.store(&env.access_token, messages);
     stored_out.clone_from(&stored);
     let mut items: Vec<Value> = stored
@@ -1452,6 +1576,11 @@ async fn add(
             );
         }
         Some(Fault::StoreThenDelay(delay)) => tokio::time::sleep(delay).await,
+        Some(Fault::SlowStore { answer_after, .. }) => match answer_after {
+            Some(after) => tokio::time::sleep_until((arrived + after).into()).await,
+            // Never answers: the connection stays open until the client goes.
+            None => std::future::pending().await,
+        },
         Some(Fault::OmitIdentifiers(n)) => items.truncate(items.len().saturating_sub(n)),
         Some(Fault::ExtraIdentifier) => {
             let thread = stored
@@ -1461,7 +1590,7 @@ async fn add(
                 id: Uuid::new_v4(),
                 message_thread_id: thread,
                 text: "This message was never sent".to_owned(),
-                created_utc: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+                created_utc: humantime::format_rfc3339_seconds(shared.now()).to_string(),
                 access_token: env.access_token.clone(),
                 identifier: Some(format!("fake-mews-extra-{}", Uuid::new_v4())),
             };
@@ -1661,7 +1790,7 @@ fn configuration(shared: &Shared, json: Option<&Value>) -> Reply {
     Reply::Json(
         StatusCode::OK,
         json!({
-            "NowUtc": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            "NowUtc": humantime::format_rfc3339_seconds(shared.now()).to_string(),
             "Enterprise": {"Id": FAKE_ENTERPRISE_ID, "Name": "Fake Hotel"},
         }),
     )

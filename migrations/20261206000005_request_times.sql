@@ -1,0 +1,13 @@
+-- Settling after a crash or an abandoned request: Mews may still be storing
+-- the messages of a request that the daemon stopped waiting for, so rows
+-- left `sending` are not read back before this time plus
+-- `mews.request_timeout`.
+--
+-- A time no earlier than the start of the account's latest `messages/add`
+-- request, committed before that request is sent (written 5 s ahead of the
+-- clock and reused while still 2.5 s ahead). Kept per account, not per row:
+-- an account has at most one request in flight, so its latest start bounds
+-- the start of the request of every row of it left `sending`; and it costs
+-- one small write every few seconds instead of rewriting every row of every
+-- batch once more. NULL until the first request.
+ALTER TABLE outbox_account_state ADD COLUMN add_started_by TEXT;
