@@ -490,6 +490,18 @@ impl SqliteStore {
         poll_interval: Duration,
         shutdown: CancellationToken,
     ) -> Result<watch::Receiver<u64>, StoreError> {
+        self.watch_changes_polling(poll_interval, SAFETY_POLL, shutdown)
+            .await
+    }
+
+    /// [`SqliteStore::watch_changes`] with the safety poll's period given,
+    /// so a test can rule the poll out as what woke it.
+    async fn watch_changes_polling(
+        &self,
+        poll_interval: Duration,
+        safety_poll: Duration,
+        shutdown: CancellationToken,
+    ) -> Result<watch::Receiver<u64>, StoreError> {
         let mut conn = self.options.clone().connect().await?;
         let mut last = data_version(&mut conn).await?;
         let (tx, rx) = watch::channel(0u64);
@@ -512,7 +524,7 @@ impl SqliteStore {
         tokio::spawn(async move {
             // `last` was read just now: the first check is one period away.
             let period = if wal.is_some() {
-                SAFETY_POLL
+                safety_poll
             } else {
                 poll_interval
             };
@@ -1595,9 +1607,11 @@ mod tests {
     async fn a_commit_by_another_process_wakes_the_watcher_without_polling() {
         let (dir, s) = store().await;
         let shutdown = CancellationToken::new();
-        // An hour between polls: only the WAL watch can see the insert in time.
+        // An hour between polls, safety polls included: only the WAL watch
+        // can see the insert within the test's patience.
+        let hour = Duration::from_secs(3600);
         let mut changes = s
-            .watch_changes(Duration::from_secs(3600), shutdown.clone())
+            .watch_changes_polling(hour, hour, shutdown.clone())
             .await
             .unwrap();
         let mut producer = SqliteConnectOptions::new()
@@ -1610,8 +1624,8 @@ mod tests {
             .execute(&mut producer)
             .await
             .unwrap();
-        // Well under SAFETY_POLL, so the safety poll cannot be what wakes it.
-        tokio::time::timeout(SAFETY_POLL / 2, changes.changed())
+        // Generous for a loaded machine, and still far short of any poll.
+        tokio::time::timeout(Duration::from_secs(30), changes.changed())
             .await
             .expect("woken by the commit")
             .unwrap();
