@@ -1,0 +1,667 @@
+//! The PostgreSQL store against a real PostgreSQL (a throwaway cluster per
+//! test binary, or `MEWS_OUTBOX_TEST_POSTGRES_URL`; see
+//! `tests/support/postgres.rs`). Store level only: the daemon does not use
+//! this store yet (docs/postgres.md).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant, SystemTime};
+
+use mews_outbox::store::postgres::{PgOptions, PgStore};
+use mews_outbox::store::{AccountPause, Outbox, RowOutcome, StoreError};
+use sqlx::{Connection, PgConnection, PgPool};
+use support::postgres::{TestDb, database};
+
+const T1: &str = "7f9325f6-ef44-4911-89a8-ae51010a5aa4";
+const T2: &str = "0b8c8a58-1a60-4c5e-9f0e-3d6f2f2a9d11";
+
+fn options(lease_ms: u64, settle_ms: u64) -> PgOptions {
+    PgOptions {
+        lease: Duration::from_millis(lease_ms),
+        settle: Duration::from_millis(settle_ms),
+    }
+}
+
+async fn daemon(db: &TestDb, lease_ms: u64, settle_ms: u64) -> PgStore {
+    PgStore::connect(&db.url, options(lease_ms, settle_ms))
+        .await
+        .expect("connect the PostgreSQL store")
+}
+
+async fn insert(pool: &PgPool, thread: &str, text: &str, account: &str) -> i64 {
+    sqlx::query_scalar(
+        "INSERT INTO outbox (message_thread_id, text, account) VALUES ($1, $2, $3) RETURNING id",
+    )
+    .bind(thread)
+    .bind(text)
+    .bind(account)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+fn delivered(id: i64) -> (i64, RowOutcome) {
+    (
+        id,
+        RowOutcome::Delivered {
+            mews_message_id: format!("m-{id}"),
+            mews_created_utc: "2026-12-06T10:00:00Z".into(),
+            mews_sender: "Guest".into(),
+        },
+    )
+}
+
+fn ids(rows: &[mews_outbox::store::ClaimedRow]) -> Vec<i64> {
+    rows.iter().map(|r| r.id).collect()
+}
+
+/// Waits until the database's clock is past `account`'s lease (never a
+/// fixed sleep: the hosts' clocks do not decide leases).
+async fn wait_lease_expired(pool: &PgPool, account: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let expired: bool = sqlx::query_scalar(
+            "SELECT lease_until <= clock_timestamp() FROM outbox_account_state WHERE account = $1",
+        )
+        .bind(account)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if expired {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the lease never expired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn row_state(pool: &PgPool, id: i64) -> (String, i32, Option<String>) {
+    let row: (String, i32, Option<String>) =
+        sqlx::query_as("SELECT status, needs_reconcile, mews_message_id FROM outbox WHERE id = $1")
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    row
+}
+
+#[tokio::test]
+async fn bad_inserts_are_refused_with_the_constraint_names_of_the_sqlite_store() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    let cases = [
+        (
+            "INSERT INTO outbox (message_thread_id, text) VALUES ('not-a-uuid', 'hi')",
+            "message_thread_id_must_be_a_lowercase_uuid",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text) VALUES ('7F9325F6-EF44-4911-89A8-AE51010A5AA4', 'hi')",
+            "message_thread_id_must_be_a_lowercase_uuid",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text) VALUES (E'7f9325f6-ef44-4911-89a8-ae51010a5aa4\\n', 'hi')",
+            "message_thread_id_must_be_a_lowercase_uuid",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', '')",
+            "text_must_be_non_blank_text",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', E' \\n\\t\\r\\f\\u000b ')",
+            "text_must_be_non_blank_text",
+        ),
+        // Unicode White_Space beyond ASCII: NEL, NO-BREAK SPACE, OGHAM,
+        // EN QUAD..HAIR SPACE, LINE/PARAGRAPH SEPARATOR, NNBSP, MMSP, IDEOGRAPHIC.
+        (
+            "INSERT INTO outbox (message_thread_id, text) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', E'\\u0085\\u00a0\\u1680\\u2000\\u2005\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000')",
+            "text_must_be_non_blank_text",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', convert_from('\\xff00'::bytea, 'UTF8'))",
+            "invalid byte sequence",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', NULL)",
+            "not-null",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, status) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', 'lost')",
+            "status_must_be_pending_sending_delivered_or_dead",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, identifier) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', '')",
+            "identifier_must_be_null_or_non_empty_text",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, account) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', '')",
+            "account_must_be_non_empty_text",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, attempts) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', -1)",
+            "attempts_must_not_be_negative",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, needs_reconcile) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', 2)",
+            "needs_reconcile_must_be_0_or_1",
+        ),
+        // Daemon columns: a producer may not write them.
+        (
+            "INSERT INTO outbox (message_thread_id, text, status) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', 'sending')",
+            "producer_may_not_set_status",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, status) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', 'delivered')",
+            "producer_may_not_set_status",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, attempts) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', 3)",
+            "producer_may_not_set_attempts",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, needs_reconcile) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', 1)",
+            "producer_may_not_set_needs_reconcile",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, last_error) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', 'x')",
+            "producer_may_not_set_last_error",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, created_at) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', '2020-01-01T00:00:00Z')",
+            "producer_may_not_set_created_at",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, mews_message_id) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', 'x')",
+            "producer_may_not_set_mews_message_id",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, delivered_at) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', now())",
+            "producer_may_not_set_delivered_at",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, lease_token) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', 7)",
+            "producer_may_not_set_lease_token",
+        ),
+    ];
+    for (sql, expected) in cases {
+        let e = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(s.pool())
+            .await
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains(expected), "{sql}\n=> {text}");
+        if expected.contains('_')
+            && let sqlx::Error::Database(db) = &e
+        {
+            assert_eq!(db.constraint(), Some(expected), "{sql}");
+        }
+    }
+    // The producer's own columns are accepted, and nothing above got in.
+    sqlx::query(
+        "INSERT INTO outbox (message_thread_id, text, identifier, account, next_attempt_at)
+         VALUES ($1, 'hi', 'k1', 'a', '2026-12-06T10:00:00.000Z')",
+    )
+    .bind(T1)
+    .execute(s.pool())
+    .await
+    .unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    // The store's enqueue says Refused with the constraint's name.
+    let e = s
+        .enqueue(&mews_outbox::store::NewMessage {
+            message_thread_id: "nope".into(),
+            text: "hi".into(),
+            identifier: None,
+            account: "a".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Refused(m) if m.contains("message_thread_id_must_be_a_lowercase_uuid")),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_producer_insert_is_invisible_to_claims_until_its_commit() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    s.acquire_accounts(&["default"], 10).await.unwrap();
+    let mut producer = PgConnection::connect(&db.url).await.unwrap();
+    let mut tx = producer.begin().await.unwrap();
+    sqlx::query("INSERT INTO outbox (message_thread_id, text) VALUES ($1, 'hello')")
+        .bind(T1)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    assert!(s.claim("default", far, 10).await.unwrap().is_empty());
+    tx.commit().await.unwrap();
+    let claimed = s.claim("default", far, 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].text.as_deref().unwrap(), "hello");
+}
+
+#[tokio::test]
+async fn two_daemons_starting_together_migrate_once_and_a_newer_schema_is_refused() {
+    let db = database().await;
+    let (a, b) = tokio::join!(
+        PgStore::connect(&db.url, PgOptions::default()),
+        PgStore::connect(&db.url, PgOptions::default()),
+    );
+    let a = a.unwrap();
+    b.unwrap();
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _mews_outbox_migrations ORDER BY version")
+            .fetch_all(a.pool())
+            .await
+            .unwrap();
+    assert_eq!(applied, vec![20261206000001]);
+    // A migration from a newer binary.
+    sqlx::query(
+        "INSERT INTO _mews_outbox_migrations (version, description, success, checksum, execution_time)
+         VALUES (29991231000001, 'from the future', true, '\\x00'::bytea, 0)",
+    )
+    .execute(a.pool())
+    .await
+    .unwrap();
+    let e = PgStore::connect(&db.url, PgOptions::default())
+        .await
+        .unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("newer mews-outbox") && text.contains("29991231000001"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn no_password_in_errors_or_debug() {
+    let url = "postgres://outbox:s3cret-pw@127.0.0.1:1/outbox?connect_timeout=1";
+    let redacted = mews_outbox::store::postgres::redact_url(url);
+    assert!(!redacted.contains("s3cret-pw"), "{redacted}");
+    let e = PgStore::connect(url, PgOptions::default())
+        .await
+        .unwrap_err();
+    assert!(!format!("{e} {e:?}").contains("s3cret-pw"), "{e:?}");
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    assert!(!format!("{s:?}").contains("password"), "{s:?}");
+}
+
+#[tokio::test]
+async fn two_daemons_never_hold_the_same_account() {
+    let db = database().await;
+    let a = daemon(&db, 30_000, 0).await;
+    let b = daemon(&db, 30_000, 0).await;
+    let accounts: Vec<String> = (0..20).map(|i| format!("acct{i:02}")).collect();
+    let names: Vec<&str> = accounts.iter().map(String::as_str).collect();
+    let (ga, gb) = tokio::join!(
+        a.acquire_accounts(&names, 20),
+        b.acquire_accounts(&names, 20)
+    );
+    let ga: HashSet<String> = ga.unwrap().into_iter().map(|x| x.account).collect();
+    let gb: HashSet<String> = gb.unwrap().into_iter().map(|x| x.account).collect();
+    assert!(ga.is_disjoint(&gb), "{ga:?} / {gb:?}");
+    assert_eq!(ga.len() + gb.len(), 20);
+    // Nothing more to take while the leases run; renewing keeps them.
+    assert!(a.acquire_accounts(&names, 20).await.unwrap().is_empty());
+    assert!(b.acquire_accounts(&names, 20).await.unwrap().is_empty());
+    a.renew().await.unwrap();
+    b.renew().await.unwrap();
+    // `at_most` spreads accounts: a third daemon takes what is released.
+    a.release_accounts().await.unwrap();
+    let c = daemon(&db, 30_000, 0).await;
+    let gc = c.acquire_accounts(&names, 5).await.unwrap();
+    assert_eq!(gc.len(), 5.min(ga.len()));
+    for x in &gc {
+        assert!(ga.contains(&x.account));
+        assert!(x.token >= 2, "a second acquisition bumps the token: {x:?}");
+    }
+}
+
+#[tokio::test]
+async fn thread_order_holds_across_two_daemons() {
+    let db = database().await;
+    let a = daemon(&db, 30_000, 0).await;
+    let b = daemon(&db, 30_000, 0).await;
+    a.acquire_accounts(&["a1"], 1).await.unwrap();
+    b.acquire_accounts(&["a2"], 1).await.unwrap();
+    // One Mews thread written to through two accounts, interleaved.
+    let r1 = insert(a.pool(), T1, "1", "a1").await;
+    let r2 = insert(a.pool(), T1, "2", "a2").await;
+    let r3 = insert(a.pool(), T1, "3", "a1").await;
+    let r4 = insert(a.pool(), T2, "other thread", "a2").await;
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    assert_eq!(ids(&b.claim("a2", far, 10).await.unwrap()), vec![r4]);
+    assert_eq!(ids(&a.claim("a1", far, 10).await.unwrap()), vec![r1]);
+    assert!(b.claim("a2", far, 10).await.unwrap().is_empty());
+    a.record(&[delivered(r1)], far).await.unwrap();
+    assert!(a.claim("a1", far, 10).await.unwrap().is_empty());
+    assert_eq!(ids(&b.claim("a2", far, 10).await.unwrap()), vec![r2]);
+    assert!(a.claim("a1", far, 10).await.unwrap().is_empty());
+    b.record(&[delivered(r2)], far).await.unwrap();
+    assert_eq!(ids(&a.claim("a1", far, 10).await.unwrap()), vec![r3]);
+    // A daemon claims only for the accounts it holds.
+    assert!(a.claim("a2", far, 10).await.unwrap().is_empty());
+}
+
+/// The fencing test: a daemon frozen past its lease (SIGSTOP) wakes up after
+/// another took its account over; it must neither record over the rows nor
+/// claim them again.
+#[tokio::test]
+async fn a_daemon_frozen_past_its_lease_cannot_record_or_claim() {
+    let db = database().await;
+    let a = daemon(&db, 300, 0).await;
+    let b = daemon(&db, 30_000, 0).await;
+    let got = a.acquire_accounts(&["acct"], 1).await.unwrap();
+    assert_eq!(got.len(), 1);
+    let rows = [
+        insert(a.pool(), T1, "1", "acct").await,
+        insert(a.pool(), T2, "2", "acct").await,
+    ];
+    let now = SystemTime::now() + Duration::from_secs(1);
+    let claimed = a.claim("acct", now, 10).await.unwrap();
+    assert_eq!(ids(&claimed), rows.to_vec());
+    // B cannot take the account while A's lease runs.
+    assert!(b.acquire_accounts(&["acct"], 1).await.unwrap().is_empty());
+    // A freezes; its lease expires by the database's clock; B takes over.
+    wait_lease_expired(b.pool(), "acct").await;
+    let took = b.acquire_accounts(&["acct"], 1).await.unwrap();
+    assert_eq!(took.len(), 1);
+    assert_eq!(took[0].recovered, 2, "{took:?}");
+    assert!(took[0].token > got[0].token);
+    for id in rows {
+        assert_eq!(row_state(b.pool(), id).await, ("pending".into(), 1, None));
+    }
+    // A wakes up: its claim (the handle still believes it holds the
+    // account: the database's condition decides) takes nothing.
+    assert_eq!(a.held().len(), 1);
+    assert!(a.claim("acct", now, 10).await.unwrap().is_empty());
+    // Its outcomes change nothing and say the lease was lost.
+    let e = a
+        .record(&[delivered(rows[0]), delivered(rows[1])], now)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::LeaseLost { account } if account == "acct"),
+        "{e}"
+    );
+    for id in rows {
+        assert_eq!(row_state(b.pool(), id).await, ("pending".into(), 1, None));
+    }
+    assert!(a.claim("acct", now, 10).await.unwrap().is_empty());
+    // B re-owns the rows (read back first: needs_reconcile).
+    let reclaimed = b.claim("acct", now, 10).await.unwrap();
+    assert_eq!(ids(&reclaimed), rows.to_vec());
+    assert!(reclaimed.iter().all(|r| r.needs_reconcile));
+    // A's stale writes still change nothing while B has them in flight.
+    assert!(matches!(
+        a.record(&[(rows[0], RowOutcome::Release)], now).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    assert!(matches!(
+        a.clear_reconcile(&[rows[1]]).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    // A's next heartbeat learns it too, and forgets the account.
+    assert!(matches!(a.renew().await, Err(StoreError::LeaseLost { .. })));
+    assert!(a.held().is_empty());
+    a.renew().await.unwrap();
+    for id in rows {
+        assert_eq!(row_state(b.pool(), id).await, ("sending".into(), 1, None));
+    }
+    // The owner's writes go through.
+    b.clear_reconcile(&[rows[1]]).await.unwrap();
+    b.record(&[delivered(rows[0]), delivered(rows[1])], now)
+        .await
+        .unwrap();
+    assert_eq!(
+        row_state(b.pool(), rows[0]).await,
+        ("delivered".into(), 0, Some(format!("m-{}", rows[0])))
+    );
+}
+
+#[tokio::test]
+async fn rows_recovered_at_takeover_wait_the_settle_time_from_their_claim() {
+    let db = database().await;
+    let a = daemon(&db, 300, 0).await;
+    let b = daemon(&db, 30_000, 60_000).await;
+    a.acquire_accounts(&["acct"], 1).await.unwrap();
+    let id = insert(a.pool(), T1, "1", "acct").await;
+    let now = SystemTime::now() + Duration::from_secs(1);
+    assert_eq!(a.claim("acct", now, 10).await.unwrap().len(), 1);
+    wait_lease_expired(b.pool(), "acct").await;
+    b.acquire_accounts(&["acct"], 1).await.unwrap();
+    let wait: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM next_attempt_at - claimed_at)::float8 FROM outbox WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(b.pool())
+    .await
+    .unwrap();
+    assert!((59.9..60.1).contains(&wait), "{wait}");
+    assert!(b.claim("acct", now, 10).await.unwrap().is_empty());
+    let due = b.next_due("acct", now).await.unwrap().unwrap();
+    assert!(due > now + Duration::from_secs(55));
+}
+
+#[tokio::test]
+async fn pauses_and_the_limiter_memory_pass_to_the_next_owner() {
+    let db = database().await;
+    let a = daemon(&db, 300, 0).await;
+    let b = daemon(&db, 30_000, 0).await;
+    a.acquire_accounts(&["acct"], 1).await.unwrap();
+    let until = SystemTime::UNIX_EPOCH + Duration::from_millis(1_900_000_000_123);
+    let pause = AccountPause {
+        account: "acct".into(),
+        until,
+        reason: "401 Unauthorized".into(),
+        streak: 2,
+    };
+    a.save_pause(&pause).await.unwrap();
+    let ends = vec![
+        SystemTime::UNIX_EPOCH + Duration::from_millis(1_800_000_000_001),
+        SystemTime::UNIX_EPOCH + Duration::from_millis(1_800_000_000_002),
+    ];
+    a.save_recent_requests("acct", &ends).await.unwrap();
+    // B may not write an account it does not hold.
+    assert!(matches!(
+        b.clear_pause("acct").await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    wait_lease_expired(b.pool(), "acct").await;
+    b.acquire_accounts(&["acct"], 1).await.unwrap();
+    assert_eq!(b.pauses().await.unwrap(), vec![pause.clone()]);
+    assert_eq!(b.recent_requests("acct").await.unwrap(), ends);
+    // The frozen A's writes change nothing now.
+    let later = AccountPause {
+        until: until + Duration::from_secs(1),
+        ..pause.clone()
+    };
+    assert!(matches!(
+        a.save_pause(&later).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    assert!(matches!(
+        a.clear_pause("acct").await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    assert!(matches!(
+        a.save_recent_requests("acct", &[]).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    let e = a.renew().await.unwrap_err();
+    assert!(
+        matches!(&e, StoreError::LeaseLost { account } if account == "acct"),
+        "{e}"
+    );
+    assert_eq!(b.pauses().await.unwrap(), vec![pause]);
+    assert_eq!(a.recent_requests("acct").await.unwrap(), ends);
+    b.clear_pause("acct").await.unwrap();
+    assert!(b.pauses().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn notify_wakes_a_watcher_at_the_producers_commit_and_not_before() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut rx = s
+        .watch_changes(Duration::from_secs(3600), shutdown.clone())
+        .await
+        .unwrap();
+    rx.borrow_and_update();
+    let mut producer = PgConnection::connect(&db.url).await.unwrap();
+    let mut tx = producer.begin().await.unwrap();
+    sqlx::query("INSERT INTO outbox (message_thread_id, text) VALUES ($1, 'hello')")
+        .bind(T1)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!rx.has_changed().unwrap(), "woken before the commit");
+    let committed = Instant::now();
+    tx.commit().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), rx.changed())
+        .await
+        .expect("no wake-up within 5 s of the commit")
+        .unwrap();
+    eprintln!("NOTIFY wake-up {:?} after the commit", committed.elapsed());
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn four_producers_inserting_while_a_daemon_claims_every_row_claimed_once() {
+    const PER_PRODUCER: usize = 250;
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    s.acquire_accounts(&["default"], 1).await.unwrap();
+    let mut producers = Vec::new();
+    for p in 0..4u32 {
+        let url = db.url.clone();
+        producers.push(tokio::spawn(async move {
+            let mut conn = PgConnection::connect(&url).await.unwrap();
+            for i in 0..PER_PRODUCER {
+                // Each producer writes its own 5 threads, in order.
+                let thread = format!("{p:08x}-0000-4000-8000-{:012x}", i % 5);
+                sqlx::query("INSERT INTO outbox (message_thread_id, text) VALUES ($1, $2)")
+                    .bind(thread)
+                    .bind(format!("p{p} m{i}"))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    let total = 4 * PER_PRODUCER;
+    let mut seen: HashMap<i64, String> = HashMap::new();
+    let mut last_in_thread: HashMap<String, i64> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.len() < total {
+        assert!(
+            Instant::now() < deadline,
+            "claimed {} of {total}",
+            seen.len()
+        );
+        let now = SystemTime::now() + Duration::from_secs(3600);
+        let claimed = s.claim("default", now, 7).await.unwrap();
+        if claimed.is_empty() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        }
+        let mut outcomes = Vec::new();
+        for row in claimed {
+            assert!(
+                seen.insert(row.id, row.message_thread_id.clone()).is_none(),
+                "row {} claimed twice",
+                row.id
+            );
+            let last = last_in_thread.insert(row.message_thread_id.clone(), row.id);
+            assert!(last < Some(row.id), "thread order broken at row {}", row.id);
+            outcomes.push(delivered(row.id));
+        }
+        s.record(&outcomes, now).await.unwrap();
+    }
+    for p in producers {
+        p.await.unwrap();
+    }
+    let delivered: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = 'delivered'")
+            .fetch_one(s.pool())
+            .await
+            .unwrap();
+    assert_eq!(delivered, i64::try_from(total).unwrap());
+}
+
+/// Measures a claim on a deep backlog: 100,000 pending rows of one account
+/// over 1,000 threads, and the worst case for the per-thread check: one
+/// thread holding most of the backlog ahead of the others.
+#[tokio::test]
+async fn claim_on_a_deep_backlog() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    if let Some(t) = support::postgres::cluster_start_time() {
+        eprintln!("throwaway cluster started in {t:?}");
+    }
+    s.acquire_accounts(&["default"], 1).await.unwrap();
+    let filled = Instant::now();
+    sqlx::query(
+        "INSERT INTO outbox (message_thread_id, text)
+         SELECT lpad(to_hex(i % 1000), 8, '0') || '-0000-4000-8000-000000000000', 'm' || i
+         FROM generate_series(1, 100000) AS i",
+    )
+    .execute(s.pool())
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE outbox")
+        .execute(s.pool())
+        .await
+        .unwrap();
+    eprintln!("100k rows inserted in {:?}", filled.elapsed());
+    let now = SystemTime::now() + Duration::from_secs(3600);
+    let mut worst = Duration::ZERO;
+    for _ in 0..4 {
+        let t = Instant::now();
+        let claimed = s.claim("default", now, 250).await.unwrap();
+        let took = t.elapsed();
+        worst = worst.max(took);
+        assert_eq!(claimed.len(), 250);
+        let outcomes: Vec<_> = claimed.iter().map(|r| delivered(r.id)).collect();
+        let t = Instant::now();
+        s.record(&outcomes, now).await.unwrap();
+        eprintln!(
+            "claim of 250 over 1000 threads: {took:?}, record: {:?}",
+            t.elapsed()
+        );
+    }
+    // One thread with 50,000 rows older than every other pending row.
+    sqlx::query("UPDATE outbox SET status = 'delivered' WHERE status IN ('pending', 'sending')")
+        .execute(s.pool())
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (message_thread_id, text)
+         SELECT CASE WHEN i <= 50000 THEN '99999999-0000-4000-8000-000000000000'
+                     ELSE lpad(to_hex(i % 1000), 8, '0') || '-0000-4000-8000-000000000001' END,
+                'm' || i
+         FROM generate_series(1, 100000) AS i",
+    )
+    .execute(s.pool())
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE outbox")
+        .execute(s.pool())
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let claimed = s.claim("default", now, 250).await.unwrap();
+    let deep = t.elapsed();
+    eprintln!("claim of 250 behind one 50k-row thread: {deep:?}");
+    assert_eq!(claimed.len(), 250);
+    assert!(worst < Duration::from_secs(5) && deep < Duration::from_secs(10));
+}
