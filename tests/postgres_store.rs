@@ -20,6 +20,7 @@ fn options(lease_ms: u64, settle_ms: u64) -> PgOptions {
     PgOptions {
         lease: Duration::from_millis(lease_ms),
         settle: Duration::from_millis(settle_ms),
+        ..PgOptions::default()
     }
 }
 
@@ -284,9 +285,11 @@ async fn no_password_in_errors_or_debug() {
     let url = "postgres://outbox:s3cret-pw@127.0.0.1:1/outbox?connect_timeout=1";
     let redacted = mews_outbox::store::postgres::redact_url(url);
     assert!(!redacted.contains("s3cret-pw"), "{redacted}");
-    let e = PgStore::connect(url, PgOptions::default())
-        .await
-        .unwrap_err();
+    let quick = PgOptions {
+        connect_timeout: Duration::from_secs(1),
+        ..PgOptions::default()
+    };
+    let e = PgStore::connect(url, quick).await.unwrap_err();
     assert!(!format!("{e} {e:?}").contains("s3cret-pw"), "{e:?}");
     let db = database().await;
     let s = daemon(&db, 30_000, 0).await;

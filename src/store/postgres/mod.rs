@@ -55,6 +55,8 @@ pub struct PgOptions {
     /// this long after their claim before they are read back (the request
     /// carrying them may still be on its way: the request timeout).
     pub settle: Duration,
+    /// How long connecting (and waiting for a pooled connection) may take.
+    pub connect_timeout: Duration,
 }
 
 impl Default for PgOptions {
@@ -62,6 +64,7 @@ impl Default for PgOptions {
         PgOptions {
             lease: DEFAULT_LEASE,
             settle: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -191,6 +194,7 @@ impl PgStore {
         let connect: PgConnectOptions = url.parse()?;
         let pool = PgPoolOptions::new()
             .max_connections(CONNECTIONS)
+            .acquire_timeout(options.connect_timeout)
             .connect_with(connect)
             .await?;
         let store = PgStore {
@@ -736,5 +740,32 @@ impl PgStore {
             return Err(lost());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted_wherever_the_password_hides() {
+        assert_eq!(
+            redact_url("postgres://outbox:pa%40ss@db.example:5432/outbox"),
+            "postgres://outbox:***@db.example:5432/outbox"
+        );
+        let q = redact_url("postgres://outbox@db/outbox?password=hunter2&sslmode=require");
+        assert!(
+            !q.contains("hunter2") && q.contains("sslmode=require"),
+            "{q}"
+        );
+        assert_eq!(redact_url("postgres://db/outbox"), "postgres://db/outbox");
+        assert_eq!(redact_url("not a url"), "<unparsable database URL>");
+    }
+
+    #[test]
+    fn owner_ids_are_random_version_4_uuids() {
+        let (a, b) = (new_owner(), new_owner());
+        assert_ne!(a, b);
+        assert_eq!(a.get_version_num(), 4);
     }
 }
