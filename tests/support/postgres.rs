@@ -10,7 +10,7 @@
 //! through `runuser`.
 //!
 //! No server outlives the test run: statics are never dropped, so a
-//! watchdog is started beside the cluster, in its own session (`setsid`,
+//! watchdog is started beside the cluster, in its own session (`setsid -f`,
 //! so a Ctrl-C to the test's process group does not skip it): it waits for
 //! the test process to end (`/proc/<pid>` gone, however it ended, even
 //! SIGKILL), then runs `pg_ctl stop -m immediate` and removes the folder.
@@ -151,13 +151,13 @@ fn start_cluster() -> Cluster {
         data = data.display(),
         dir = dir.display(),
     );
-    Command::new("setsid")
-        .args(["sh", "-c", &stop])
-        .stdin(Stdio::null())
+    // `setsid -f` forks the watchdog off and returns at once.
+    let mut watchdog = Command::new("setsid");
+    watchdog
+        .args(["-f", "sh", "-c", &stop])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the cluster's watchdog (setsid, sh)");
+        .stderr(Stdio::null());
+    run(watchdog, "start the cluster's watchdog (setsid, sh)");
     let socket =
         url::form_urlencoded::byte_serialize(dir.to_string_lossy().as_bytes()).collect::<String>();
     Cluster {
