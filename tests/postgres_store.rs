@@ -668,3 +668,152 @@ async fn claim_on_a_deep_backlog() {
     assert_eq!(claimed.len(), 250);
     assert!(worst < Duration::from_secs(5) && deep < Duration::from_secs(10));
 }
+
+/// Two daemons with 40 ms leases fight over one account for 3 s: each
+/// acquires when it can, claims, and records deliveries or releases. A row
+/// claimed while another daemon's claim on it is still unrecorded must come
+/// marked `needs_reconcile` (read back, never blindly resent), and at the
+/// end no row is left `sending` under a token that is not the account's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeovers_racing_claims_and_records_never_resend_blindly() {
+    use std::sync::{Arc, Mutex};
+    let db = database().await;
+    let handles = [daemon(&db, 40, 0).await, daemon(&db, 40, 0).await];
+    for i in 0..200u32 {
+        let thread = format!("{:08x}-0000-4000-8000-000000000000", i % 50);
+        insert(handles[0].pool(), &thread, &format!("m{i}"), "acct").await;
+    }
+    // row id -> the handle whose claim on it is not recorded yet.
+    let open: Arc<Mutex<HashMap<i64, usize>>> = Arc::default();
+    let stop = Instant::now() + Duration::from_secs(3);
+    let mut tasks = Vec::new();
+    for (me, s) in handles.iter().cloned().enumerate() {
+        let open = open.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut claims, mut lost) = (0u32, 0u32);
+            let far = SystemTime::now() + Duration::from_secs(3600);
+            let mut round = 0u64;
+            while Instant::now() < stop {
+                round += 1;
+                let _ = s.acquire_accounts(&["acct"], 1).await.unwrap();
+                let rows = s.claim("acct", far, 5).await.unwrap();
+                {
+                    let mut open = open.lock().unwrap();
+                    for r in &rows {
+                        if let Some(&other) = open.get(&r.id)
+                            && other != me
+                        {
+                            assert!(
+                                r.needs_reconcile,
+                                "row {} claimed by {me} while {other}'s claim is unrecorded, not marked for read-back",
+                                r.id
+                            );
+                        }
+                        open.insert(r.id, me);
+                    }
+                }
+                claims += u32::try_from(rows.len()).unwrap();
+                // Sometimes a "request" outlives the lease.
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..60))).await;
+                let outcomes: Vec<_> = rows
+                    .iter()
+                    .map(|r| {
+                        if (r.id + i64::try_from(round).unwrap()) % 3 == 0 {
+                            (r.id, RowOutcome::Release)
+                        } else {
+                            delivered(r.id)
+                        }
+                    })
+                    .collect();
+                match s.record(&outcomes, far).await {
+                    Ok(()) => {
+                        let mut open = open.lock().unwrap();
+                        for r in &rows {
+                            if open.get(&r.id) == Some(&me) {
+                                open.remove(&r.id);
+                            }
+                        }
+                    }
+                    Err(StoreError::LeaseLost { .. }) => lost += 1,
+                    Err(e) => panic!("{e}"),
+                }
+                // The heartbeat runs beside the claims: a daemon may claim
+                // with a token it has not yet learnt is stale.
+                if round % 3 == 0 {
+                    let _ = s.renew().await;
+                }
+            }
+            (claims, lost)
+        }));
+    }
+    let mut stats = Vec::new();
+    for t in tasks {
+        stats.push(t.await.unwrap());
+    }
+    eprintln!("(claims, records refused for a lost lease) per daemon: {stats:?}");
+    assert!(
+        stats.iter().all(|(_, lost)| *lost > 0),
+        "no takeover mid-request happened: {stats:?}"
+    );
+    let stranded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox o JOIN outbox_account_state s USING (account)
+         WHERE o.status = 'sending' AND o.lease_token <> s.lease_token",
+    )
+    .fetch_one(handles[0].pool())
+    .await
+    .unwrap();
+    assert_eq!(stranded, 0);
+}
+
+/// A takeover committed while the old owner's claim is in flight: the claim
+/// waits for the account row (its lease check share-locks it), re-reads it
+/// after the commit, finds another owner and claims nothing, instead of
+/// leasing rows under a token that no longer exists. The takeover is done
+/// by hand in an open transaction to hold it at that point.
+#[tokio::test]
+async fn a_claim_racing_a_takeover_waits_for_it_and_claims_nothing() {
+    let db = database().await;
+    let a = daemon(&db, 30_000, 0).await;
+    a.acquire_accounts(&["acct"], 1).await.unwrap();
+    let r1 = insert(a.pool(), T1, "in flight", "acct").await;
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    assert_eq!(ids(&a.claim("acct", far, 1).await.unwrap()), vec![r1]);
+    let r2 = insert(a.pool(), T2, "waiting", "acct").await;
+    let mut b = PgConnection::connect(&db.url).await.unwrap();
+    let mut takeover = b.begin().await.unwrap();
+    sqlx::query(
+        "UPDATE outbox_account_state
+         SET lease_owner = gen_random_uuid(), lease_token = lease_token + 1,
+             lease_until = clock_timestamp() + interval '1 minute'
+         WHERE account = 'acct'",
+    )
+    .execute(&mut *takeover)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE outbox SET status = 'pending', needs_reconcile = 1
+         WHERE account = 'acct' AND status = 'sending'",
+    )
+    .execute(&mut *takeover)
+    .await
+    .unwrap();
+    let claim = tokio::spawn({
+        let a = a.clone();
+        async move { a.claim("acct", far, 10).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !claim.is_finished(),
+        "the claim did not wait for the takeover"
+    );
+    takeover.commit().await.unwrap();
+    assert!(claim.await.unwrap().is_empty());
+    assert_eq!(row_state(a.pool(), r2).await, ("pending".into(), 0, None));
+    assert_eq!(row_state(a.pool(), r1).await, ("pending".into(), 1, None));
+    // Its outcome for the row in flight is refused too.
+    assert!(matches!(
+        a.record(&[delivered(r1)], far).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    assert_eq!(row_state(a.pool(), r1).await, ("pending".into(), 1, None));
+}
