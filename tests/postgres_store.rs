@@ -739,7 +739,7 @@ async fn takeovers_racing_claims_and_records_never_resend_blindly() {
                 }
                 // The heartbeat runs beside the claims: a daemon may claim
                 // with a token it has not yet learnt is stale.
-                if round % 3 == 0 {
+                if round.is_multiple_of(3) {
                     let _ = s.renew().await;
                 }
             }
