@@ -817,3 +817,83 @@ async fn a_claim_racing_a_takeover_waits_for_it_and_claims_nothing() {
     ));
     assert_eq!(row_state(a.pool(), r1).await, ("pending".into(), 1, None));
 }
+
+#[tokio::test]
+async fn status_dead_list_requeue_and_purge_work_as_on_sqlite() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    s.acquire_accounts(&["a"], 1).await.unwrap();
+    let dead1 = insert(s.pool(), T1, "1", "a").await;
+    let dead2 = insert(s.pool(), T2, "2", "a").await;
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    assert_eq!(s.claim("a", far, 10).await.unwrap().len(), 2);
+    let died = |id, req| {
+        (
+            id,
+            RowOutcome::Dead {
+                error: format!("Mews refused it (RequestId {req})"),
+            },
+        )
+    };
+    s.record(&[died(dead1, "r1"), died(dead2, "r2")], far)
+        .await
+        .unwrap();
+    let waiting = insert(s.pool(), T1, "3", "a").await;
+    let status = s.status(SystemTime::now()).await.unwrap();
+    assert_eq!(status.len(), 1);
+    assert_eq!((status[0].pending, status[0].dead), (1, 2));
+    assert_eq!(
+        status[0].dead_errors,
+        vec![mews_outbox::store::ErrorCount {
+            error: "Mews refused it".into(),
+            rows: 2
+        }]
+    );
+    assert!(
+        status[0]
+            .oldest_pending_created_at
+            .as_deref()
+            .unwrap()
+            .ends_with('Z')
+    );
+    let dead = s.dead_rows(Some("a")).await.unwrap();
+    assert_eq!(
+        dead.iter().map(|d| d.id).collect::<Vec<_>>(),
+        vec![dead1, dead2]
+    );
+    assert!(dead[0].dead_at.is_some());
+    use mews_outbox::store::Requeue;
+    let e = s
+        .requeue_dead(&Requeue::Ids(vec![dead1, waiting, 999]), None, far)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::NotDead(m) if m.contains(&format!("row {waiting} is pending")) && m.contains("row 999 does not exist")),
+        "{e}"
+    );
+    assert_eq!(
+        s.dead_rows(None).await.unwrap().len(),
+        2,
+        "refused as a whole"
+    );
+    assert_eq!(
+        s.requeue_dead(&Requeue::Ids(vec![dead1]), Some("a"), far)
+            .await
+            .unwrap(),
+        vec![dead1]
+    );
+    assert_eq!(row_state(s.pool(), dead1).await.0, "pending");
+    assert_eq!(
+        s.purge_dead(SystemTime::now() - Duration::from_secs(60), None)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        s.purge_dead(far + Duration::from_secs(1), Some("a"))
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(s.dead_rows(None).await.unwrap().is_empty());
+}

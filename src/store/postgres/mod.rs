@@ -13,6 +13,7 @@
 //! the database's clock (`clock_timestamp()`), never a host's.
 //! docs/postgres.md has the reasoning.
 
+mod commands;
 mod sql;
 
 use std::collections::{HashMap, HashSet};
