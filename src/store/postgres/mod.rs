@@ -372,17 +372,12 @@ impl PgStore {
         if names.is_empty() {
             return Ok(());
         }
-        sqlx::query(
-            "UPDATE outbox_account_state s SET lease_owner = NULL, lease_until = NULL
-             FROM unnest($2::text[], $3::bigint[]) AS h(account, token)
-             WHERE s.account = h.account AND s.lease_token = h.token
-               AND s.lease_owner = $1::uuid",
-        )
-        .bind(self.owner.to_string())
-        .bind(&names)
-        .bind(&tokens)
-        .execute(&self.pool)
-        .await?;
+        sqlx::query(sql::RELEASE)
+            .bind(self.owner.to_string())
+            .bind(&names)
+            .bind(&tokens)
+            .execute(&self.pool)
+            .await?;
         self.forget(&names);
         Ok(())
     }
@@ -461,8 +456,10 @@ impl PgStore {
 
 impl Outbox for PgStore {
     /// Claims only for an account this handle holds under an unexpired
-    /// lease (checked and share-locked in the same statement, so a takeover
-    /// waits for it); otherwise claims nothing. Rows are marked with the
+    /// lease (checked and share-locked in the same statement: a takeover
+    /// cannot commit while the claim runs, and a claim meeting a takeover
+    /// in progress waits for it and then finds the lease gone); otherwise
+    /// claims nothing. Rows are marked with the
     /// account's token.
     async fn claim(
         &self,
@@ -647,7 +644,7 @@ impl Outbox for PgStore {
         let done = sqlx::query(
             "WITH held AS (
                  SELECT account FROM outbox_account_state
-                 WHERE lease_owner = $5::uuid FOR SHARE)
+                 WHERE lease_owner = $5::uuid ORDER BY account FOR SHARE)
              UPDATE outbox o SET status = 'dead', dead_at = $3::timestamptz, last_error = u.error
              FROM unnest($1::bigint[], $2::text[]) AS u(id, error)
              WHERE o.id = u.id AND o.status = 'pending'

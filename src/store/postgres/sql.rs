@@ -1,10 +1,12 @@
 //! The statements of the PostgreSQL store. Every write of the delivery path
 //! carries its lease condition in the same statement: a `held` CTE that
 //! share-locks the account rows this owner holds (`FOR SHARE`), so an
-//! acquisition (`FOR UPDATE` on the same rows) waits for the write in
-//! flight, and a write that starts after a takeover committed re-reads the
-//! account row and finds another owner (READ COMMITTED's re-check of locked
-//! rows).
+//! acquisition (`FOR UPDATE SKIP LOCKED` on the same rows) passes the
+//! account by while the write is in flight, and a write that meets a
+//! takeover in progress waits for it, then re-reads the account row and
+//! finds another owner (READ COMMITTED's re-check of locked rows).
+//! Statements locking several account rows lock them in account order, so
+//! they never deadlock with each other.
 
 /// Takes up to `$3` of the accounts `$1` whose lease is free or expired for
 /// owner `$2`, for `$4` ms of the database's clock, incrementing the token.
@@ -40,12 +42,35 @@ pub const RECOVER: &str = "
     SELECT account, count(*) AS n FROM recovered GROUP BY account";
 
 /// Extends owner `$1`'s leases on accounts `$2` with tokens `$3` by `$4` ms.
+/// Locks in account order, as every statement locking several account rows
+/// does, so that a renewal and a record of the same owner never deadlock.
 pub const RENEW: &str = "
+    WITH mine AS (
+        SELECT s.account FROM outbox_account_state s
+        JOIN unnest($2::text[], $3::bigint[]) AS h(account, token)
+          ON s.account = h.account AND s.lease_token = h.token
+        WHERE s.lease_owner = $1::uuid
+        ORDER BY s.account
+        FOR UPDATE OF s)
     UPDATE outbox_account_state s
     SET lease_until = clock_timestamp() + $4 * interval '1 millisecond'
-    FROM unnest($2::text[], $3::bigint[]) AS h(account, token)
-    WHERE s.account = h.account AND s.lease_token = h.token AND s.lease_owner = $1::uuid
+    FROM mine
+    WHERE s.account = mine.account
     RETURNING s.account";
+
+/// Gives up owner `$1`'s leases on accounts `$2` with tokens `$3`.
+pub const RELEASE: &str = "
+    WITH mine AS (
+        SELECT s.account FROM outbox_account_state s
+        JOIN unnest($2::text[], $3::bigint[]) AS h(account, token)
+          ON s.account = h.account AND s.lease_token = h.token
+        WHERE s.lease_owner = $1::uuid
+        ORDER BY s.account
+        FOR UPDATE OF s)
+    UPDATE outbox_account_state s
+    SET lease_owner = NULL, lease_until = NULL
+    FROM mine
+    WHERE s.account = mine.account";
 
 /// Leases up to `$3` due pending rows of account `$1` (due at `$2`) as
 /// `sending` under token `$5`, for owner `$4`, only while that lease is
@@ -97,6 +122,7 @@ pub const RECORD: &str = "
     WITH held AS (
         SELECT account, lease_token FROM outbox_account_state
         WHERE lease_owner = $3::uuid
+        ORDER BY account
         FOR SHARE),
     u AS (
         SELECT * FROM jsonb_to_recordset($1::jsonb) AS u(
@@ -130,6 +156,7 @@ pub const CLEAR_RECONCILE: &str = "
     WITH held AS (
         SELECT account, lease_token FROM outbox_account_state
         WHERE lease_owner = $2::uuid
+        ORDER BY account
         FOR SHARE),
     done AS (
         UPDATE outbox o SET needs_reconcile = 0
