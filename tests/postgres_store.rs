@@ -897,3 +897,57 @@ async fn status_dead_list_requeue_and_purge_work_as_on_sqlite() {
     );
     assert!(s.dead_rows(None).await.unwrap().is_empty());
 }
+
+/// One daemon's heartbeat renewing its 10 accounts while its workers record
+/// and claim on them: no deadlock (every statement locks account rows in
+/// account order), no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_beside_records_never_deadlock() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    let accounts: Vec<String> = (0..10).map(|i| format!("acct{i}")).collect();
+    let names: Vec<&str> = accounts.iter().map(String::as_str).collect();
+    assert_eq!(s.acquire_accounts(&names, 10).await.unwrap().len(), 10);
+    for (i, a) in accounts.iter().enumerate() {
+        for j in 0..5 {
+            let thread = format!("{i:08x}-0000-4000-8000-{j:012x}");
+            insert(s.pool(), &thread, "m", a).await;
+        }
+    }
+    let stop = Instant::now() + Duration::from_secs(2);
+    let heartbeat = tokio::spawn({
+        let s = s.clone();
+        async move {
+            let mut n = 0u32;
+            while Instant::now() < stop {
+                s.renew().await.unwrap();
+                n += 1;
+            }
+            n
+        }
+    });
+    let mut workers = Vec::new();
+    for w in 0..3 {
+        let s = s.clone();
+        let accounts = accounts.clone();
+        workers.push(tokio::spawn(async move {
+            let far = SystemTime::now() + Duration::from_secs(3600);
+            let mut n = 0u32;
+            while Instant::now() < stop {
+                let account = &accounts[(n as usize * 3 + w) % accounts.len()];
+                let rows = s.claim(account, far, 5).await.unwrap();
+                let outcomes: Vec<_> = rows.iter().map(|r| (r.id, RowOutcome::Release)).collect();
+                s.record(&outcomes, far).await.unwrap();
+                n += 1;
+            }
+            n
+        }));
+    }
+    let renewals = heartbeat.await.unwrap();
+    let mut rounds = 0;
+    for w in workers {
+        rounds += w.await.unwrap();
+    }
+    eprintln!("{renewals} renewals beside {rounds} claim+record rounds");
+    assert!(renewals > 10 && rounds > 10);
+}
