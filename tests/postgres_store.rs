@@ -211,6 +211,15 @@ async fn bad_inserts_are_refused_with_the_constraint_names_of_the_sqlite_store()
         .await
         .unwrap();
     assert_eq!(n, 1);
+    // An explicit id (allowed, as on SQLite) does not make a later
+    // producer's default id collide with it.
+    sqlx::query("INSERT INTO outbox (id, message_thread_id, text) VALUES (1000, $1, 'explicit')")
+        .bind(T1)
+        .execute(s.pool())
+        .await
+        .unwrap();
+    let next = insert(s.pool(), T1, "after", "a").await;
+    assert!(next > 1000, "{next}");
     // The store's enqueue says Refused with the constraint's name.
     let e = s
         .enqueue(&mews_outbox::store::NewMessage {

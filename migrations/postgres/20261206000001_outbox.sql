@@ -117,6 +117,12 @@ BEGIN
         RAISE EXCEPTION 'new row for relation "outbox" violates check constraint "%"', rule
             USING ERRCODE = 'check_violation', CONSTRAINT = rule, TABLE = 'outbox';
     END IF;
+    -- A producer may give `id` (as on SQLite, where AUTOINCREMENT then
+    -- continues after it); an identity sequence would not move, and a later
+    -- default id would collide with it: move the sequence past it.
+    IF NEW.id > (SELECT last_value FROM outbox_id_seq) THEN
+        PERFORM setval('outbox_id_seq', NEW.id);
+    END IF;
     RETURN NEW;
 END;
 $$;
