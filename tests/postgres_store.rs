@@ -960,3 +960,60 @@ async fn renewals_beside_records_never_deadlock() {
     eprintln!("{renewals} renewals beside {rounds} claim+record rounds");
     assert!(renewals > 10 && rounds > 10);
 }
+
+#[tokio::test]
+async fn claims_are_bounded_by_bytes_and_always_take_one() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    s.acquire_accounts(&["a"], 1).await.unwrap();
+    let big = "x".repeat(1000);
+    let threads: Vec<String> = (0..5)
+        .map(|i| format!("{i:08x}-0000-4000-8000-000000000000"))
+        .collect();
+    let mut rows = Vec::new();
+    for t in &threads {
+        rows.push(insert(s.pool(), t, &big, "a").await);
+    }
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    // 1000 + 128 bytes each: 2 fit in 2300, the third would not.
+    let claimed = s.claim_within("a", far, 10, 2300).await.unwrap();
+    assert_eq!(ids(&claimed), rows[..2].to_vec());
+    // A row larger than the bound is still claimed alone.
+    let claimed = s.claim_within("a", far, 10, 10).await.unwrap();
+    assert_eq!(ids(&claimed), vec![rows[2]]);
+    assert_eq!(
+        ids(&s.claim("a", far, 10).await.unwrap()),
+        rows[3..].to_vec()
+    );
+}
+
+#[tokio::test]
+async fn rows_recovered_at_takeover_settle_from_the_latest_request_start() {
+    let db = database().await;
+    let a = daemon(&db, 300, 0).await;
+    let b = daemon(&db, 30_000, 60_000).await;
+    a.acquire_accounts(&["acct"], 1).await.unwrap();
+    let id = insert(a.pool(), T1, "1", "acct").await;
+    let now = SystemTime::now() + Duration::from_secs(1);
+    assert_eq!(a.claim("acct", now, 10).await.unwrap().len(), 1);
+    // Written ahead of the clock, as the worker does before messages/add.
+    let started_by = SystemTime::now() + Duration::from_secs(20);
+    a.request_starting("acct", started_by).await.unwrap();
+    wait_lease_expired(b.pool(), "acct").await;
+    b.acquire_accounts(&["acct"], 1).await.unwrap();
+    let wait: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM o.next_attempt_at - s.add_started_by)::float8
+         FROM outbox o JOIN outbox_account_state s USING (account) WHERE o.id = $1",
+    )
+    .bind(id)
+    .fetch_one(b.pool())
+    .await
+    .unwrap();
+    assert!((59.999..60.001).contains(&wait), "{wait}");
+    // The frozen A may not move the settle point of B's requests.
+    assert!(matches!(
+        a.request_starting("acct", SystemTime::now()).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    b.request_starting("acct", SystemTime::now()).await.unwrap();
+}

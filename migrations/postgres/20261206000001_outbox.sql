@@ -86,7 +86,12 @@ CREATE TABLE outbox_account_state (
     lease_owner     uuid,
     lease_until     timestamptz,
     -- Incremented on every acquisition: the fencing token.
-    lease_token     bigint NOT NULL DEFAULT 0
+    lease_token     bigint NOT NULL DEFAULT 0,
+    -- A time no earlier than the start of the account's latest
+    -- `messages/add` request, saved by its owner before sending (as the
+    -- SQLite store's migration ..05_request_times): rows left `sending`
+    -- settle from there at a takeover.
+    add_started_by  timestamptz
 );
 
 -- Producers may set only the producer columns on insert; each refusal names

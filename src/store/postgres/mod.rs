@@ -38,6 +38,10 @@ pub const MIGRATIONS_TABLE: &str = super::sqlite::MIGRATIONS_TABLE;
 /// The LISTEN/NOTIFY channel the insert trigger notifies (payload: account).
 pub const CHANNEL: &str = "mews_outbox";
 
+/// What a claim counts for each message besides its text, as the SQLite
+/// store's `sql::MESSAGE_ENVELOPE_BYTES`.
+pub const MESSAGE_ENVELOPE_BYTES: usize = 128;
+
 /// How long an account lease lasts unless renewed.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
@@ -388,6 +392,79 @@ impl PgStore {
         Ok(0)
     }
 
+    /// Leases due rows of `account` as the SQLite store's `claim_within`
+    /// does (at most `limit`, stopping once their texts plus
+    /// [`MESSAGE_ENVELOPE_BYTES`] each would pass `max_bytes`, always at
+    /// least one), one per thread in thread order. Claims only for an
+    /// account this handle holds under an unexpired lease (checked and
+    /// share-locked in the same statement: a takeover cannot commit while
+    /// the claim runs, and a claim meeting a takeover in progress waits for
+    /// it and then finds the lease gone); otherwise claims nothing. Rows are
+    /// marked with the account's token.
+    ///
+    /// Main's `Outbox` trait has since gained `claim_within` and
+    /// `request_starting`; when this branch meets it, these inherent
+    /// methods are what the trait's two methods delegate to.
+    pub async fn claim_within(
+        &self,
+        account: &str,
+        now: SystemTime,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<ClaimedRow>, StoreError> {
+        let Some(token) = self.token(account) else {
+            return Ok(Vec::new());
+        };
+        let rows = sqlx::query(sql::CLAIM)
+            .bind(account)
+            .bind(timestamp(now))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(self.owner.to_string())
+            .bind(token)
+            .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
+            .bind(i64::try_from(MESSAGE_ENVELOPE_BYTES).unwrap_or(128))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut claimed = rows
+            .into_iter()
+            .map(|row| {
+                Ok(ClaimedRow {
+                    id: row.try_get("id")?,
+                    message_thread_id: row.try_get("message_thread_id")?,
+                    text: Ok(row.try_get("text")?),
+                    attempts: u32::try_from(row.try_get::<i32, _>("attempts")?).unwrap_or(0),
+                    needs_reconcile: row.try_get::<i32, _>("needs_reconcile")? != 0,
+                    first_sent_at: row
+                        .try_get::<Option<i64>, _>("first_sent_us")?
+                        .map(micros_to_time),
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        claimed.sort_by_key(|row| row.id);
+        Ok(claimed)
+    }
+
+    /// Remembers, before a `messages/add` request of `account` is sent, a
+    /// time no earlier than its start (as the SQLite store's
+    /// `request_starting`): rows it leaves `sending` settle from there at a
+    /// takeover. Only the account's owner writes it: [`StoreError::LeaseLost`]
+    /// otherwise, and the request must then not be sent.
+    pub async fn request_starting(
+        &self,
+        account: &str,
+        started_by: SystemTime,
+    ) -> Result<(), StoreError> {
+        self.write_account_state(
+            account,
+            sqlx::query(
+                "UPDATE outbox_account_state SET add_started_by = $4::timestamptz
+                 WHERE account = $1 AND lease_owner = $2::uuid AND lease_token = $3",
+            ),
+            |q| q.bind(timestamp(started_by)),
+        )
+        .await
+    }
+
     /// Inserts one message the way a producer would.
     pub async fn enqueue(&self, message: &NewMessage) -> Result<Enqueued, StoreError> {
         let inserted = sqlx::query_scalar::<_, i64>(
@@ -455,46 +532,14 @@ impl PgStore {
 }
 
 impl Outbox for PgStore {
-    /// Claims only for an account this handle holds under an unexpired
-    /// lease (checked and share-locked in the same statement: a takeover
-    /// cannot commit while the claim runs, and a claim meeting a takeover
-    /// in progress waits for it and then finds the lease gone); otherwise
-    /// claims nothing. Rows are marked with the
-    /// account's token.
+    /// [`PgStore::claim_within`] without a byte bound.
     async fn claim(
         &self,
         account: &str,
         now: SystemTime,
         limit: usize,
     ) -> Result<Vec<ClaimedRow>, StoreError> {
-        let Some(token) = self.token(account) else {
-            return Ok(Vec::new());
-        };
-        let rows = sqlx::query(sql::CLAIM)
-            .bind(account)
-            .bind(timestamp(now))
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .bind(self.owner.to_string())
-            .bind(token)
-            .fetch_all(&self.pool)
-            .await?;
-        let mut claimed = rows
-            .into_iter()
-            .map(|row| {
-                Ok(ClaimedRow {
-                    id: row.try_get("id")?,
-                    message_thread_id: row.try_get("message_thread_id")?,
-                    text: Ok(row.try_get("text")?),
-                    attempts: u32::try_from(row.try_get::<i32, _>("attempts")?).unwrap_or(0),
-                    needs_reconcile: row.try_get::<i32, _>("needs_reconcile")? != 0,
-                    first_sent_at: row
-                        .try_get::<Option<i64>, _>("first_sent_us")?
-                        .map(micros_to_time),
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        claimed.sort_by_key(|row| row.id);
-        Ok(claimed)
+        self.claim_within(account, now, limit, usize::MAX).await
     }
 
     async fn next_due(

@@ -28,17 +28,20 @@ pub const ACQUIRE: &str = "
 
 /// In the acquisition's transaction: rows of the accounts `$1` left
 /// `sending` (necessarily under an older token) go back to `pending`, to be
-/// read back from Mews first, due no earlier than their claim plus `$2` ms.
-/// Note: the claim time stands in for the request's start (the SQLite store
-/// had no per-request start time when this was written).
+/// read back from Mews first, due no earlier than `$2` ms after the later of
+/// their claim and the account's latest request start (`add_started_by`,
+/// saved by `request_starting` before each `messages/add`).
 pub const RECOVER: &str = "
     WITH recovered AS (
-        UPDATE outbox
+        UPDATE outbox o
         SET status = 'pending', needs_reconcile = 1,
-            next_attempt_at = greatest(next_attempt_at,
-                coalesce(claimed_at, clock_timestamp()) + $2 * interval '1 millisecond')
-        WHERE account = ANY($1::text[]) AND status = 'sending'
-        RETURNING account)
+            next_attempt_at = greatest(o.next_attempt_at,
+                coalesce(greatest(s.add_started_by, o.claimed_at), clock_timestamp())
+                    + $2 * interval '1 millisecond')
+        FROM outbox_account_state s
+        WHERE s.account = o.account
+          AND o.account = ANY($1::text[]) AND o.status = 'sending'
+        RETURNING o.account)
     SELECT account, count(*) AS n FROM recovered GROUP BY account";
 
 /// Extends owner `$1`'s leases on accounts `$2` with tokens `$3` by `$4` ms.
@@ -75,7 +78,10 @@ pub const RELEASE: &str = "
 /// Leases up to `$3` due pending rows of account `$1` (due at `$2`) as
 /// `sending` under token `$5`, for owner `$4`, only while that lease is
 /// held and unexpired. Only a thread's oldest unfinished row qualifies, so
-/// at most one per thread and in thread order.
+/// at most one per thread and in thread order. `$6` bounds the claim by
+/// bytes as the SQLite store's claim does: rows are taken, in claim order,
+/// while their texts plus `$7` (the message envelope) each add up to at
+/// most `$6`, and always at least one.
 pub const CLAIM: &str = "
     WITH lease AS (
         SELECT account FROM outbox_account_state
@@ -83,7 +89,7 @@ pub const CLAIM: &str = "
           AND lease_until > clock_timestamp()
         FOR SHARE),
     picked AS (
-        SELECT p.id FROM outbox p
+        SELECT p.id, p.next_attempt_at FROM outbox p
         WHERE p.account = $1 AND p.status = 'pending' AND p.next_attempt_at <= $2::timestamptz
           AND EXISTS (SELECT 1 FROM lease)
           AND NOT EXISTS (
@@ -92,12 +98,21 @@ pub const CLAIM: &str = "
                 AND e.status IN ('pending', 'sending') AND e.id < p.id)
         ORDER BY p.next_attempt_at, p.id
         LIMIT $3
-        FOR UPDATE SKIP LOCKED)
+        FOR UPDATE SKIP LOCKED),
+    within AS (
+        SELECT id FROM (
+            SELECT picked.id,
+                   row_number() OVER w AS n,
+                   sum(octet_length(o.text) + $7) OVER w AS running_bytes
+            FROM picked JOIN outbox o ON o.id = picked.id
+            WINDOW w AS (ORDER BY picked.next_attempt_at, picked.id ROWS UNBOUNDED PRECEDING)
+        ) AS c
+        WHERE n = 1 OR running_bytes <= $6)
     UPDATE outbox o
     SET status = 'sending', lease_token = $5, claimed_at = clock_timestamp(),
         first_sent_at = coalesce(o.first_sent_at, $2::timestamptz)
-    FROM picked
-    WHERE o.id = picked.id AND o.status = 'pending'
+    FROM within
+    WHERE o.id = within.id AND o.status = 'pending'
     RETURNING o.id, o.message_thread_id, o.text, o.attempts, o.needs_reconcile,
               (extract(epoch FROM o.first_sent_at) * 1000000)::bigint AS first_sent_us";
 
