@@ -1017,3 +1017,34 @@ async fn rows_recovered_at_takeover_settle_from_the_latest_request_start() {
     ));
     b.request_starting("acct", SystemTime::now()).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_database_not_in_utf8_is_refused_before_anything_is_created() {
+    let db = database().await;
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    let name = format!("{}_ascii", db.name);
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE DATABASE {name} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+    )))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let mut url = url::Url::parse(&db.url).unwrap();
+    url.set_path(&format!("/{name}"));
+    let e = PgStore::connect(url.as_str(), PgOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("has encoding SQL_ASCII; the outbox needs UTF8"),
+        "{e}"
+    );
+    let mut ascii = PgConnection::connect(url.as_str()).await.unwrap();
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .fetch_one(&mut ascii)
+    .await
+    .unwrap();
+    assert_eq!(tables, 0);
+}

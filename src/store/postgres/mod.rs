@@ -209,6 +209,7 @@ impl PgStore {
             held: Arc::new(Mutex::new(HashMap::new())),
             target: redact_url(url),
         };
+        store.check_encoding().await?;
         store.migrate().await?;
         Ok(store)
     }
@@ -223,6 +224,25 @@ impl PgStore {
             held: Arc::new(Mutex::new(HashMap::new())),
             target: self.target.clone(),
         }
+    }
+
+    /// The producer contract's checks (Unicode White_Space) need a UTF8
+    /// database; another encoding is refused before anything is created.
+    async fn check_encoding(&self) -> Result<(), StoreError> {
+        let encoding: String = sqlx::query_scalar("SELECT current_setting('server_encoding')")
+            .fetch_one(&self.pool)
+            .await?;
+        if encoding == "UTF8" {
+            return Ok(());
+        }
+        Err(StoreError::Database(sqlx::Error::Configuration(
+            format!(
+                "the database {} has encoding {encoding}; the outbox needs UTF8 \
+                 (CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)",
+                self.target
+            )
+            .into(),
+        )))
     }
 
     /// Applies the migrations of `migrations/postgres`. sqlx's PostgreSQL
