@@ -5,6 +5,7 @@
 
 pub mod file;
 pub mod maintenance;
+pub mod postgres;
 pub mod sqlite;
 mod wal_watch;
 
@@ -190,6 +191,10 @@ pub enum StoreError {
         path: String,
         problem: file::SchemaProblem,
     },
+    /// PostgreSQL store: this daemon no longer holds the account's lease
+    /// (another daemon took it over); nothing was changed for it.
+    #[error("lost the lease on account {account}: another daemon owns it now")]
+    LeaseLost { account: String },
 }
 
 /// What the delivery loop needs from a store. Every method is one short

@@ -1,3 +1,4 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 pub mod daemon;
 pub mod fake_mews;
+pub mod postgres;

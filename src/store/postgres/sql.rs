@@ -1,0 +1,185 @@
+//! The statements of the PostgreSQL store. Every write of the delivery path
+//! carries its lease condition in the same statement: a `held` CTE that
+//! share-locks the account rows this owner holds (`FOR SHARE`), so an
+//! acquisition (`FOR UPDATE SKIP LOCKED` on the same rows) passes the
+//! account by while the write is in flight, and a write that meets a
+//! takeover in progress waits for it, then re-reads the account row and
+//! finds another owner (READ COMMITTED's re-check of locked rows).
+//! Statements locking several account rows lock them in account order, so
+//! they never deadlock with each other.
+
+/// Takes up to `$3` of the accounts `$1` whose lease is free or expired for
+/// owner `$2`, for `$4` ms of the database's clock, incrementing the token.
+pub const ACQUIRE: &str = "
+    WITH free AS (
+        SELECT account FROM outbox_account_state
+        WHERE account = ANY($1::text[])
+          AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until <= clock_timestamp())
+        ORDER BY account
+        LIMIT $3
+        FOR UPDATE SKIP LOCKED)
+    UPDATE outbox_account_state s
+    SET lease_owner = $2::uuid,
+        lease_token = s.lease_token + 1,
+        lease_until = clock_timestamp() + $4 * interval '1 millisecond'
+    FROM free
+    WHERE s.account = free.account
+    RETURNING s.account, s.lease_token";
+
+/// In the acquisition's transaction: rows of the accounts `$1` left
+/// `sending` (necessarily under an older token) go back to `pending`, to be
+/// read back from Mews first, due no earlier than `$2` ms after the later of
+/// their claim and the account's latest request start (`add_started_by`,
+/// saved by `request_starting` before each `messages/add`).
+pub const RECOVER: &str = "
+    WITH recovered AS (
+        UPDATE outbox o
+        SET status = 'pending', needs_reconcile = 1,
+            next_attempt_at = greatest(o.next_attempt_at,
+                coalesce(greatest(s.add_started_by, o.claimed_at), clock_timestamp())
+                    + $2 * interval '1 millisecond')
+        FROM outbox_account_state s
+        WHERE s.account = o.account
+          AND o.account = ANY($1::text[]) AND o.status = 'sending'
+        RETURNING o.account)
+    SELECT account, count(*) AS n FROM recovered GROUP BY account";
+
+/// Extends owner `$1`'s leases on accounts `$2` with tokens `$3` by `$4` ms.
+/// Locks in account order, as every statement locking several account rows
+/// does, so that a renewal and a record of the same owner never deadlock.
+pub const RENEW: &str = "
+    WITH mine AS (
+        SELECT s.account FROM outbox_account_state s
+        JOIN unnest($2::text[], $3::bigint[]) AS h(account, token)
+          ON s.account = h.account AND s.lease_token = h.token
+        WHERE s.lease_owner = $1::uuid
+        ORDER BY s.account
+        FOR UPDATE OF s)
+    UPDATE outbox_account_state s
+    SET lease_until = clock_timestamp() + $4 * interval '1 millisecond'
+    FROM mine
+    WHERE s.account = mine.account
+    RETURNING s.account";
+
+/// Gives up owner `$1`'s leases on accounts `$2` with tokens `$3`.
+pub const RELEASE: &str = "
+    WITH mine AS (
+        SELECT s.account FROM outbox_account_state s
+        JOIN unnest($2::text[], $3::bigint[]) AS h(account, token)
+          ON s.account = h.account AND s.lease_token = h.token
+        WHERE s.lease_owner = $1::uuid
+        ORDER BY s.account
+        FOR UPDATE OF s)
+    UPDATE outbox_account_state s
+    SET lease_owner = NULL, lease_until = NULL
+    FROM mine
+    WHERE s.account = mine.account";
+
+/// Leases up to `$3` due pending rows of account `$1` (due at `$2`) as
+/// `sending` under token `$5`, for owner `$4`, only while that lease is
+/// held and unexpired. Only a thread's oldest unfinished row qualifies, so
+/// at most one per thread and in thread order. `$6` bounds the claim by
+/// bytes as the SQLite store's claim does: rows are taken, in claim order,
+/// while their texts plus `$7` (the message envelope) each add up to at
+/// most `$6`, and always at least one.
+pub const CLAIM: &str = "
+    WITH lease AS (
+        SELECT account FROM outbox_account_state
+        WHERE account = $1 AND lease_owner = $4::uuid AND lease_token = $5
+          AND lease_until > clock_timestamp()
+        FOR SHARE),
+    picked AS (
+        SELECT p.id, p.next_attempt_at FROM outbox p
+        WHERE p.account = $1 AND p.status = 'pending' AND p.next_attempt_at <= $2::timestamptz
+          AND EXISTS (SELECT 1 FROM lease)
+          AND NOT EXISTS (
+              SELECT 1 FROM outbox e
+              WHERE e.message_thread_id = p.message_thread_id
+                AND e.status IN ('pending', 'sending') AND e.id < p.id)
+        ORDER BY p.next_attempt_at, p.id
+        LIMIT $3
+        FOR UPDATE SKIP LOCKED),
+    within AS (
+        SELECT id FROM (
+            SELECT picked.id,
+                   row_number() OVER w AS n,
+                   sum(octet_length(o.text) + $7) OVER w AS running_bytes
+            FROM picked JOIN outbox o ON o.id = picked.id
+            WINDOW w AS (ORDER BY picked.next_attempt_at, picked.id ROWS UNBOUNDED PRECEDING)
+        ) AS c
+        WHERE n = 1 OR running_bytes <= $6)
+    UPDATE outbox o
+    SET status = 'sending', lease_token = $5, claimed_at = clock_timestamp(),
+        first_sent_at = coalesce(o.first_sent_at, $2::timestamptz)
+    FROM within
+    WHERE o.id = within.id AND o.status = 'pending'
+    RETURNING o.id, o.message_thread_id, o.text, o.attempts, o.needs_reconcile,
+              (extract(epoch FROM o.first_sent_at) * 1000000)::bigint AS first_sent_us";
+
+/// When the next row of account `$1` not blocked by its thread becomes due
+/// after `$2`, in microseconds since the epoch.
+pub const NEXT_DUE: &str = "
+    SELECT (extract(epoch FROM min(p.next_attempt_at)) * 1000000)::bigint
+    FROM outbox p
+    WHERE p.account = $1 AND p.status = 'pending' AND p.next_attempt_at > $2::timestamptz
+      AND NOT EXISTS (
+          SELECT 1 FROM outbox e
+          WHERE e.message_thread_id = p.message_thread_id
+            AND e.status IN ('pending', 'sending') AND e.id < p.id)";
+
+/// Stores outcomes `$1` (a JSON array of `{id, status, attempt,
+/// next_attempt_at?, error?, maybe_stored?, mews_*?}`) at time `$2` for
+/// owner `$3`: only rows still `sending` under the token of an account the
+/// owner holds. Returns the accounts of the rows whose lease is lost
+/// (claimed under a token that is no longer the owner's). A row an operator
+/// changed meanwhile is left alone silently, as in the SQLite store.
+pub const RECORD: &str = "
+    WITH held AS (
+        SELECT account, lease_token FROM outbox_account_state
+        WHERE lease_owner = $3::uuid
+        ORDER BY account
+        FOR SHARE),
+    u AS (
+        SELECT * FROM jsonb_to_recordset($1::jsonb) AS u(
+            id bigint, status text, attempt integer, next_attempt_at timestamptz,
+            error text, maybe_stored integer,
+            mews_message_id text, mews_created_utc text, mews_sender text)),
+    done AS (
+        UPDATE outbox o SET
+            status = u.status,
+            attempts = o.attempts + u.attempt,
+            needs_reconcile = CASE WHEN u.status = 'delivered' THEN 0
+                                   ELSE greatest(o.needs_reconcile, coalesce(u.maybe_stored, 0)) END,
+            delivered_at = CASE WHEN u.status = 'delivered' THEN $2::timestamptz ELSE o.delivered_at END,
+            dead_at = CASE WHEN u.status = 'dead' THEN $2::timestamptz ELSE o.dead_at END,
+            next_attempt_at = coalesce(u.next_attempt_at, o.next_attempt_at),
+            last_error = coalesce(u.error, o.last_error),
+            mews_message_id = coalesce(u.mews_message_id, o.mews_message_id),
+            mews_created_utc = coalesce(u.mews_created_utc, o.mews_created_utc),
+            mews_sender = coalesce(u.mews_sender, o.mews_sender)
+        FROM u, held h
+        WHERE o.id = u.id AND o.status = 'sending'
+          AND o.account = h.account AND o.lease_token = h.lease_token
+        RETURNING o.id)
+    SELECT DISTINCT o.account FROM outbox o JOIN u ON o.id = u.id
+    WHERE NOT EXISTS (
+        SELECT 1 FROM held h WHERE h.account = o.account AND h.lease_token = o.lease_token)";
+
+/// Marks rows `$1` checked against Mews and not found there, for owner
+/// `$2`, under the same condition as [`RECORD`]; returns the lost accounts.
+pub const CLEAR_RECONCILE: &str = "
+    WITH held AS (
+        SELECT account, lease_token FROM outbox_account_state
+        WHERE lease_owner = $2::uuid
+        ORDER BY account
+        FOR SHARE),
+    done AS (
+        UPDATE outbox o SET needs_reconcile = 0
+        FROM held h
+        WHERE o.id = ANY($1::bigint[]) AND o.status = 'sending'
+          AND o.account = h.account AND o.lease_token = h.lease_token
+        RETURNING o.id)
+    SELECT DISTINCT o.account FROM outbox o
+    WHERE o.id = ANY($1::bigint[])
+      AND NOT EXISTS (
+          SELECT 1 FROM held h WHERE h.account = o.account AND h.lease_token = o.lease_token)";

@@ -1,0 +1,1050 @@
+//! The PostgreSQL store against a real PostgreSQL (a throwaway cluster per
+//! test binary, or `MEWS_OUTBOX_TEST_POSTGRES_URL`; see
+//! `tests/support/postgres.rs`). Store level only: the daemon does not use
+//! this store yet (docs/postgres.md).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant, SystemTime};
+
+use mews_outbox::store::postgres::{PgOptions, PgStore};
+use mews_outbox::store::{AccountPause, Outbox, RowOutcome, StoreError};
+use sqlx::{Connection, PgConnection, PgPool};
+use support::postgres::{TestDb, database};
+
+const T1: &str = "7f9325f6-ef44-4911-89a8-ae51010a5aa4";
+const T2: &str = "0b8c8a58-1a60-4c5e-9f0e-3d6f2f2a9d11";
+
+fn options(lease_ms: u64, settle_ms: u64) -> PgOptions {
+    PgOptions {
+        lease: Duration::from_millis(lease_ms),
+        settle: Duration::from_millis(settle_ms),
+        ..PgOptions::default()
+    }
+}
+
+async fn daemon(db: &TestDb, lease_ms: u64, settle_ms: u64) -> PgStore {
+    PgStore::connect(&db.url, options(lease_ms, settle_ms))
+        .await
+        .expect("connect the PostgreSQL store")
+}
+
+async fn insert(pool: &PgPool, thread: &str, text: &str, account: &str) -> i64 {
+    sqlx::query_scalar(
+        "INSERT INTO outbox (message_thread_id, text, account) VALUES ($1, $2, $3) RETURNING id",
+    )
+    .bind(thread)
+    .bind(text)
+    .bind(account)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+fn delivered(id: i64) -> (i64, RowOutcome) {
+    (
+        id,
+        RowOutcome::Delivered {
+            mews_message_id: format!("m-{id}"),
+            mews_created_utc: "2026-12-06T10:00:00Z".into(),
+            mews_sender: "Guest".into(),
+        },
+    )
+}
+
+fn ids(rows: &[mews_outbox::store::ClaimedRow]) -> Vec<i64> {
+    rows.iter().map(|r| r.id).collect()
+}
+
+/// Waits until the database's clock is past `account`'s lease (never a
+/// fixed sleep: the hosts' clocks do not decide leases).
+async fn wait_lease_expired(pool: &PgPool, account: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let expired: bool = sqlx::query_scalar(
+            "SELECT lease_until <= clock_timestamp() FROM outbox_account_state WHERE account = $1",
+        )
+        .bind(account)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if expired {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the lease never expired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn row_state(pool: &PgPool, id: i64) -> (String, i32, Option<String>) {
+    let row: (String, i32, Option<String>) =
+        sqlx::query_as("SELECT status, needs_reconcile, mews_message_id FROM outbox WHERE id = $1")
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    row
+}
+
+#[tokio::test]
+async fn bad_inserts_are_refused_with_the_constraint_names_of_the_sqlite_store() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    let cases = [
+        (
+            "INSERT INTO outbox (message_thread_id, text) VALUES ('not-a-uuid', 'hi')",
+            "message_thread_id_must_be_a_lowercase_uuid",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text) VALUES ('7F9325F6-EF44-4911-89A8-AE51010A5AA4', 'hi')",
+            "message_thread_id_must_be_a_lowercase_uuid",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text) VALUES (E'7f9325f6-ef44-4911-89a8-ae51010a5aa4\\n', 'hi')",
+            "message_thread_id_must_be_a_lowercase_uuid",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', '')",
+            "text_must_be_non_blank_text",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', E' \\n\\t\\r\\f\\u000b ')",
+            "text_must_be_non_blank_text",
+        ),
+        // Unicode White_Space beyond ASCII: NEL, NO-BREAK SPACE, OGHAM,
+        // EN QUAD..HAIR SPACE, LINE/PARAGRAPH SEPARATOR, NNBSP, MMSP, IDEOGRAPHIC.
+        (
+            "INSERT INTO outbox (message_thread_id, text) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', E'\\u0085\\u00a0\\u1680\\u2000\\u2005\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000')",
+            "text_must_be_non_blank_text",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', convert_from('\\xff00'::bytea, 'UTF8'))",
+            "invalid byte sequence",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', NULL)",
+            "not-null",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, status) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', 'lost')",
+            "status_must_be_pending_sending_delivered_or_dead",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, identifier) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', '')",
+            "identifier_must_be_null_or_non_empty_text",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, account) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', '')",
+            "account_must_be_non_empty_text",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, attempts) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', -1)",
+            "attempts_must_not_be_negative",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, needs_reconcile) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', 2)",
+            "needs_reconcile_must_be_0_or_1",
+        ),
+        // Daemon columns: a producer may not write them.
+        (
+            "INSERT INTO outbox (message_thread_id, text, status) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', 'sending')",
+            "producer_may_not_set_status",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, status) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', 'delivered')",
+            "producer_may_not_set_status",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, attempts) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', 3)",
+            "producer_may_not_set_attempts",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, needs_reconcile) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', 1)",
+            "producer_may_not_set_needs_reconcile",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, last_error) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', 'x')",
+            "producer_may_not_set_last_error",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, created_at) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', '2020-01-01T00:00:00Z')",
+            "producer_may_not_set_created_at",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, mews_message_id) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', 'x')",
+            "producer_may_not_set_mews_message_id",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, delivered_at) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', now())",
+            "producer_may_not_set_delivered_at",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, text, lease_token) VALUES ('7f9325f6-ef44-4911-89a8-ae51010a5aa4', 'hi', 7)",
+            "producer_may_not_set_lease_token",
+        ),
+    ];
+    for (sql, expected) in cases {
+        let e = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(s.pool())
+            .await
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains(expected), "{sql}\n=> {text}");
+        if expected.contains('_')
+            && let sqlx::Error::Database(db) = &e
+        {
+            assert_eq!(db.constraint(), Some(expected), "{sql}");
+        }
+    }
+    // The producer's own columns are accepted, and nothing above got in.
+    sqlx::query(
+        "INSERT INTO outbox (message_thread_id, text, identifier, account, next_attempt_at)
+         VALUES ($1, 'hi', 'k1', 'a', '2026-12-06T10:00:00.000Z')",
+    )
+    .bind(T1)
+    .execute(s.pool())
+    .await
+    .unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    // An explicit id (allowed, as on SQLite) does not make a later
+    // producer's default id collide with it.
+    sqlx::query("INSERT INTO outbox (id, message_thread_id, text) VALUES (1000, $1, 'explicit')")
+        .bind(T1)
+        .execute(s.pool())
+        .await
+        .unwrap();
+    let next = insert(s.pool(), T1, "after", "a").await;
+    assert!(next > 1000, "{next}");
+    // The store's enqueue says Refused with the constraint's name.
+    let e = s
+        .enqueue(&mews_outbox::store::NewMessage {
+            message_thread_id: "nope".into(),
+            text: "hi".into(),
+            identifier: None,
+            account: "a".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Refused(m) if m.contains("message_thread_id_must_be_a_lowercase_uuid")),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_producer_insert_is_invisible_to_claims_until_its_commit() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    s.acquire_accounts(&["default"], 10).await.unwrap();
+    let mut producer = PgConnection::connect(&db.url).await.unwrap();
+    let mut tx = producer.begin().await.unwrap();
+    sqlx::query("INSERT INTO outbox (message_thread_id, text) VALUES ($1, 'hello')")
+        .bind(T1)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    assert!(s.claim("default", far, 10).await.unwrap().is_empty());
+    tx.commit().await.unwrap();
+    let claimed = s.claim("default", far, 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].text.as_deref().unwrap(), "hello");
+}
+
+#[tokio::test]
+async fn two_daemons_starting_together_migrate_once_and_a_newer_schema_is_refused() {
+    let db = database().await;
+    let (a, b) = tokio::join!(
+        PgStore::connect(&db.url, PgOptions::default()),
+        PgStore::connect(&db.url, PgOptions::default()),
+    );
+    let a = a.unwrap();
+    b.unwrap();
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _mews_outbox_migrations ORDER BY version")
+            .fetch_all(a.pool())
+            .await
+            .unwrap();
+    assert_eq!(applied, vec![20261206000001]);
+    // A migration from a newer binary.
+    sqlx::query(
+        "INSERT INTO _mews_outbox_migrations (version, description, success, checksum, execution_time)
+         VALUES (29991231000001, 'from the future', true, '\\x00'::bytea, 0)",
+    )
+    .execute(a.pool())
+    .await
+    .unwrap();
+    let e = PgStore::connect(&db.url, PgOptions::default())
+        .await
+        .unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("newer mews-outbox") && text.contains("29991231000001"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn no_password_in_errors_or_debug() {
+    let url = "postgres://outbox:s3cret-pw@127.0.0.1:1/outbox?connect_timeout=1";
+    let redacted = mews_outbox::store::postgres::redact_url(url);
+    assert!(!redacted.contains("s3cret-pw"), "{redacted}");
+    let quick = PgOptions {
+        connect_timeout: Duration::from_secs(1),
+        ..PgOptions::default()
+    };
+    let e = PgStore::connect(url, quick).await.unwrap_err();
+    assert!(!format!("{e} {e:?}").contains("s3cret-pw"), "{e:?}");
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    assert!(!format!("{s:?}").contains("password"), "{s:?}");
+}
+
+#[tokio::test]
+async fn two_daemons_never_hold_the_same_account() {
+    let db = database().await;
+    let a = daemon(&db, 30_000, 0).await;
+    let b = daemon(&db, 30_000, 0).await;
+    let accounts: Vec<String> = (0..20).map(|i| format!("acct{i:02}")).collect();
+    let names: Vec<&str> = accounts.iter().map(String::as_str).collect();
+    let (ga, gb) = tokio::join!(
+        a.acquire_accounts(&names, 20),
+        b.acquire_accounts(&names, 20)
+    );
+    let ga: HashSet<String> = ga.unwrap().into_iter().map(|x| x.account).collect();
+    let gb: HashSet<String> = gb.unwrap().into_iter().map(|x| x.account).collect();
+    assert!(ga.is_disjoint(&gb), "{ga:?} / {gb:?}");
+    assert_eq!(ga.len() + gb.len(), 20);
+    // Nothing more to take while the leases run; renewing keeps them.
+    assert!(a.acquire_accounts(&names, 20).await.unwrap().is_empty());
+    assert!(b.acquire_accounts(&names, 20).await.unwrap().is_empty());
+    a.renew().await.unwrap();
+    b.renew().await.unwrap();
+    // `at_most` spreads accounts: a third daemon takes what is released.
+    a.release_accounts().await.unwrap();
+    let c = daemon(&db, 30_000, 0).await;
+    let gc = c.acquire_accounts(&names, 5).await.unwrap();
+    assert_eq!(gc.len(), 5.min(ga.len()));
+    for x in &gc {
+        assert!(ga.contains(&x.account));
+        assert!(x.token >= 2, "a second acquisition bumps the token: {x:?}");
+    }
+}
+
+#[tokio::test]
+async fn thread_order_holds_across_two_daemons() {
+    let db = database().await;
+    let a = daemon(&db, 30_000, 0).await;
+    let b = daemon(&db, 30_000, 0).await;
+    a.acquire_accounts(&["a1"], 1).await.unwrap();
+    b.acquire_accounts(&["a2"], 1).await.unwrap();
+    // One Mews thread written to through two accounts, interleaved.
+    let r1 = insert(a.pool(), T1, "1", "a1").await;
+    let r2 = insert(a.pool(), T1, "2", "a2").await;
+    let r3 = insert(a.pool(), T1, "3", "a1").await;
+    let r4 = insert(a.pool(), T2, "other thread", "a2").await;
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    assert_eq!(ids(&b.claim("a2", far, 10).await.unwrap()), vec![r4]);
+    assert_eq!(ids(&a.claim("a1", far, 10).await.unwrap()), vec![r1]);
+    assert!(b.claim("a2", far, 10).await.unwrap().is_empty());
+    a.record(&[delivered(r1)], far).await.unwrap();
+    assert!(a.claim("a1", far, 10).await.unwrap().is_empty());
+    assert_eq!(ids(&b.claim("a2", far, 10).await.unwrap()), vec![r2]);
+    assert!(a.claim("a1", far, 10).await.unwrap().is_empty());
+    b.record(&[delivered(r2)], far).await.unwrap();
+    assert_eq!(ids(&a.claim("a1", far, 10).await.unwrap()), vec![r3]);
+    // A daemon claims only for the accounts it holds.
+    assert!(a.claim("a2", far, 10).await.unwrap().is_empty());
+}
+
+/// The fencing test: a daemon frozen past its lease (SIGSTOP) wakes up after
+/// another took its account over; it must neither record over the rows nor
+/// claim them again.
+#[tokio::test]
+async fn a_daemon_frozen_past_its_lease_cannot_record_or_claim() {
+    let db = database().await;
+    let a = daemon(&db, 300, 0).await;
+    let b = daemon(&db, 30_000, 0).await;
+    let got = a.acquire_accounts(&["acct"], 1).await.unwrap();
+    assert_eq!(got.len(), 1);
+    let rows = [
+        insert(a.pool(), T1, "1", "acct").await,
+        insert(a.pool(), T2, "2", "acct").await,
+    ];
+    let now = SystemTime::now() + Duration::from_secs(1);
+    let claimed = a.claim("acct", now, 10).await.unwrap();
+    assert_eq!(ids(&claimed), rows.to_vec());
+    // B cannot take the account while A's lease runs.
+    assert!(b.acquire_accounts(&["acct"], 1).await.unwrap().is_empty());
+    // A freezes; its lease expires by the database's clock; B takes over.
+    wait_lease_expired(b.pool(), "acct").await;
+    let took = b.acquire_accounts(&["acct"], 1).await.unwrap();
+    assert_eq!(took.len(), 1);
+    assert_eq!(took[0].recovered, 2, "{took:?}");
+    assert!(took[0].token > got[0].token);
+    for id in rows {
+        assert_eq!(row_state(b.pool(), id).await, ("pending".into(), 1, None));
+    }
+    // A wakes up: its claim (the handle still believes it holds the
+    // account: the database's condition decides) takes nothing.
+    assert_eq!(a.held().len(), 1);
+    assert!(a.claim("acct", now, 10).await.unwrap().is_empty());
+    // Its outcomes change nothing and say the lease was lost.
+    let e = a
+        .record(&[delivered(rows[0]), delivered(rows[1])], now)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::LeaseLost { account } if account == "acct"),
+        "{e}"
+    );
+    for id in rows {
+        assert_eq!(row_state(b.pool(), id).await, ("pending".into(), 1, None));
+    }
+    assert!(a.claim("acct", now, 10).await.unwrap().is_empty());
+    // B re-owns the rows (read back first: needs_reconcile).
+    let reclaimed = b.claim("acct", now, 10).await.unwrap();
+    assert_eq!(ids(&reclaimed), rows.to_vec());
+    assert!(reclaimed.iter().all(|r| r.needs_reconcile));
+    // A's stale writes still change nothing while B has them in flight.
+    assert!(matches!(
+        a.record(&[(rows[0], RowOutcome::Release)], now).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    assert!(matches!(
+        a.clear_reconcile(&[rows[1]]).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    // A's next heartbeat learns it too, and forgets the account.
+    assert!(matches!(a.renew().await, Err(StoreError::LeaseLost { .. })));
+    assert!(a.held().is_empty());
+    a.renew().await.unwrap();
+    for id in rows {
+        assert_eq!(row_state(b.pool(), id).await, ("sending".into(), 1, None));
+    }
+    // The owner's writes go through.
+    b.clear_reconcile(&[rows[1]]).await.unwrap();
+    b.record(&[delivered(rows[0]), delivered(rows[1])], now)
+        .await
+        .unwrap();
+    assert_eq!(
+        row_state(b.pool(), rows[0]).await,
+        ("delivered".into(), 0, Some(format!("m-{}", rows[0])))
+    );
+}
+
+#[tokio::test]
+async fn rows_recovered_at_takeover_wait_the_settle_time_from_their_claim() {
+    let db = database().await;
+    let a = daemon(&db, 300, 0).await;
+    let b = daemon(&db, 30_000, 60_000).await;
+    a.acquire_accounts(&["acct"], 1).await.unwrap();
+    let id = insert(a.pool(), T1, "1", "acct").await;
+    let now = SystemTime::now() + Duration::from_secs(1);
+    assert_eq!(a.claim("acct", now, 10).await.unwrap().len(), 1);
+    wait_lease_expired(b.pool(), "acct").await;
+    b.acquire_accounts(&["acct"], 1).await.unwrap();
+    let wait: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM next_attempt_at - claimed_at)::float8 FROM outbox WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(b.pool())
+    .await
+    .unwrap();
+    assert!((59.9..60.1).contains(&wait), "{wait}");
+    assert!(b.claim("acct", now, 10).await.unwrap().is_empty());
+    let due = b.next_due("acct", now).await.unwrap().unwrap();
+    assert!(due > now + Duration::from_secs(55));
+}
+
+#[tokio::test]
+async fn pauses_and_the_limiter_memory_pass_to_the_next_owner() {
+    let db = database().await;
+    let a = daemon(&db, 300, 0).await;
+    let b = daemon(&db, 30_000, 0).await;
+    a.acquire_accounts(&["acct"], 1).await.unwrap();
+    let until = SystemTime::UNIX_EPOCH + Duration::from_millis(1_900_000_000_123);
+    let pause = AccountPause {
+        account: "acct".into(),
+        until,
+        reason: "401 Unauthorized".into(),
+        streak: 2,
+    };
+    a.save_pause(&pause).await.unwrap();
+    let ends = vec![
+        SystemTime::UNIX_EPOCH + Duration::from_millis(1_800_000_000_001),
+        SystemTime::UNIX_EPOCH + Duration::from_millis(1_800_000_000_002),
+    ];
+    a.save_recent_requests("acct", &ends).await.unwrap();
+    // B may not write an account it does not hold.
+    assert!(matches!(
+        b.clear_pause("acct").await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    wait_lease_expired(b.pool(), "acct").await;
+    b.acquire_accounts(&["acct"], 1).await.unwrap();
+    assert_eq!(b.pauses().await.unwrap(), vec![pause.clone()]);
+    assert_eq!(b.recent_requests("acct").await.unwrap(), ends);
+    // The frozen A's writes change nothing now.
+    let later = AccountPause {
+        until: until + Duration::from_secs(1),
+        ..pause.clone()
+    };
+    assert!(matches!(
+        a.save_pause(&later).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    assert!(matches!(
+        a.clear_pause("acct").await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    assert!(matches!(
+        a.save_recent_requests("acct", &[]).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    let e = a.renew().await.unwrap_err();
+    assert!(
+        matches!(&e, StoreError::LeaseLost { account } if account == "acct"),
+        "{e}"
+    );
+    assert_eq!(b.pauses().await.unwrap(), vec![pause]);
+    assert_eq!(a.recent_requests("acct").await.unwrap(), ends);
+    b.clear_pause("acct").await.unwrap();
+    assert!(b.pauses().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn notify_wakes_a_watcher_at_the_producers_commit_and_not_before() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut rx = s
+        .watch_changes(Duration::from_secs(3600), shutdown.clone())
+        .await
+        .unwrap();
+    rx.borrow_and_update();
+    let mut producer = PgConnection::connect(&db.url).await.unwrap();
+    let mut tx = producer.begin().await.unwrap();
+    sqlx::query("INSERT INTO outbox (message_thread_id, text) VALUES ($1, 'hello')")
+        .bind(T1)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!rx.has_changed().unwrap(), "woken before the commit");
+    let committed = Instant::now();
+    tx.commit().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), rx.changed())
+        .await
+        .expect("no wake-up within 5 s of the commit")
+        .unwrap();
+    eprintln!("NOTIFY wake-up {:?} after the commit", committed.elapsed());
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn four_producers_inserting_while_a_daemon_claims_every_row_claimed_once() {
+    const PER_PRODUCER: usize = 250;
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    s.acquire_accounts(&["default"], 1).await.unwrap();
+    let mut producers = Vec::new();
+    for p in 0..4u32 {
+        let url = db.url.clone();
+        producers.push(tokio::spawn(async move {
+            let mut conn = PgConnection::connect(&url).await.unwrap();
+            for i in 0..PER_PRODUCER {
+                // Each producer writes its own 5 threads, in order.
+                let thread = format!("{p:08x}-0000-4000-8000-{:012x}", i % 5);
+                sqlx::query("INSERT INTO outbox (message_thread_id, text) VALUES ($1, $2)")
+                    .bind(thread)
+                    .bind(format!("p{p} m{i}"))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    let total = 4 * PER_PRODUCER;
+    let mut seen: HashMap<i64, String> = HashMap::new();
+    let mut last_in_thread: HashMap<String, i64> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.len() < total {
+        assert!(
+            Instant::now() < deadline,
+            "claimed {} of {total}",
+            seen.len()
+        );
+        let now = SystemTime::now() + Duration::from_secs(3600);
+        let claimed = s.claim("default", now, 7).await.unwrap();
+        if claimed.is_empty() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        }
+        let mut outcomes = Vec::new();
+        for row in claimed {
+            assert!(
+                seen.insert(row.id, row.message_thread_id.clone()).is_none(),
+                "row {} claimed twice",
+                row.id
+            );
+            let last = last_in_thread.insert(row.message_thread_id.clone(), row.id);
+            assert!(last < Some(row.id), "thread order broken at row {}", row.id);
+            outcomes.push(delivered(row.id));
+        }
+        s.record(&outcomes, now).await.unwrap();
+    }
+    for p in producers {
+        p.await.unwrap();
+    }
+    let delivered: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = 'delivered'")
+            .fetch_one(s.pool())
+            .await
+            .unwrap();
+    assert_eq!(delivered, i64::try_from(total).unwrap());
+}
+
+/// Measures a claim on a deep backlog: 100,000 pending rows of one account
+/// over 1,000 threads, and the worst case for the per-thread check: one
+/// thread holding most of the backlog ahead of the others.
+#[tokio::test]
+async fn claim_on_a_deep_backlog() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    if let Some(t) = support::postgres::cluster_start_time() {
+        eprintln!("throwaway cluster started in {t:?}");
+    }
+    s.acquire_accounts(&["default"], 1).await.unwrap();
+    let filled = Instant::now();
+    sqlx::query(
+        "INSERT INTO outbox (message_thread_id, text)
+         SELECT lpad(to_hex(i % 1000), 8, '0') || '-0000-4000-8000-000000000000', 'm' || i
+         FROM generate_series(1, 100000) AS i",
+    )
+    .execute(s.pool())
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE outbox")
+        .execute(s.pool())
+        .await
+        .unwrap();
+    eprintln!("100k rows inserted in {:?}", filled.elapsed());
+    let now = SystemTime::now() + Duration::from_secs(3600);
+    let mut worst = Duration::ZERO;
+    for _ in 0..4 {
+        let t = Instant::now();
+        let claimed = s.claim("default", now, 250).await.unwrap();
+        let took = t.elapsed();
+        worst = worst.max(took);
+        assert_eq!(claimed.len(), 250);
+        let outcomes: Vec<_> = claimed.iter().map(|r| delivered(r.id)).collect();
+        let t = Instant::now();
+        s.record(&outcomes, now).await.unwrap();
+        eprintln!(
+            "claim of 250 over 1000 threads: {took:?}, record: {:?}",
+            t.elapsed()
+        );
+    }
+    // One thread with 50,000 rows older than every other pending row.
+    sqlx::query("UPDATE outbox SET status = 'delivered' WHERE status IN ('pending', 'sending')")
+        .execute(s.pool())
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (message_thread_id, text)
+         SELECT CASE WHEN i <= 50000 THEN '99999999-0000-4000-8000-000000000000'
+                     ELSE lpad(to_hex(i % 1000), 8, '0') || '-0000-4000-8000-000000000001' END,
+                'm' || i
+         FROM generate_series(1, 100000) AS i",
+    )
+    .execute(s.pool())
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE outbox")
+        .execute(s.pool())
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let claimed = s.claim("default", now, 250).await.unwrap();
+    let deep = t.elapsed();
+    eprintln!("claim of 250 behind one 50k-row thread: {deep:?}");
+    assert_eq!(claimed.len(), 250);
+    assert!(worst < Duration::from_secs(5) && deep < Duration::from_secs(10));
+}
+
+/// Two daemons with 40 ms leases fight over one account for 3 s: each
+/// acquires when it can, claims, and records deliveries or releases. A row
+/// claimed while another daemon's claim on it is still unrecorded must come
+/// marked `needs_reconcile` (read back, never blindly resent), and at the
+/// end no row is left `sending` under a token that is not the account's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeovers_racing_claims_and_records_never_resend_blindly() {
+    use std::sync::{Arc, Mutex};
+    let db = database().await;
+    let handles = [daemon(&db, 40, 0).await, daemon(&db, 40, 0).await];
+    for i in 0..200u32 {
+        let thread = format!("{:08x}-0000-4000-8000-000000000000", i % 50);
+        insert(handles[0].pool(), &thread, &format!("m{i}"), "acct").await;
+    }
+    // row id -> the handle whose claim on it is not recorded yet.
+    let open: Arc<Mutex<HashMap<i64, usize>>> = Arc::default();
+    let stop = Instant::now() + Duration::from_secs(3);
+    let mut tasks = Vec::new();
+    for (me, s) in handles.iter().cloned().enumerate() {
+        let open = open.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut claims, mut lost) = (0u32, 0u32);
+            let far = SystemTime::now() + Duration::from_secs(3600);
+            let mut round = 0u64;
+            while Instant::now() < stop {
+                round += 1;
+                let _ = s.acquire_accounts(&["acct"], 1).await.unwrap();
+                let rows = s.claim("acct", far, 5).await.unwrap();
+                {
+                    let mut open = open.lock().unwrap();
+                    for r in &rows {
+                        if let Some(&other) = open.get(&r.id)
+                            && other != me
+                        {
+                            assert!(
+                                r.needs_reconcile,
+                                "row {} claimed by {me} while {other}'s claim is unrecorded, not marked for read-back",
+                                r.id
+                            );
+                        }
+                        open.insert(r.id, me);
+                    }
+                }
+                claims += u32::try_from(rows.len()).unwrap();
+                // Sometimes a "request" outlives the lease.
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..60))).await;
+                let outcomes: Vec<_> = rows
+                    .iter()
+                    .map(|r| {
+                        if (r.id + i64::try_from(round).unwrap()) % 3 == 0 {
+                            (r.id, RowOutcome::Release)
+                        } else {
+                            delivered(r.id)
+                        }
+                    })
+                    .collect();
+                match s.record(&outcomes, far).await {
+                    Ok(()) => {
+                        let mut open = open.lock().unwrap();
+                        for r in &rows {
+                            if open.get(&r.id) == Some(&me) {
+                                open.remove(&r.id);
+                            }
+                        }
+                    }
+                    Err(StoreError::LeaseLost { .. }) => lost += 1,
+                    Err(e) => panic!("{e}"),
+                }
+                // The heartbeat runs beside the claims: a daemon may claim
+                // with a token it has not yet learnt is stale.
+                if round.is_multiple_of(3) {
+                    let _ = s.renew().await;
+                }
+            }
+            (claims, lost)
+        }));
+    }
+    let mut stats = Vec::new();
+    for t in tasks {
+        stats.push(t.await.unwrap());
+    }
+    eprintln!("(claims, records refused for a lost lease) per daemon: {stats:?}");
+    assert!(
+        stats.iter().all(|(_, lost)| *lost > 0),
+        "no takeover mid-request happened: {stats:?}"
+    );
+    let stranded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox o JOIN outbox_account_state s USING (account)
+         WHERE o.status = 'sending' AND o.lease_token <> s.lease_token",
+    )
+    .fetch_one(handles[0].pool())
+    .await
+    .unwrap();
+    assert_eq!(stranded, 0);
+}
+
+/// A takeover committed while the old owner's claim is in flight: the claim
+/// waits for the account row (its lease check share-locks it), re-reads it
+/// after the commit, finds another owner and claims nothing, instead of
+/// leasing rows under a token that no longer exists. The takeover is done
+/// by hand in an open transaction to hold it at that point.
+#[tokio::test]
+async fn a_claim_racing_a_takeover_waits_for_it_and_claims_nothing() {
+    let db = database().await;
+    let a = daemon(&db, 30_000, 0).await;
+    a.acquire_accounts(&["acct"], 1).await.unwrap();
+    let r1 = insert(a.pool(), T1, "in flight", "acct").await;
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    assert_eq!(ids(&a.claim("acct", far, 1).await.unwrap()), vec![r1]);
+    let r2 = insert(a.pool(), T2, "waiting", "acct").await;
+    let mut b = PgConnection::connect(&db.url).await.unwrap();
+    let mut takeover = b.begin().await.unwrap();
+    sqlx::query(
+        "UPDATE outbox_account_state
+         SET lease_owner = gen_random_uuid(), lease_token = lease_token + 1,
+             lease_until = clock_timestamp() + interval '1 minute'
+         WHERE account = 'acct'",
+    )
+    .execute(&mut *takeover)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE outbox SET status = 'pending', needs_reconcile = 1
+         WHERE account = 'acct' AND status = 'sending'",
+    )
+    .execute(&mut *takeover)
+    .await
+    .unwrap();
+    let claim = tokio::spawn({
+        let a = a.clone();
+        async move { a.claim("acct", far, 10).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !claim.is_finished(),
+        "the claim did not wait for the takeover"
+    );
+    takeover.commit().await.unwrap();
+    assert!(claim.await.unwrap().is_empty());
+    assert_eq!(row_state(a.pool(), r2).await, ("pending".into(), 0, None));
+    assert_eq!(row_state(a.pool(), r1).await, ("pending".into(), 1, None));
+    // Its outcome for the row in flight is refused too.
+    assert!(matches!(
+        a.record(&[delivered(r1)], far).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    assert_eq!(row_state(a.pool(), r1).await, ("pending".into(), 1, None));
+}
+
+#[tokio::test]
+async fn status_dead_list_requeue_and_purge_work_as_on_sqlite() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    s.acquire_accounts(&["a"], 1).await.unwrap();
+    let dead1 = insert(s.pool(), T1, "1", "a").await;
+    let dead2 = insert(s.pool(), T2, "2", "a").await;
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    assert_eq!(s.claim("a", far, 10).await.unwrap().len(), 2);
+    let died = |id, req| {
+        (
+            id,
+            RowOutcome::Dead {
+                error: format!("Mews refused it (RequestId {req})"),
+            },
+        )
+    };
+    s.record(&[died(dead1, "r1"), died(dead2, "r2")], far)
+        .await
+        .unwrap();
+    let waiting = insert(s.pool(), T1, "3", "a").await;
+    let status = s.status(SystemTime::now()).await.unwrap();
+    assert_eq!(status.len(), 1);
+    assert_eq!((status[0].pending, status[0].dead), (1, 2));
+    assert_eq!(
+        status[0].dead_errors,
+        vec![mews_outbox::store::ErrorCount {
+            error: "Mews refused it".into(),
+            rows: 2
+        }]
+    );
+    assert!(
+        status[0]
+            .oldest_pending_created_at
+            .as_deref()
+            .unwrap()
+            .ends_with('Z')
+    );
+    let dead = s.dead_rows(Some("a")).await.unwrap();
+    assert_eq!(
+        dead.iter().map(|d| d.id).collect::<Vec<_>>(),
+        vec![dead1, dead2]
+    );
+    assert!(dead[0].dead_at.is_some());
+    use mews_outbox::store::Requeue;
+    let e = s
+        .requeue_dead(&Requeue::Ids(vec![dead1, waiting, 999]), None, far)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::NotDead(m) if m.contains(&format!("row {waiting} is pending")) && m.contains("row 999 does not exist")),
+        "{e}"
+    );
+    assert_eq!(
+        s.dead_rows(None).await.unwrap().len(),
+        2,
+        "refused as a whole"
+    );
+    assert_eq!(
+        s.requeue_dead(&Requeue::Ids(vec![dead1]), Some("a"), far)
+            .await
+            .unwrap(),
+        vec![dead1]
+    );
+    assert_eq!(row_state(s.pool(), dead1).await.0, "pending");
+    assert_eq!(
+        s.purge_dead(SystemTime::now() - Duration::from_secs(60), None)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        s.purge_dead(far + Duration::from_secs(1), Some("a"))
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(s.dead_rows(None).await.unwrap().is_empty());
+}
+
+/// One daemon's heartbeat renewing its 10 accounts while its workers record
+/// and claim on them: no deadlock (every statement locks account rows in
+/// account order), no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_beside_records_never_deadlock() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    let accounts: Vec<String> = (0..10).map(|i| format!("acct{i}")).collect();
+    let names: Vec<&str> = accounts.iter().map(String::as_str).collect();
+    assert_eq!(s.acquire_accounts(&names, 10).await.unwrap().len(), 10);
+    for (i, a) in accounts.iter().enumerate() {
+        for j in 0..5 {
+            let thread = format!("{i:08x}-0000-4000-8000-{j:012x}");
+            insert(s.pool(), &thread, "m", a).await;
+        }
+    }
+    let stop = Instant::now() + Duration::from_secs(2);
+    let heartbeat = tokio::spawn({
+        let s = s.clone();
+        async move {
+            let mut n = 0u32;
+            while Instant::now() < stop {
+                s.renew().await.unwrap();
+                n += 1;
+            }
+            n
+        }
+    });
+    let mut workers = Vec::new();
+    for w in 0..3 {
+        let s = s.clone();
+        let accounts = accounts.clone();
+        workers.push(tokio::spawn(async move {
+            let far = SystemTime::now() + Duration::from_secs(3600);
+            let mut n = 0u32;
+            while Instant::now() < stop {
+                let account = &accounts[(n as usize * 3 + w) % accounts.len()];
+                let rows = s.claim(account, far, 5).await.unwrap();
+                let outcomes: Vec<_> = rows.iter().map(|r| (r.id, RowOutcome::Release)).collect();
+                s.record(&outcomes, far).await.unwrap();
+                n += 1;
+            }
+            n
+        }));
+    }
+    let renewals = heartbeat.await.unwrap();
+    let mut rounds = 0;
+    for w in workers {
+        rounds += w.await.unwrap();
+    }
+    eprintln!("{renewals} renewals beside {rounds} claim+record rounds");
+    assert!(renewals > 10 && rounds > 10);
+}
+
+#[tokio::test]
+async fn claims_are_bounded_by_bytes_and_always_take_one() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    s.acquire_accounts(&["a"], 1).await.unwrap();
+    let big = "x".repeat(1000);
+    let threads: Vec<String> = (0..5)
+        .map(|i| format!("{i:08x}-0000-4000-8000-000000000000"))
+        .collect();
+    let mut rows = Vec::new();
+    for t in &threads {
+        rows.push(insert(s.pool(), t, &big, "a").await);
+    }
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    // 1000 + 128 bytes each: 2 fit in 2300, the third would not.
+    let claimed = s.claim_within("a", far, 10, 2300).await.unwrap();
+    assert_eq!(ids(&claimed), rows[..2].to_vec());
+    // A row larger than the bound is still claimed alone.
+    let claimed = s.claim_within("a", far, 10, 10).await.unwrap();
+    assert_eq!(ids(&claimed), vec![rows[2]]);
+    assert_eq!(
+        ids(&s.claim("a", far, 10).await.unwrap()),
+        rows[3..].to_vec()
+    );
+}
+
+#[tokio::test]
+async fn rows_recovered_at_takeover_settle_from_the_latest_request_start() {
+    let db = database().await;
+    let a = daemon(&db, 300, 0).await;
+    let b = daemon(&db, 30_000, 60_000).await;
+    a.acquire_accounts(&["acct"], 1).await.unwrap();
+    let id = insert(a.pool(), T1, "1", "acct").await;
+    let now = SystemTime::now() + Duration::from_secs(1);
+    assert_eq!(a.claim("acct", now, 10).await.unwrap().len(), 1);
+    // Written ahead of the clock, as the worker does before messages/add.
+    let started_by = SystemTime::now() + Duration::from_secs(20);
+    a.request_starting("acct", started_by).await.unwrap();
+    wait_lease_expired(b.pool(), "acct").await;
+    b.acquire_accounts(&["acct"], 1).await.unwrap();
+    let wait: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM o.next_attempt_at - s.add_started_by)::float8
+         FROM outbox o JOIN outbox_account_state s USING (account) WHERE o.id = $1",
+    )
+    .bind(id)
+    .fetch_one(b.pool())
+    .await
+    .unwrap();
+    assert!((59.999..60.001).contains(&wait), "{wait}");
+    // The frozen A may not move the settle point of B's requests.
+    assert!(matches!(
+        a.request_starting("acct", SystemTime::now()).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    b.request_starting("acct", SystemTime::now()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_database_not_in_utf8_is_refused_before_anything_is_created() {
+    let db = database().await;
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    let name = format!("{}_ascii", db.name);
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE DATABASE {name} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+    )))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let mut url = url::Url::parse(&db.url).unwrap();
+    url.set_path(&format!("/{name}"));
+    let e = PgStore::connect(url.as_str(), PgOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("has encoding SQL_ASCII; the outbox needs UTF8"),
+        "{e}"
+    );
+    let mut ascii = PgConnection::connect(url.as_str()).await.unwrap();
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .fetch_one(&mut ascii)
+    .await
+    .unwrap();
+    assert_eq!(tables, 0);
+}

@@ -1,0 +1,204 @@
+//! A real PostgreSQL for the store tests.
+//!
+//! With `MEWS_OUTBOX_TEST_POSTGRES_URL` set (a role that may CREATE
+//! DATABASE), each test gets a fresh database on that server. Otherwise the
+//! first test of a test binary starts one throwaway cluster for the whole
+//! binary: `initdb` and `pg_ctl` from `/usr/lib/postgresql/*/bin` (the
+//! newest), in a temporary folder, listening only on a Unix socket in that
+//! folder (about 1 s). `initdb` refuses to run as root, so as root (CI) the
+//! folder is given to the `postgres` user and the server runs as that user
+//! through `runuser`.
+//!
+//! No server outlives the test run: statics are never dropped, so a
+//! watchdog is started beside the cluster, in its own session (`setsid -f`,
+//! so a Ctrl-C to the test's process group does not skip it): it waits for
+//! the test process to end (`/proc/<pid>` gone, however it ended, even
+//! SIGKILL), then runs `pg_ctl stop -m immediate` and removes the folder.
+//!
+//! A machine without PostgreSQL fails these tests with a line saying what
+//! to install; they are never skipped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+pub const URL_VAR: &str = "MEWS_OUTBOX_TEST_POSTGRES_URL";
+
+const MISSING: &str = "PostgreSQL server binaries not found: apt-get install postgresql (or set MEWS_OUTBOX_TEST_POSTGRES_URL)";
+
+struct Cluster {
+    /// Admin URL (database `postgres`).
+    admin_url: String,
+    pub started_in: std::time::Duration,
+}
+
+static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+
+/// A fresh, empty database of its own for one test.
+pub struct TestDb {
+    pub url: String,
+    pub name: String,
+}
+
+fn bin_dir() -> PathBuf {
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            (bin.join("initdb").is_file() && bin.join("pg_ctl").is_file()).then_some((version, bin))
+        })
+        .collect();
+    found.sort();
+    match found.pop() {
+        Some((_, bin)) => bin,
+        None => panic!("{MISSING}"),
+    }
+}
+
+fn is_root() -> bool {
+    // The effective uid, without a libc dependency.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// `program args…`, as the `postgres` user when we are root.
+fn as_server_user(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn run(mut command: Command, what: &str) {
+    let out = command
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn start_cluster() -> Cluster {
+    let started = Instant::now();
+    let bin = bin_dir();
+    let dir = std::env::temp_dir().join(format!(
+        "mews-outbox-pg-{}-{:08x}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    std::fs::create_dir(&dir).expect("create the cluster folder");
+    if is_root() {
+        let mut chown = Command::new("chown");
+        chown.arg("postgres:postgres").arg(&dir);
+        run(
+            chown,
+            "chown the cluster folder to postgres (is there a postgres user?)",
+        );
+    }
+    let data = dir.join("data");
+    let mut initdb = as_server_user(&bin.join("initdb"));
+    initdb.arg("-D").arg(&data).args([
+        "--auth=trust",
+        "-U",
+        "postgres",
+        "-E",
+        "UTF8",
+        "--locale=C",
+        "--no-sync",
+    ]);
+    run(initdb, "initdb");
+    let mut pg_ctl = as_server_user(&bin.join("pg_ctl"));
+    pg_ctl
+        .arg("-D")
+        .arg(&data)
+        .arg("-o")
+        .arg(format!(
+            "-k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c max_connections=200",
+            dir.display()
+        ))
+        .arg("-l")
+        .arg(dir.join("server.log"))
+        .arg("-w")
+        .arg("start");
+    run(pg_ctl, "pg_ctl start");
+    // The watchdog: stops the cluster once this process is gone.
+    let stop = format!(
+        "while [ -d /proc/{pid} ]; do sleep 0.2; done; {runas}'{pg_ctl}' -D '{data}' -m immediate stop >/dev/null 2>&1; rm -rf '{dir}'",
+        pid = std::process::id(),
+        runas = if is_root() {
+            "runuser -u postgres -- "
+        } else {
+            ""
+        },
+        pg_ctl = bin.join("pg_ctl").display(),
+        data = data.display(),
+        dir = dir.display(),
+    );
+    // `setsid -f` forks the watchdog off and returns at once.
+    let mut watchdog = Command::new("setsid");
+    watchdog
+        .args(["-f", "sh", "-c", &stop])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    run(watchdog, "start the cluster's watchdog (setsid, sh)");
+    let socket =
+        url::form_urlencoded::byte_serialize(dir.to_string_lossy().as_bytes()).collect::<String>();
+    Cluster {
+        admin_url: format!("postgres://postgres@localhost/postgres?host={socket}"),
+        started_in: started.elapsed(),
+    }
+}
+
+fn admin_url() -> String {
+    if let Ok(url) = std::env::var(URL_VAR) {
+        return url;
+    }
+    CLUSTER.get_or_init(start_cluster).admin_url.clone()
+}
+
+/// How long the throwaway cluster took to start (None with a given URL).
+pub fn cluster_start_time() -> Option<std::time::Duration> {
+    CLUSTER.get().map(|c| c.started_in)
+}
+
+/// A fresh database `t_<random>` on the test server.
+pub async fn database() -> TestDb {
+    let admin = admin_url();
+    let name = format!("t_{:016x}", fastrand::u64(..));
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot connect to the test PostgreSQL {}: {e}",
+                mews_outbox::store::postgres::redact_url(&admin)
+            )
+        });
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .expect("CREATE DATABASE");
+    let _ = sqlx::Connection::close(conn).await;
+    let mut url = url::Url::parse(&admin).expect("the test PostgreSQL URL");
+    url.set_path(&format!("/{name}"));
+    TestDb {
+        url: url.to_string(),
+        name,
+    }
+}
