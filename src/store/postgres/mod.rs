@@ -421,10 +421,7 @@ impl PgStore {
     /// the claim runs, and a claim meeting a takeover in progress waits for
     /// it and then finds the lease gone); otherwise claims nothing. Rows are
     /// marked with the account's token.
-    ///
-    /// Main's `Outbox` trait has since gained `claim_within` and
-    /// `request_starting`; when this branch meets it, these inherent
-    /// methods are what the trait's two methods delegate to.
+    /// [`Outbox::claim_within`] delegates here.
     pub async fn claim_within(
         &self,
         account: &str,
@@ -560,6 +557,24 @@ impl Outbox for PgStore {
         limit: usize,
     ) -> Result<Vec<ClaimedRow>, StoreError> {
         self.claim_within(account, now, limit, usize::MAX).await
+    }
+
+    async fn claim_within(
+        &self,
+        account: &str,
+        now: SystemTime,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<ClaimedRow>, StoreError> {
+        PgStore::claim_within(self, account, now, limit, max_bytes).await
+    }
+
+    async fn request_starting(
+        &self,
+        account: &str,
+        started_by: SystemTime,
+    ) -> Result<(), StoreError> {
+        PgStore::request_starting(self, account, started_by).await
     }
 
     async fn next_due(
