@@ -9,7 +9,7 @@
 //! Accepts any non-empty tokens unless `--token CLIENT:ACCESS` is given,
 //! prints one line per request and per stored message, runs until Ctrl-C.
 
-#[path = "../tests/support/fake_mews.rs"]
+#[path = "../tests/integration/support/fake_mews.rs"]
 #[allow(dead_code)]
 mod fake_mews;
 

@@ -3,8 +3,6 @@
 //! insert → deliver → prune the file stops growing (and shrinks back after a
 //! burst, through incremental vacuum).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
