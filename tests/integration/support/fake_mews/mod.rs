@@ -5,7 +5,7 @@
 //! tokio, serde_json, uuid, humantime, httpdate, fastrand), never on `mews_outbox`, so
 //! tests exercise the daemon's HTTP client exactly as it talks to Mews.
 //!
-//! What it implements (see `/work/shared/docs/MEWS-API.md`):
+//! What it implements (the Mews facts it relies on: `docs/mews-api.md`):
 //!
 //! * `POST /api/connector/v1/messages/add`, validated like Mews does (`400`
 //!   with `Invalid {Parameter}`, `401` on unknown tokens, at most 1000
