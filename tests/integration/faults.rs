@@ -29,8 +29,8 @@ async fn crash_sigkill_at_random_points_loses_nothing() {
     crash_scenario(20_000, 20, 20261128).await;
 }
 
-/// The long variant: `cargo test --test faults -- --ignored`: 200,000 rows
-/// and 100 kills (about 200 s here). CI runs it smaller, sized by
+/// The long variant: `cargo test --test integration faults:: -- --ignored`:
+/// 200,000 rows and 100 kills (about 200 s here). CI runs it smaller, sized by
 /// `LONG_CRASH_ROWS` and `LONG_CRASH_KILLS` (see `.ci/run`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: 200,000 rows and 100 kills unless LONG_CRASH_ROWS/LONG_CRASH_KILLS say otherwise"]
