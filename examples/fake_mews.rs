@@ -9,7 +9,10 @@
 //! Accepts any non-empty tokens unless `--token CLIENT:ACCESS` is given,
 //! prints one line per request and per stored message, runs until Ctrl-C.
 
-#[path = "../tests/support/fake_mews.rs"]
+// The same module tree the tests use (`crate::support::fake_mews` there).
+// This program only starts and stops the server; the scripting and assertion
+// half of the fake's API is for the tests, hence the allow.
+#[path = "../tests/integration/support/fake_mews/mod.rs"]
 #[allow(dead_code)]
 mod fake_mews;
 

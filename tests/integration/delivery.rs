@@ -1,16 +1,13 @@
 //! The daemon end to end: the real binary, a real SQLite file, a fake Mews
 //! over HTTP on 127.0.0.1.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
-
-mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use support::daemon::{
+use crate::support::daemon::{
     ACCESS_TOKEN, CLIENT_TOKEN, Env, WAIT, count, insert_rows, rows, threads, wait_for_status,
 };
-use support::fake_mews::{FakeMews, FakeOptions, Fault};
+use crate::support::fake_mews::{FakeMews, FakeOptions, Fault};
 
 #[tokio::test]
 async fn a_full_batch_of_1000_goes_out_in_one_documented_request_and_ids_come_back() {
@@ -527,7 +524,7 @@ async fn the_command_line_enqueues_reports_status_and_checks_config_without_toke
     let (ok, shown, _) = env.cli(&["check-config"]).await;
     assert!(ok.success());
     assert!(shown.contains("client_token = \"<redacted>\""), "{shown}");
-    assert!(!shown.contains(support::daemon::CLIENT_TOKEN) && !shown.contains(ACCESS_TOKEN));
+    assert!(!shown.contains(crate::support::daemon::CLIENT_TOKEN) && !shown.contains(ACCESS_TOKEN));
 
     std::fs::write(&env.config, "[delivery]\nbatch_size = 5000\n").unwrap();
     let (bad, _, err) = env.cli(&["check-config"]).await;

@@ -4,8 +4,6 @@
 //! reschedules, account and thread corrections and deletes, checked after
 //! every step against the definition computed from scratch.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::path::Path;
 use std::time::Duration;
 

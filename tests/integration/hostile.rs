@@ -1,12 +1,9 @@
 //! Hostile inserts and hostile responses: each is refused at insert with a
 //! clear error, or handled by the daemon with a clear log line and a defined
 //! row state; the daemon never panics and keeps delivering the other rows.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
-mod support;
-
-use support::daemon::{Env, count, rows, threads, wait_for_status};
-use support::fake_mews::{FakeMews, Fault};
+use crate::support::daemon::{Env, count, rows, threads, wait_for_status};
+use crate::support::fake_mews::{FakeMews, Fault};
 
 /// (what, thread, text, identifier, account, the error expected or `None` when accepted)
 type Case<'a> = (
@@ -199,7 +196,7 @@ async fn hostile_responses_are_retried_with_a_clear_log_line_and_the_daemon_goes
     ]);
     let env = Env::with(&fake.base_url, &[("max_attempts", "20")], "");
     let db = env.producer().await;
-    support::daemon::insert_rows(&db, 2, &threads(2), "hostile").await;
+    crate::support::daemon::insert_rows(&db, 2, &threads(2), "hostile").await;
 
     let mut daemon = env.start();
     wait_for_status(&db, "delivered", 2).await;
@@ -218,7 +215,7 @@ async fn hostile_responses_are_retried_with_a_clear_log_line_and_the_daemon_goes
     }
 
     // Still delivering after all that; an Identifier never sent is ignored.
-    support::daemon::insert_rows(&db, 1, &threads(1), "after").await;
+    crate::support::daemon::insert_rows(&db, 1, &threads(1), "after").await;
     let extra = daemon.wait_for_log("never_sent=1").await;
     assert!(extra.contains("does not match the request"), "{extra}");
     wait_for_status(&db, "delivered", 3).await;

@@ -2,14 +2,13 @@
 //! wait still pauses the account; rejections of every message of a quiet
 //! account pause it instead of dead-lettering the queue one row at a time.
 //! The real binary against a real SQLite file and the fake Mews.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
-
-mod support;
 
 use std::time::{Duration, Instant};
 
-use support::daemon::{Env, count, insert_rows, rows, threads, wait_for_rows, wait_for_status};
-use support::fake_mews::{FakeMews, Fault, GET_ALL_PATH, RetryAfter};
+use crate::support::daemon::{
+    Env, count, insert_rows, rows, threads, wait_for_rows, wait_for_status,
+};
+use crate::support::fake_mews::{FakeMews, Fault, GET_ALL_PATH, RetryAfter};
 
 // --- A 429 always pauses -----------------------------------------------------
 
@@ -42,7 +41,7 @@ fn requests_bound_during_stretch() -> usize {
 async fn requests_during_a_stretch_of_429s(
     retry_after: Option<RetryAfter>,
     read_back_first: bool,
-) -> Vec<support::fake_mews::RequestRecord> {
+) -> Vec<crate::support::fake_mews::RequestRecord> {
     let fake = FakeMews::start().await;
     let env = Env::with(
         &fake.base_url,
@@ -285,7 +284,7 @@ async fn one_bad_message_on_a_quiet_account_is_dead_with_mews_reason_once_a_good
 #[tokio::test]
 async fn failed_requests_count_in_our_rate_limit_as_they_do_at_mews() {
     // The fake counts every request, failed or not, like Mews's window.
-    let fake = FakeMews::start_with(support::fake_mews::FakeOptions {
+    let fake = FakeMews::start_with(crate::support::fake_mews::FakeOptions {
         rate_limit: Some((4, Duration::from_secs(2))),
         ..Default::default()
     })

@@ -2,17 +2,14 @@
 //! producer contract enforced by the database (migration
 //! `..06_producer_contract`), every waiting row telling why, and requests
 //! bounded by bytes (`delivery.max_request_bytes`).
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
-
-mod support;
 
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
+use crate::support::daemon::{Env, rows, threads, wait_for_rows, wait_for_status};
+use crate::support::fake_mews::FakeMews;
 use mews_outbox::store::{Outbox, SqliteStore};
 use sqlx::SqlitePool;
-use support::daemon::{Env, rows, threads, wait_for_rows, wait_for_status};
-use support::fake_mews::FakeMews;
 
 const T: &str = "7f9325f6-ef44-4911-89a8-ae51010a5aa4";
 

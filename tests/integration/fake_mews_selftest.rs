@@ -1,18 +1,11 @@
-//! Tests of the fake Mews server itself (tests/support/fake_mews.rs), over
+//! Tests of the fake Mews server itself (`support::fake_mews`), over
 //! real HTTP with reqwest, the client the daemon uses.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-// Only the fake, not the whole `support` module: this test must not depend on
-// the other helpers (and their dev-dependencies).
-#[path = "support/fake_mews.rs"]
-#[allow(dead_code)]
-mod fake_mews;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use fake_mews::{
+use crate::support::fake_mews::{
     ADD_PATH, CONFIGURATION_PATH, FAKE_ENTERPRISE_ID, FakeMews, FakeOptions, Fault, GET_ALL_PATH,
     RetryAfter,
 };

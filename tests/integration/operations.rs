@@ -3,20 +3,16 @@
 //! modes under `STATE_DIRECTORY`, heartbeat and alert lines, and that no
 //! token ever reaches any output, even at trace level.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::daemon::{
+use crate::support::daemon::{
     ACCESS_TOKEN, CLIENT_TOKEN, Daemon, Env, WAIT, count, insert_rows, rows, threads,
     wait_for_status,
 };
-use support::fake_mews::{FakeMews, FakeOptions, Fault};
+use crate::support::fake_mews::{FakeMews, FakeOptions, Fault};
 use tokio::net::UnixDatagram;
 use tokio::sync::watch;
 

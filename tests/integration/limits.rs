@@ -1,16 +1,14 @@
 //! Living within Mews's limits, end to end: the real binary, a real SQLite
 //! file, a fake Mews over HTTP on 127.0.0.1 (rate limits scaled down).
 
-mod support;
-
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use support::daemon::{
+use crate::support::daemon::{
     ACCESS_TOKEN, CLIENT_TOKEN, Env, WAIT, count, insert_rows, insert_rows_for, rows, rows_of,
     threads, wait_for_rows, wait_for_status,
 };
-use support::fake_mews::{FakeMews, FakeOptions, Fault, GET_ALL_PATH};
+use crate::support::fake_mews::{FakeMews, FakeOptions, Fault, GET_ALL_PATH};
 
 fn rate_limited(requests: usize, per: Duration) -> FakeOptions {
     FakeOptions {

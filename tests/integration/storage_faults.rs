@@ -1,16 +1,13 @@
 //! Database faults mid-drain: the disk fills up, or another process holds
 //! the database locked for longer than the busy timeout. The daemon logs the
 //! cause, keeps retrying, loses nothing, and recovers when the fault clears.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
-
-mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use support::daemon::{Env, count, insert_rows, threads, wait_for_status};
-use support::fake_mews::{FakeMews, Fault};
+use crate::support::daemon::{Env, count, insert_rows, threads, wait_for_status};
+use crate::support::fake_mews::{FakeMews, Fault};
 
 /// A small tmpfs mounted for one test, unmounted (lazily) when dropped.
 struct SmallDisk {

@@ -3,20 +3,16 @@
 //! create a database, and the read-only commands for a user who may only
 //! read it.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use support::daemon::{
+use crate::support::daemon::{
     Daemon, Env, WAIT, count, insert_rows, mews_outbox_command, threads, wait_for_status,
 };
-use support::fake_mews::{FakeMews, Fault};
+use crate::support::fake_mews::{FakeMews, Fault};
 
 /// A copy of `env`'s configuration whose `database.path` is `database`.
 fn config_for(env: &Env, database: &Path, name: &str) -> PathBuf {
@@ -419,7 +415,7 @@ async fn the_packaged_configuration_names_the_services_database() {
         printed.contains("path = \"/var/lib/mews-outbox/outbox.db\""),
         "{printed}"
     );
-    let tmpfiles = include_str!("../systemd/mews-outbox.tmpfiles");
+    let tmpfiles = include_str!("../../systemd/mews-outbox.tmpfiles");
     assert!(
         tmpfiles.contains("\nf /var/lib/mews-outbox/outbox.db 0660 "),
         "the database tmpfiles.d creates"

@@ -3,15 +3,11 @@
 //! only to a loopback address, configuration errors name the key without
 //! the value. Each test runs the real binary against real sockets.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
-
-mod support;
-
 use std::io::ErrorKind;
 use std::net::TcpListener;
 
-use support::daemon::{Env, insert_rows, rows, threads, wait_for_status};
-use support::fake_mews::{ADD_PATH, FakeMews, Fault, GET_ALL_PATH};
+use crate::support::daemon::{Env, insert_rows, rows, threads, wait_for_status};
+use crate::support::fake_mews::{ADD_PATH, FakeMews, Fault, GET_ALL_PATH};
 
 /// A port where a redirect would lead: nothing should ever connect to it.
 /// Non-blocking, so [`Trap::assert_untouched`] answers at once.

@@ -2,16 +2,12 @@
 //! reqwest, hyper and sqlx log everything they would) through success and
 //! failure paths, and every CLI command, including a broken configuration.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 
-use support::daemon::{
+use crate::support::daemon::{
     ACCESS_TOKEN, CLIENT_TOKEN, Env, WAIT, insert_rows, threads, wait_for_status,
 };
-use support::fake_mews::{FakeMews, FakeOptions, Fault};
+use crate::support::fake_mews::{FakeMews, FakeOptions, Fault};
 
 const BAD_TOKEN: &str = "bad-access-token-SECRET-b2";
 const FILE_TOKEN: &str = "file-access-token-SECRET-f3";

@@ -2,20 +2,17 @@
 //! network made it unavoidable, bad input answered without hurting the rest.
 //! Each scenario runs the real binary against a real SQLite file and a fake
 //! Mews that injects faults from a seeded schedule, and prints its figures.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
-
-mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use support::daemon::{
+use crate::support::daemon::{
     Env, WAIT, count, insert_rows, rows, threads, wait_for_status, wait_for_status_within,
 };
 
 /// Limit for the large scenarios (debug build, a loaded 2-core machine).
 const LONG: Duration = Duration::from_secs(300);
-use support::fake_mews::{FakeMews, Fault, RetryAfter, StoredMessage};
+use crate::support::fake_mews::{FakeMews, Fault, RetryAfter, StoredMessage};
 
 /// Messages stored more than once, by text.
 fn duplicates(accepted: &[StoredMessage]) -> HashMap<String, usize> {
@@ -32,8 +29,8 @@ async fn crash_sigkill_at_random_points_loses_nothing() {
     crash_scenario(20_000, 20, 20261128).await;
 }
 
-/// The long variant: `cargo test --test faults -- --ignored`: 200,000 rows
-/// and 100 kills (about 200 s here). CI runs it smaller, sized by
+/// The long variant: `cargo test --test integration faults:: -- --ignored`:
+/// 200,000 rows and 100 kills (about 200 s here). CI runs it smaller, sized by
 /// `LONG_CRASH_ROWS` and `LONG_CRASH_KILLS` (see `.ci/run`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: 200,000 rows and 100 kills unless LONG_CRASH_ROWS/LONG_CRASH_KILLS say otherwise"]
@@ -193,7 +190,7 @@ async fn chaos_every_row_ends_delivered_or_dead_and_retry_after_is_honoured() {
     );
     assert!(
         all.iter()
-            .any(|r| r.path == support::fake_mews::GET_ALL_PATH && r.status == 429),
+            .any(|r| r.path == crate::support::fake_mews::GET_ALL_PATH && r.status == 429),
         "and 429s on read-backs"
     );
     assert_eq!(

@@ -1,20 +1,18 @@
 //! README promises that had no test of their own (issue 11), each against
 //! the real binary, a real SQLite file and the fake Mews on 127.0.0.1.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
-
-mod support;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use serde_json::json;
-use sqlx::SqlitePool;
-use support::daemon::{
+use crate::support::daemon::{
     ACCESS_TOKEN, CLIENT_TOKEN, Env, WAIT, count, insert_rows, insert_rows_for, rows, threads,
     wait_for_rows, wait_for_status,
 };
-use support::fake_mews::{ADD_PATH, FakeMews, FakeOptions, Fault, GET_ALL_PATH, RequestRecord};
+use crate::support::fake_mews::{
+    ADD_PATH, FakeMews, FakeOptions, Fault, GET_ALL_PATH, RequestRecord,
+};
+use serde_json::json;
+use sqlx::SqlitePool;
 
 /// Texts stored by the fake, each with how many copies.
 fn copies(fake: &FakeMews) -> HashMap<String, usize> {

@@ -1,9 +1,7 @@
 //! The PostgreSQL store against a real PostgreSQL (a throwaway cluster per
 //! test binary, or `MEWS_OUTBOX_TEST_POSTGRES_URL`; see
-//! `tests/support/postgres.rs`). Store level only: the daemon does not use
+//! `support/postgres.rs`). Store level only: the daemon does not use
 //! this store yet (docs/postgres.md).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
@@ -11,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use mews_outbox::store::postgres::{PgOptions, PgStore};
 use mews_outbox::store::{AccountPause, Outbox, RowOutcome, StoreError};
 use sqlx::{Connection, PgConnection, PgPool};
-use support::postgres::{TestDb, database};
+use crate::support::postgres::{TestDb, database};
 
 const T1: &str = "7f9325f6-ef44-4911-89a8-ae51010a5aa4";
 const T2: &str = "0b8c8a58-1a60-4c5e-9f0e-3d6f2f2a9d11";
@@ -617,7 +615,7 @@ async fn four_producers_inserting_while_a_daemon_claims_every_row_claimed_once()
 async fn claim_on_a_deep_backlog() {
     let db = database().await;
     let s = daemon(&db, 30_000, 0).await;
-    if let Some(t) = support::postgres::cluster_start_time() {
+    if let Some(t) = crate::support::postgres::cluster_start_time() {
         eprintln!("throwaway cluster started in {t:?}");
     }
     s.acquire_accounts(&["default"], 1).await.unwrap();

@@ -5,17 +5,13 @@
 //! row's first send could have reached Mews, by Mews's clock as measured
 //! from its `Date` headers.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
-
-mod support;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use support::daemon::{
+use crate::support::daemon::{
     ACCESS_TOKEN, Env, WAIT, count, insert_rows, rows, threads, wait_for_status,
 };
-use support::fake_mews::{
+use crate::support::fake_mews::{
     FakeMews, FakeOptions, Fault, GET_ALL_PATH, RequestRecord, StoredMessage,
 };
 use uuid::Uuid;
@@ -254,7 +250,7 @@ async fn the_fake_keeps_its_own_clock_and_stores_what_a_departed_client_sent() {
         "Messages": [{"MessageThreadId": Uuid::new_v4(), "Text": "x", "Identifier": "1"}],
     });
     let http = reqwest::Client::new();
-    let url = fake.url(support::fake_mews::ADD_PATH);
+    let url = fake.url(crate::support::fake_mews::ADD_PATH);
     let gave_up = http
         .post(&url)
         .timeout(Duration::from_millis(50))

@@ -1,0 +1,177 @@
+//! `POST messages/getAll`: the read-back, newest first, paged by cursor and
+//! filtered by thread, `CreatedUtc` and token.
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::super::connections::ConnHandle;
+use super::super::reply::Reply;
+use super::super::state::Shared;
+use super::super::{MAX_GET_ALL_INTERVAL, MAX_ITEMS, RequestRecord};
+use super::{Route, message_json, open, parse_uuid};
+
+/// Parses an RFC 3339 timestamp with `Z` or a `±HH:MM` offset.
+fn parse_timestamp(s: &str) -> Option<SystemTime> {
+    if let Ok(t) = humantime::parse_rfc3339(s) {
+        return Some(t);
+    }
+    let (base, offset) = s.split_at_checked(s.len().checked_sub(6)?)?;
+    let b = offset.as_bytes();
+    let digits = |r: std::ops::Range<usize>| -> Option<u64> {
+        let part = offset.get(r)?;
+        if part.bytes().all(|c| c.is_ascii_digit()) {
+            part.parse().ok()
+        } else {
+            None
+        }
+    };
+    if b.get(3) != Some(&b':') {
+        return None;
+    }
+    let (hours, minutes) = (digits(1..3)?, digits(4..6)?);
+    if hours > 23 || minutes > 59 {
+        return None;
+    }
+    let local = humantime::parse_rfc3339(&format!("{base}Z")).ok()?;
+    let delta = Duration::from_secs(hours * 3600 + minutes * 60);
+    match b.first() {
+        Some(b'+') => local.checked_sub(delta),
+        Some(b'-') => local.checked_add(delta),
+        _ => None,
+    }
+}
+
+/// `CreatedUtc` filter of `messages/getAll`, following Mews'
+/// `TimeFilterInterval` rules: `Start == End` means equality, otherwise
+/// `Start <= CreatedUtc < End`; either bound may be absent.
+struct TimeFilter {
+    start: Option<SystemTime>,
+    end: Option<SystemTime>,
+}
+
+impl TimeFilter {
+    fn parse(value: Option<&Value>) -> Result<Option<TimeFilter>, Reply> {
+        let map = match value {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::Object(map)) => map,
+            Some(_) => return Err(Reply::bad_request("Invalid CreatedUtc")),
+        };
+        let bound = |key: &str| match map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => parse_timestamp(s)
+                .map(Some)
+                .ok_or_else(|| Reply::bad_request(format!("Invalid CreatedUtc.{key}"))),
+            Some(_) => Err(Reply::bad_request(format!("Invalid CreatedUtc.{key}"))),
+        };
+        let (start, end) = (bound("StartUtc")?, bound("EndUtc")?);
+        if let (Some(s), Some(e)) = (start, end) {
+            match e.duration_since(s) {
+                Err(_) => {
+                    return Err(Reply::bad_request(
+                        "Invalid CreatedUtc: EndUtc is before StartUtc",
+                    ));
+                }
+                Ok(d) if d > MAX_GET_ALL_INTERVAL => {
+                    return Err(Reply::bad_request(
+                        "Invalid CreatedUtc: the interval is longer than one month",
+                    ));
+                }
+                Ok(_) => {}
+            }
+        }
+        Ok(Some(TimeFilter { start, end }))
+    }
+
+    fn matches(&self, t: SystemTime) -> bool {
+        match (self.start, self.end) {
+            (Some(s), Some(e)) if s == e => t == s,
+            (s, e) => s.is_none_or(|s| t >= s) && e.is_none_or(|e| t < e),
+        }
+    }
+}
+
+/// `POST messages/getAll`.
+///
+/// Faults other than those acting at arrival mean nothing here: they are
+/// consumed and ignored.
+pub(super) async fn get_all(
+    shared: &Shared,
+    conn: &ConnHandle,
+    json: Option<&Value>,
+    record: &mut RequestRecord,
+) -> Reply {
+    let env = match open(Route::GetAll, shared, conn, json, record).await {
+        Ok((env, _ignored)) => env,
+        Err(reply) => return reply,
+    };
+    let threads: HashSet<Uuid> = match env.map.get("MessageThreadIds") {
+        Some(Value::Array(ids)) if (1..=MAX_ITEMS).contains(&ids.len()) => {
+            match ids.iter().map(|v| parse_uuid(Some(v))).collect() {
+                Some(threads) => threads,
+                None => return Reply::bad_request("Invalid MessageThreadIds"),
+            }
+        }
+        _ => return Reply::bad_request("Invalid MessageThreadIds"),
+    };
+    let filter = match TimeFilter::parse(env.map.get("CreatedUtc")) {
+        Ok(filter) => filter,
+        Err(reply) => return reply,
+    };
+    let Some(Value::Object(limitation)) = env.map.get("Limitation") else {
+        return Reply::bad_request("Invalid Limitation");
+    };
+    let count = match limitation.get("Count").and_then(Value::as_u64) {
+        Some(c) if (1..=MAX_ITEMS as u64).contains(&c) => c as usize,
+        _ => return Reply::bad_request("Invalid Limitation.Count"),
+    };
+    let cursor = match limitation.get("Cursor") {
+        None | Some(Value::Null) => None,
+        v => match parse_uuid(v) {
+            Some(id) => Some(id),
+            None => return Reply::bad_request("Invalid Limitation.Cursor"),
+        },
+    };
+
+    let st = shared.state();
+    // Newest first, ties broken by reverse storage order: the key
+    // (created, storage index) sorted descending.
+    let after = match cursor {
+        None => None,
+        Some(id) => match st.stored.iter().position(|e| e.msg.id == id) {
+            Some(i) => Some((st.stored[i].created, i)),
+            None => return Reply::bad_request("Invalid Limitation.Cursor"),
+        },
+    };
+    let mut found: Vec<(SystemTime, usize)> = st
+        .stored
+        .iter()
+        .enumerate()
+        .filter(|(i, e)| {
+            e.msg.access_token == env.access_token
+                && threads.contains(&e.msg.message_thread_id)
+                && filter.as_ref().is_none_or(|f| f.matches(e.created))
+                && after.is_none_or(|key| (e.created, *i) < key)
+        })
+        .map(|(i, e)| (e.created, i))
+        .collect();
+    found.sort_unstable_by(|a, b| b.cmp(a));
+    let more = found.len() > count;
+    found.truncate(count);
+    let messages: Vec<Value> = found
+        .iter()
+        .map(|&(_, i)| message_json(&st.stored[i].msg, st.opts.sender_as_string))
+        .collect();
+    let next_cursor = if more || st.opts.cursor_on_last_page {
+        found.last().map(|&(_, i)| st.stored[i].msg.id)
+    } else {
+        None
+    };
+    Reply::Json(
+        StatusCode::OK,
+        json!({"Messages": messages, "Cursor": next_cursor}),
+    )
+}

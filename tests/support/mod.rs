@@ -1,4 +1,0 @@
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
-pub mod daemon;
-pub mod fake_mews;
-pub mod postgres;
