@@ -36,11 +36,12 @@ pub const MAX_BATCH_SIZE: usize = 1000;
 /// buffer is sized from it, see `MewsClient::with_max_request_bytes`).
 pub const MAX_REQUEST_BYTES_RANGE: std::ops::RangeInclusive<usize> = 16 * 1024..=64 * 1024 * 1024;
 
-/// A setting that could not be loaded or is invalid. The message names the key.
+/// A setting that could not be loaded or is invalid. The message names the
+/// key, never a value. There is deliberately no variant wrapping
+/// `config::ConfigError`: its messages quote values; a loading error is
+/// described in words first (`Unparsable`).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("configuration: {0}")]
-    Load(#[from] config::ConfigError),
     #[error("configuration: `{key}` {problem}")]
     Invalid { key: String, problem: String },
     /// A token file or credential that is missing, unreadable or too open.
@@ -1129,6 +1130,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.accounts["a"].access_token.expose_secret(), "FROM-FILE");
+    }
+
+    #[test]
+    fn a_missing_token_file_is_one_chain_naming_its_cause_once() {
+        let e = load(
+            Some("[accounts.a]\naccess_token_file = \"/nonexistent/mews-outbox-token\"\n"),
+            &[],
+        )
+        .unwrap_err();
+        let chain = format!("{:#}", anyhow::Error::new(e));
+        assert_eq!(
+            chain.matches("No such file or directory").count(),
+            1,
+            "{chain}"
+        );
+        assert_eq!(chain.matches("configuration").count(), 1, "{chain}");
+        assert!(chain.contains("accounts.a.access_token_file"), "{chain}");
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! - [`request_size`]: request bytes, and packing rows under the byte bound
 //! - [`worker`]: one account's delivery loop (claim → send → record)
 //! - [`daemon`]: `run`: the database lock, the loops, reload, shutdown
+//! - [`error_chain`]: an error and its causes, each once, for logs
 //! - [`signals`]: SIGTERM/SIGINT stop, SIGHUP reloads
 //! - [`notify`]: systemd notifications and the watchdog's view of liveness
 //! - [`heartbeat`]: the periodic queue line, alerts, `STATUS=`
@@ -31,6 +32,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dead;
+pub mod error_chain;
 pub mod heartbeat;
 pub mod housekeeping;
 pub mod limiter;

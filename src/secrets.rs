@@ -23,7 +23,8 @@ pub fn access_token_credential(account: &str) -> String {
 pub enum SecretError {
     /// The path is neither shown nor kept (`Debug`): it may be a token
     /// pasted into `*_file`.
-    #[error("configuration: cannot read the file named by `{key}`: {source}")]
+    /// The cause (the `io::Error`, which never holds the path) is the source.
+    #[error("configuration: cannot read the file named by `{key}`")]
     Unreadable {
         key: String,
         #[source]
@@ -182,6 +183,29 @@ mod tests {
 
         let allowed = read_token_file("k", &path, true).unwrap();
         assert_eq!(allowed.expose_secret(), "SECRET-VALUE");
+    }
+
+    #[test]
+    fn an_unreadable_token_file_names_the_key_and_its_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = read_token_file(
+            "accounts.a.access_token_file",
+            &dir.path().join("gone"),
+            false,
+        )
+        .unwrap_err();
+        let chain = crate::error_chain::ErrorChain(&e).to_string();
+        assert_eq!(
+            chain.matches("No such file or directory").count(),
+            1,
+            "{chain}"
+        );
+        assert_eq!(
+            chain.matches("accounts.a.access_token_file").count(),
+            1,
+            "{chain}"
+        );
+        assert!(!chain.contains("gone"), "the path may be a token: {chain}");
     }
 
     #[test]
