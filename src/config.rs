@@ -1,5 +1,7 @@
 //! Typed settings: embedded defaults, then the TOML file, then
-//! `MEWS_OUTBOX__SECTION__KEY` environment variables; validation; secrets.
+//! `MEWS_OUTBOX__SECTION__KEY` environment variables; validation, one
+//! function per section; value-free error messages. Where each token comes
+//! from is decided in [`crate::secrets`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -7,7 +9,7 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::secrets::{self, SecretError};
+use crate::secrets::{self, SecretError, TokenSources};
 use serde::Deserialize;
 use url::Url;
 
@@ -21,12 +23,8 @@ pub const ENV_PREFIX: &str = "MEWS_OUTBOX";
 
 /// The public demo environment; its tokens are published by Mews.
 pub const DEMO_BASE_URL: &str = "https://api.mews-demo.com";
-/// Public demo ClientToken (Mews Connector API documentation, "Environments").
-pub const DEMO_CLIENT_TOKEN: &str =
-    "E0D439EE522F44368DC78E1BFB03710C-D24FB11DBE31D4621C4817E028D9E1D";
-/// Public demo AccessToken, used for the `default` account when none is configured.
-pub const DEMO_ACCESS_TOKEN: &str =
-    "C66EF7B239D24632943D115EDE9CB810-EA00F8FD8294692C940F6B5A8F9453D";
+/// The demo environment's public tokens (kept with the other token code).
+pub use crate::secrets::{DEMO_ACCESS_TOKEN, DEMO_CLIENT_TOKEN};
 
 /// Largest batch the Connector API accepts in one `messages/add`.
 pub const MAX_BATCH_SIZE: usize = 1000;
@@ -372,20 +370,11 @@ impl Settings {
 /// environment when none is given), the `Client` name, the timeout.
 fn validate_mews(raw: RawMews, tokens: &TokenSources) -> Result<MewsSettings, ConfigError> {
     let base_url = validate_base_url(&raw.base_url)?;
-    let client_token = tokens
-        .resolve(
-            "mews.client_token",
-            raw.client_token,
-            raw.client_token_file,
-            secrets::CLIENT_TOKEN_CREDENTIAL,
-        )?
-        .or_else(|| is_demo_url(&base_url).then(|| SecretString::from(DEMO_CLIENT_TOKEN)))
-        .ok_or_else(|| {
-            invalid(
-                "mews.client_token",
-                "is required when mews.base_url is not the public demo environment",
-            )
-        })?;
+    let client_token = tokens.client_token(
+        raw.client_token,
+        raw.client_token_file,
+        is_demo_url(&base_url),
+    )?;
     let client = raw
         .client
         .unwrap_or_else(|| format!("mews-outbox {}", env!("CARGO_PKG_VERSION")));
@@ -479,23 +468,7 @@ fn validate_account(
     raw: RawAccount,
     tokens: &TokenSources,
 ) -> Result<Account, ConfigError> {
-    let key = format!("accounts.{name}.access_token");
-    let access_token = tokens
-        .resolve(
-            &key,
-            raw.access_token,
-            raw.access_token_file,
-            &secrets::access_token_credential(name),
-        )?
-        .ok_or_else(|| {
-            invalid(
-                &key,
-                format!(
-                    "is required for each account (or `{key}_file`, or the systemd credential {})",
-                    secrets::access_token_credential(name)
-                ),
-            )
-        })?;
+    let access_token = tokens.access_token(name, raw.access_token, raw.access_token_file)?;
     let rate_limit = match raw.rate_limit {
         None => DEFAULT_RATE_LIMIT,
         // The parser quotes what it got: not a token pasted here.
@@ -653,59 +626,6 @@ impl std::fmt::Display for Settings {
             "\n[retention]\ndelivered = {:?}",
             d(self.retention.delivered)
         )
-    }
-}
-
-/// Where a configuration's tokens may come from besides the TOML, and
-/// whether a world-readable token file is accepted.
-struct TokenSources<'a> {
-    /// `$CREDENTIALS_DIRECTORY`, set by systemd when it passes credentials.
-    credentials_directory: Option<&'a str>,
-    allow_world_readable: bool,
-}
-
-impl TokenSources<'_> {
-    /// A token given inline, in a file, or as the systemd credential
-    /// `credential` (exactly one of them, or none); empty is refused.
-    fn resolve(
-        &self,
-        key: &str,
-        inline: Option<SecretString>,
-        file: Option<PathBuf>,
-        credential: &str,
-    ) -> Result<Option<SecretString>, ConfigError> {
-        let credential = secrets::credential(self.credentials_directory, credential);
-        let allow_world_readable = self.allow_world_readable;
-        let file_key = format!("{key}_file");
-        let value = match (inline, file, credential) {
-            (Some(_), Some(_), _) => {
-                return Err(invalid(
-                    key,
-                    format!("and `{file_key}` are both set: keep one"),
-                ));
-            }
-            (Some(_), None, Some(cred)) | (None, Some(_), Some(cred)) => {
-                return Err(invalid(
-                    key,
-                    format!(
-                        "is set in the configuration and also passed as the systemd credential {}: keep one",
-                        cred.display()
-                    ),
-                ));
-            }
-            (Some(value), None, None) => value,
-            (None, Some(path), None) => {
-                secrets::read_token_file(&file_key, &path, allow_world_readable)?
-            }
-            (None, None, Some(path)) => {
-                secrets::read_token_file(&format!("{key} credential"), &path, allow_world_readable)?
-            }
-            (None, None, None) => return Ok(None),
-        };
-        if value.expose_secret().trim().is_empty() {
-            return Err(invalid(key, "must not be empty"));
-        }
-        Ok(Some(value))
     }
 }
 

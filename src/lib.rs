@@ -23,7 +23,8 @@
 //! - [`online_check`]: `check-config --online` (tokens against Mews)
 //! - [`status`]: the queue at a glance
 //! - [`dead`]: the dead-letter report
-//! - [`secrets`]: token files, systemd credentials, redaction
+//! - [`secrets`]: where each token comes from (inline, file, systemd
+//!   credential, the demo's), keeping token files private, redaction
 //! - [`telemetry`]: log formats and levels
 //! - [`cli`]: the command line
 
