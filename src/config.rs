@@ -1,5 +1,7 @@
 //! Typed settings: embedded defaults, then the TOML file, then
-//! `MEWS_OUTBOX__SECTION__KEY` environment variables; validation; secrets.
+//! `MEWS_OUTBOX__SECTION__KEY` environment variables; validation, one
+//! function per section; value-free error messages. Where each token comes
+//! from is decided in [`crate::secrets`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -7,7 +9,7 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::secrets::{self, SecretError};
+use crate::secrets::{self, SecretError, TokenSources};
 use serde::Deserialize;
 use url::Url;
 
@@ -21,12 +23,8 @@ pub const ENV_PREFIX: &str = "MEWS_OUTBOX";
 
 /// The public demo environment; its tokens are published by Mews.
 pub const DEMO_BASE_URL: &str = "https://api.mews-demo.com";
-/// Public demo ClientToken (Mews Connector API documentation, "Environments").
-pub const DEMO_CLIENT_TOKEN: &str =
-    "E0D439EE522F44368DC78E1BFB03710C-D24FB11DBE31D4621C4817E028D9E1D";
-/// Public demo AccessToken, used for the `default` account when none is configured.
-pub const DEMO_ACCESS_TOKEN: &str =
-    "C66EF7B239D24632943D115EDE9CB810-EA00F8FD8294692C940F6B5A8F9453D";
+/// The demo environment's public tokens (kept with the other token code).
+pub use crate::secrets::{DEMO_ACCESS_TOKEN, DEMO_CLIENT_TOKEN};
 
 /// Largest batch the Connector API accepts in one `messages/add`.
 pub const MAX_BATCH_SIZE: usize = 1000;
@@ -36,11 +34,12 @@ pub const MAX_BATCH_SIZE: usize = 1000;
 /// buffer is sized from it, see `MewsClient::with_max_request_bytes`).
 pub const MAX_REQUEST_BYTES_RANGE: std::ops::RangeInclusive<usize> = 16 * 1024..=64 * 1024 * 1024;
 
-/// A setting that could not be loaded or is invalid. The message names the key.
+/// A setting that could not be loaded or is invalid. The message names the
+/// key, never a value. There is deliberately no variant wrapping
+/// `config::ConfigError`: its messages quote values; a loading error is
+/// described in words first (`Unparsable`).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("configuration: {0}")]
-    Load(#[from] config::ConfigError),
     #[error("configuration: `{key}` {problem}")]
     Invalid { key: String, problem: String },
     /// A token file or credential that is missing, unreadable or too open.
@@ -115,8 +114,7 @@ pub struct MewsSettings {
 impl MewsSettings {
     /// True when talking to the public demo environment with its public tokens.
     pub fn is_public_demo(&self) -> bool {
-        self.base_url.as_str().trim_end_matches('/') == DEMO_BASE_URL
-            && self.client_token.expose_secret() == DEMO_CLIENT_TOKEN
+        is_demo_url(&self.base_url) && self.client_token.expose_secret() == DEMO_CLIENT_TOKEN
     }
 }
 
@@ -339,202 +337,25 @@ impl Settings {
         Self::validate(raw, sources)
     }
 
+    /// Checks the sections one after the other and builds the settings;
+    /// the first problem found is the one reported. `[alert]` and
+    /// `[retention]` take any duration (0 turns each off): nothing to
+    /// check there.
     fn validate(raw: Raw, sources: &Sources) -> Result<Settings, ConfigError> {
         let credentials = sources.var("CREDENTIALS_DIRECTORY");
-        let allow_world_readable = raw.mews.allow_world_readable_token_files;
-        let secret = |key: &str, inline, file, credential: &str| {
-            secret(
-                key,
-                inline,
-                file,
-                secrets::credential(credentials.as_deref(), credential),
-                allow_world_readable,
-            )
+        let tokens = TokenSources {
+            credentials_directory: credentials.as_deref(),
+            allow_world_readable: raw.mews.allow_world_readable_token_files,
         };
-        // The value is not shown: it may be a token pasted into the wrong key.
-        let base_url = Url::parse(raw.mews.base_url.trim())
-            .ok()
-            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-            .ok_or_else(|| {
-                invalid(
-                    "mews.base_url",
-                    format!("must be an http(s) URL such as {DEMO_BASE_URL} (the value given is not shown)"),
-                )
-            })?;
-        if base_url.scheme() == "http" && !is_loopback(&base_url) {
-            return Err(invalid(
-                "mews.base_url",
-                "uses plain http:// to a host other than this machine: the tokens in every request would travel in clear; \
-                 use https:// (http:// is accepted only for a loopback address: 127.0.0.0/8, [::1], localhost, e.g. a local proxy)",
-            ));
-        }
-        // reqwest would send them as Basic auth to whoever answers, and the
-        // URL is shown in logs and by check-config.
-        if !base_url.username().is_empty() || base_url.password().is_some() {
-            return Err(invalid(
-                "mews.base_url",
-                "must not carry a user name or password (user:password@): Mews takes tokens in the request body, set them in mews.client_token and accounts.<name>.access_token",
-            ));
-        }
-        let is_demo_url = base_url.as_str().trim_end_matches('/') == DEMO_BASE_URL;
-
-        let client_token = secret(
-            "mews.client_token",
-            raw.mews.client_token,
-            raw.mews.client_token_file,
-            secrets::CLIENT_TOKEN_CREDENTIAL,
-        )?
-        .or_else(|| is_demo_url.then(|| SecretString::from(DEMO_CLIENT_TOKEN)))
-        .ok_or_else(|| {
-            invalid(
-                "mews.client_token",
-                "is required when mews.base_url is not the public demo environment",
-            )
-        })?;
-
-        let client = raw
-            .mews
-            .client
-            .unwrap_or_else(|| format!("mews-outbox {}", env!("CARGO_PKG_VERSION")));
-        if client.trim().is_empty() {
-            return Err(invalid("mews.client", "must not be empty"));
-        }
-        if raw.mews.request_timeout.is_zero() {
-            return Err(invalid("mews.request_timeout", "must be greater than 0"));
-        }
-
-        let mut accounts = BTreeMap::new();
-        for (name, account) in raw.accounts {
-            let key = format!("accounts.{name}.access_token");
-            let token = secret(
-                &key,
-                account.access_token,
-                account.access_token_file,
-                &secrets::access_token_credential(&name),
-            )?
-            .ok_or_else(|| {
-                invalid(
-                    &key,
-                    format!(
-                        "is required for each account (or `{key}_file`, or the systemd credential {})",
-                        secrets::access_token_credential(&name)
-                    ),
-                )
-            })?;
-            let rate_limit = match account.rate_limit {
-                None => DEFAULT_RATE_LIMIT,
-                // The parser quotes what it got: not a token pasted here.
-                Some(text) => text.parse().map_err(|problem: String| {
-                    invalid(
-                        format!("accounts.{name}.rate_limit"),
-                        secrets::redact(&problem, &[&text]),
-                    )
-                })?,
-            };
-            accounts.insert(
-                name,
-                Account {
-                    access_token: token,
-                    rate_limit,
-                },
-            );
-        }
-        if accounts.is_empty() {
-            if !is_demo_url {
-                return Err(invalid(
-                    "accounts",
-                    "needs at least one [accounts.<name>] with an access_token",
-                ));
-            }
-            accounts.insert(
-                "default".to_owned(),
-                Account {
-                    access_token: SecretString::from(DEMO_ACCESS_TOKEN),
-                    rate_limit: DEFAULT_RATE_LIMIT,
-                },
-            );
-        }
-
-        let d = &raw.delivery;
-        if !(1..=MAX_BATCH_SIZE).contains(&d.batch_size) {
-            return Err(invalid(
-                "delivery.batch_size",
-                format!(
-                    "must be between 1 and {MAX_BATCH_SIZE} (Mews's limit per request), got {}",
-                    d.batch_size
-                ),
-            ));
-        }
-        if !MAX_REQUEST_BYTES_RANGE.contains(&d.max_request_bytes) {
-            return Err(invalid(
-                "delivery.max_request_bytes",
-                format!(
-                    "must be between {} and {}, got {}",
-                    MAX_REQUEST_BYTES_RANGE.start(),
-                    MAX_REQUEST_BYTES_RANGE.end(),
-                    d.max_request_bytes
-                ),
-            ));
-        }
-        if d.poll_interval.is_zero() {
-            return Err(invalid("delivery.poll_interval", "must be greater than 0"));
-        }
-        if d.max_concurrent_requests == 0 {
-            return Err(invalid(
-                "delivery.max_concurrent_requests",
-                "must be at least 1",
-            ));
-        }
-        let r = &raw.retry;
-        if r.max_attempts == 0 {
-            return Err(invalid("retry.max_attempts", "must be at least 1"));
-        }
-        if r.base_delay.is_zero() || r.base_delay > r.max_delay {
-            return Err(invalid(
-                "retry.base_delay",
-                "must be greater than 0 and at most retry.max_delay",
-            ));
-        }
-        if r.breaker_failures == 0 {
-            return Err(invalid("retry.breaker_failures", "must be at least 1"));
-        }
-        if r.pause_base.is_zero() || r.pause_base > r.pause_max {
-            return Err(invalid(
-                "retry.pause_base",
-                "must be greater than 0 and at most retry.pause_max",
-            ));
-        }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&raw.log.level) {
-            return Err(invalid(
-                "log.level",
-                secrets::redact(
-                    &format!(
-                        "is not a log filter such as \"info\" or \"mews_outbox=debug,warn\": {e}"
-                    ),
-                    &[&raw.log.level],
-                ),
-            ));
-        }
-        let database_path = match raw.database.path {
-            Some(path) if path.as_os_str().is_empty() => {
-                return Err(invalid("database.path", "must not be empty"));
-            }
-            Some(path) => path,
-            None => default_database_path(sources.var("STATE_DIRECTORY").as_deref()),
-        };
-
+        let mews = validate_mews(raw.mews, &tokens)?;
+        let accounts = validate_accounts(raw.accounts, is_demo_url(&mews.base_url), &tokens)?;
+        validate_delivery(&raw.delivery)?;
+        validate_retry(&raw.retry)?;
+        validate_log(&raw.log)?;
+        let database = validate_database(raw.database, sources)?;
         Ok(Settings {
-            database: DatabaseSettings {
-                path: database_path,
-                busy_timeout: raw.database.busy_timeout,
-            },
-            mews: MewsSettings {
-                base_url,
-                client_token,
-                client,
-                request_timeout: raw.mews.request_timeout,
-                allow_world_readable_token_files: allow_world_readable,
-            },
+            database,
+            mews,
             accounts,
             delivery: raw.delivery,
             retry: raw.retry,
@@ -543,6 +364,214 @@ impl Settings {
             retention: raw.retention,
         })
     }
+}
+
+/// `[mews]`: where to send, the ClientToken (the public one for the demo
+/// environment when none is given), the `Client` name, the timeout.
+fn validate_mews(raw: RawMews, tokens: &TokenSources) -> Result<MewsSettings, ConfigError> {
+    let base_url = validate_base_url(&raw.base_url)?;
+    let client_token = tokens.client_token(
+        raw.client_token,
+        raw.client_token_file,
+        is_demo_url(&base_url),
+    )?;
+    let client = raw
+        .client
+        .unwrap_or_else(|| format!("mews-outbox {}", env!("CARGO_PKG_VERSION")));
+    if client.trim().is_empty() {
+        return Err(invalid("mews.client", "must not be empty"));
+    }
+    if raw.request_timeout.is_zero() {
+        return Err(invalid("mews.request_timeout", "must be greater than 0"));
+    }
+    Ok(MewsSettings {
+        base_url,
+        client_token,
+        client,
+        request_timeout: raw.request_timeout,
+        allow_world_readable_token_files: raw.allow_world_readable_token_files,
+    })
+}
+
+/// `mews.base_url`: an http(s) URL with a host, https unless the host is
+/// this machine, without credentials. The value is never shown: it may be a
+/// token pasted into the wrong key.
+fn validate_base_url(text: &str) -> Result<Url, ConfigError> {
+    let base_url = Url::parse(text.trim())
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+        .ok_or_else(|| {
+            invalid(
+                "mews.base_url",
+                format!(
+                    "must be an http(s) URL such as {DEMO_BASE_URL} (the value given is not shown)"
+                ),
+            )
+        })?;
+    if base_url.scheme() == "http" && !is_loopback(&base_url) {
+        return Err(invalid(
+            "mews.base_url",
+            "uses plain http:// to a host other than this machine: the tokens in every request would travel in clear; \
+             use https:// (http:// is accepted only for a loopback address: 127.0.0.0/8, [::1], localhost, e.g. a local proxy)",
+        ));
+    }
+    // reqwest would send them as Basic auth to whoever answers, and the
+    // URL is shown in logs and by check-config.
+    if !base_url.username().is_empty() || base_url.password().is_some() {
+        return Err(invalid(
+            "mews.base_url",
+            "must not carry a user name or password (user:password@): Mews takes tokens in the request body, set them in mews.client_token and accounts.<name>.access_token",
+        ));
+    }
+    Ok(base_url)
+}
+
+/// Whether the URL is the public demo environment's.
+fn is_demo_url(url: &Url) -> bool {
+    url.as_str().trim_end_matches('/') == DEMO_BASE_URL
+}
+
+/// `[accounts.<name>]`, each in turn; none is allowed only against the
+/// demo environment, which then gets a `default` account with the public
+/// AccessToken.
+fn validate_accounts(
+    raw: BTreeMap<String, RawAccount>,
+    is_demo_url: bool,
+    tokens: &TokenSources,
+) -> Result<BTreeMap<String, Account>, ConfigError> {
+    let mut accounts = BTreeMap::new();
+    for (name, account) in raw {
+        let account = validate_account(&name, account, tokens)?;
+        accounts.insert(name, account);
+    }
+    if accounts.is_empty() {
+        if !is_demo_url {
+            return Err(invalid(
+                "accounts",
+                "needs at least one [accounts.<name>] with an access_token",
+            ));
+        }
+        accounts.insert(
+            "default".to_owned(),
+            Account {
+                access_token: SecretString::from(DEMO_ACCESS_TOKEN),
+                rate_limit: DEFAULT_RATE_LIMIT,
+            },
+        );
+    }
+    Ok(accounts)
+}
+
+/// One `[accounts.<name>]`: its AccessToken (required) and rate limit.
+fn validate_account(
+    name: &str,
+    raw: RawAccount,
+    tokens: &TokenSources,
+) -> Result<Account, ConfigError> {
+    let access_token = tokens.access_token(name, raw.access_token, raw.access_token_file)?;
+    let rate_limit = match raw.rate_limit {
+        None => DEFAULT_RATE_LIMIT,
+        // The parser quotes what it got: not a token pasted here.
+        Some(text) => text.parse().map_err(|problem: String| {
+            invalid(
+                format!("accounts.{name}.rate_limit"),
+                secrets::redact(&problem, &[&text]),
+            )
+        })?,
+    };
+    Ok(Account {
+        access_token,
+        rate_limit,
+    })
+}
+
+/// `[delivery]`: sizes within Mews's and our bounds, intervals above 0.
+fn validate_delivery(d: &DeliverySettings) -> Result<(), ConfigError> {
+    if !(1..=MAX_BATCH_SIZE).contains(&d.batch_size) {
+        return Err(invalid(
+            "delivery.batch_size",
+            format!(
+                "must be between 1 and {MAX_BATCH_SIZE} (Mews's limit per request), got {}",
+                d.batch_size
+            ),
+        ));
+    }
+    if !MAX_REQUEST_BYTES_RANGE.contains(&d.max_request_bytes) {
+        return Err(invalid(
+            "delivery.max_request_bytes",
+            format!(
+                "must be between {} and {}, got {}",
+                MAX_REQUEST_BYTES_RANGE.start(),
+                MAX_REQUEST_BYTES_RANGE.end(),
+                d.max_request_bytes
+            ),
+        ));
+    }
+    if d.poll_interval.is_zero() {
+        return Err(invalid("delivery.poll_interval", "must be greater than 0"));
+    }
+    if d.max_concurrent_requests == 0 {
+        return Err(invalid(
+            "delivery.max_concurrent_requests",
+            "must be at least 1",
+        ));
+    }
+    Ok(())
+}
+
+/// `[retry]`: at least one attempt and one failure, each base delay
+/// within its cap.
+fn validate_retry(r: &RetrySettings) -> Result<(), ConfigError> {
+    if r.max_attempts == 0 {
+        return Err(invalid("retry.max_attempts", "must be at least 1"));
+    }
+    if r.base_delay.is_zero() || r.base_delay > r.max_delay {
+        return Err(invalid(
+            "retry.base_delay",
+            "must be greater than 0 and at most retry.max_delay",
+        ));
+    }
+    if r.breaker_failures == 0 {
+        return Err(invalid("retry.breaker_failures", "must be at least 1"));
+    }
+    if r.pause_base.is_zero() || r.pause_base > r.pause_max {
+        return Err(invalid(
+            "retry.pause_base",
+            "must be greater than 0 and at most retry.pause_max",
+        ));
+    }
+    Ok(())
+}
+
+/// `[log]`: the level must be a tracing filter (the format is checked
+/// when it is read).
+fn validate_log(log: &LogSettings) -> Result<(), ConfigError> {
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.level) {
+        return Err(invalid(
+            "log.level",
+            secrets::redact(
+                &format!("is not a log filter such as \"info\" or \"mews_outbox=debug,warn\": {e}"),
+                &[&log.level],
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `[database]`: a path if given (else the default under systemd's state
+/// directory or the working directory).
+fn validate_database(raw: RawDatabase, sources: &Sources) -> Result<DatabaseSettings, ConfigError> {
+    let path = match raw.path {
+        Some(path) if path.as_os_str().is_empty() => {
+            return Err(invalid("database.path", "must not be empty"));
+        }
+        Some(path) => path,
+        None => default_database_path(sources.var("STATE_DIRECTORY").as_deref()),
+    };
+    Ok(DatabaseSettings {
+        path,
+        busy_timeout: raw.busy_timeout,
+    })
 }
 
 /// The effective configuration as TOML, every token shown as `<redacted>`.
@@ -598,47 +627,6 @@ impl std::fmt::Display for Settings {
             d(self.retention.delivered)
         )
     }
-}
-
-/// A token given inline, in a file, or as a systemd credential (exactly one
-/// of them, or none); empty is refused.
-fn secret(
-    key: &str,
-    inline: Option<SecretString>,
-    file: Option<PathBuf>,
-    credential: Option<PathBuf>,
-    allow_world_readable: bool,
-) -> Result<Option<SecretString>, ConfigError> {
-    let file_key = format!("{key}_file");
-    let value = match (inline, file, credential) {
-        (Some(_), Some(_), _) => {
-            return Err(invalid(
-                key,
-                format!("and `{file_key}` are both set: keep one"),
-            ));
-        }
-        (Some(_), None, Some(cred)) | (None, Some(_), Some(cred)) => {
-            return Err(invalid(
-                key,
-                format!(
-                    "is set in the configuration and also passed as the systemd credential {}: keep one",
-                    cred.display()
-                ),
-            ));
-        }
-        (Some(value), None, None) => value,
-        (None, Some(path), None) => {
-            secrets::read_token_file(&file_key, &path, allow_world_readable)?
-        }
-        (None, None, Some(path)) => {
-            secrets::read_token_file(&format!("{key} credential"), &path, allow_world_readable)?
-        }
-        (None, None, None) => return Ok(None),
-    };
-    if value.expose_secret().trim().is_empty() {
-        return Err(invalid(key, "must not be empty"));
-    }
-    Ok(Some(value))
 }
 
 /// Whether the URL's host is this machine: only then may tokens go over
@@ -1129,6 +1117,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.accounts["a"].access_token.expose_secret(), "FROM-FILE");
+    }
+
+    #[test]
+    fn a_missing_token_file_is_one_chain_naming_its_cause_once() {
+        let e = load(
+            Some("[accounts.a]\naccess_token_file = \"/nonexistent/mews-outbox-token\"\n"),
+            &[],
+        )
+        .unwrap_err();
+        let chain = format!("{:#}", anyhow::Error::new(e));
+        assert_eq!(
+            chain.matches("No such file or directory").count(),
+            1,
+            "{chain}"
+        );
+        assert_eq!(chain.matches("configuration").count(), 1, "{chain}");
+        assert!(chain.contains("accounts.a.access_token_file"), "{chain}");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, Settings, Sources};
+use crate::error_chain::ErrorChain;
 use crate::heartbeat::{Heartbeat, paused_accounts, status_line};
 use crate::mews::{ClientError, MewsClient};
 use crate::notify::{Liveness, Notifier, watchdog_interval};
@@ -225,7 +226,7 @@ async fn reload(
         Ok(prepared) => prepared,
         Err(e) => {
             tracing::error!(
-                error = %e,
+                error = %ErrorChain(&e),
                 "configuration reload REFUSED: the new configuration is invalid; still running with the previous one (fix the file, then reload again)"
             );
             return Ok((current, generation));
@@ -261,7 +262,7 @@ async fn reload(
             Ok((new, generation))
         }
         Err(e) => {
-            tracing::error!(error = %e, "cannot start delivery with the reloaded configuration; going back to the previous one");
+            tracing::error!(error = %ErrorChain(&e), "cannot start delivery with the reloaded configuration; going back to the previous one");
             let client = MewsClient::new(&current.mews)?;
             let generation = Generation::start(store, &current, client, liveness).await?;
             Ok((current, generation))

@@ -15,6 +15,7 @@
 //! - [`request_size`]: request bytes, and packing rows under the byte bound
 //! - [`worker`]: one account's delivery loop (claim → send → record)
 //! - [`daemon`]: `run`: the database lock, the loops, reload, shutdown
+//! - [`error_chain`]: an error and its causes, each once, for logs
 //! - [`signals`]: SIGTERM/SIGINT stop, SIGHUP reloads
 //! - [`notify`]: systemd notifications and the watchdog's view of liveness
 //! - [`heartbeat`]: the periodic queue line, alerts, `STATUS=`
@@ -22,7 +23,8 @@
 //! - [`online_check`]: `check-config --online` (tokens against Mews)
 //! - [`status`]: the queue at a glance
 //! - [`dead`]: the dead-letter report
-//! - [`secrets`]: token files, systemd credentials, redaction
+//! - [`secrets`]: where each token comes from (inline, file, systemd
+//!   credential, the demo's), keeping token files private, redaction
 //! - [`telemetry`]: log formats and levels
 //! - [`cli`]: the command line
 
@@ -31,6 +33,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dead;
+pub mod error_chain;
 pub mod heartbeat;
 pub mod housekeeping;
 pub mod limiter;

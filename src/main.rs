@@ -14,7 +14,8 @@ async fn main() -> ExitCode {
     let settings = match Settings::load(&sources) {
         Ok(settings) => settings,
         Err(e) => {
-            eprintln!("mews-outbox: {e}");
+            // The chain, as below: a token file's cause is its source.
+            eprintln!("mews-outbox: {:#}", anyhow::Error::new(e));
             return ExitCode::from(2);
         }
     };

@@ -1,11 +1,19 @@
-//! Where tokens come from besides the TOML: files, systemd credentials
-//! (`$CREDENTIALS_DIRECTORY/<name>`), and the checks that keep them private
-//! (a file with a token must not be readable by every user on the machine).
+//! Where each token comes from: the TOML, a file, a systemd credential
+//! (`$CREDENTIALS_DIRECTORY/<name>`) or, for the demo environment, its
+//! public tokens; the checks that keep them private (a file with a token
+//! must not be readable by every user on the machine); redaction.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
+
+/// Public demo ClientToken (Mews Connector API documentation, "Environments").
+pub const DEMO_CLIENT_TOKEN: &str =
+    "E0D439EE522F44368DC78E1BFB03710C-D24FB11DBE31D4621C4817E028D9E1D";
+/// Public demo AccessToken, used for the `default` account when none is configured.
+pub const DEMO_ACCESS_TOKEN: &str =
+    "C66EF7B239D24632943D115EDE9CB810-EA00F8FD8294692C940F6B5A8F9453D";
 
 /// Credential holding the ClientToken (`LoadCredential=mews-outbox.client_token:...`).
 pub const CLIENT_TOKEN_CREDENTIAL: &str = "mews-outbox.client_token";
@@ -17,13 +25,36 @@ pub fn access_token_credential(account: &str) -> String {
     format!("{ACCESS_TOKEN_CREDENTIAL_PREFIX}{account}")
 }
 
-/// A token file that cannot be used. Messages name the file and the fix,
-/// never the token.
+/// A token that cannot be had: given twice, empty, missing, or in a file
+/// that cannot be used. Messages name the key, the file and the fix, never
+/// the token.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
+    #[error("configuration: `{key}` and `{key}_file` are both set: keep one")]
+    InlineAndFile { key: String },
+    #[error(
+        "configuration: `{key}` is set in the configuration and also passed as the systemd credential {}: keep one",
+        .credential.display()
+    )]
+    AlsoCredential { key: String, credential: PathBuf },
+    #[error("configuration: `{key}` must not be empty")]
+    Empty { key: String },
+    #[error(
+        "configuration: `mews.client_token` is required when mews.base_url is not the public demo environment"
+    )]
+    ClientTokenMissing,
+    #[error(
+        "configuration: `{key}` is required for each account (or `{key}_file`, or the systemd credential {credential})"
+    )]
+    AccessTokenMissing {
+        key: String,
+        /// The credential's name, e.g. `mews-outbox.access_token.hotel`.
+        credential: String,
+    },
     /// The path is neither shown nor kept (`Debug`): it may be a token
     /// pasted into `*_file`.
-    #[error("configuration: cannot read the file named by `{key}`: {source}")]
+    /// The cause (the `io::Error`, which never holds the path) is the source.
+    #[error("configuration: cannot read the file named by `{key}`")]
     Unreadable {
         key: String,
         #[source]
@@ -40,6 +71,81 @@ pub enum SecretError {
         path: PathBuf,
         mode: u32,
     },
+}
+
+/// Where a configuration's tokens may come from besides the TOML, and
+/// whether a world-readable token file is accepted.
+pub struct TokenSources<'a> {
+    /// `$CREDENTIALS_DIRECTORY`, set by systemd when it passes credentials.
+    pub credentials_directory: Option<&'a str>,
+    pub allow_world_readable: bool,
+}
+
+impl TokenSources<'_> {
+    /// `mews.client_token`: as given, else the demo's public one when
+    /// talking to the demo environment.
+    pub fn client_token(
+        &self,
+        inline: Option<SecretString>,
+        file: Option<PathBuf>,
+        is_demo_url: bool,
+    ) -> Result<SecretString, SecretError> {
+        self.resolve("mews.client_token", inline, file, CLIENT_TOKEN_CREDENTIAL)?
+            .or_else(|| is_demo_url.then(|| SecretString::from(DEMO_CLIENT_TOKEN)))
+            .ok_or(SecretError::ClientTokenMissing)
+    }
+
+    /// `accounts.<account>.access_token`, which every account needs.
+    pub fn access_token(
+        &self,
+        account: &str,
+        inline: Option<SecretString>,
+        file: Option<PathBuf>,
+    ) -> Result<SecretString, SecretError> {
+        let key = format!("accounts.{account}.access_token");
+        let credential = access_token_credential(account);
+        self.resolve(&key, inline, file, &credential)?
+            .ok_or(SecretError::AccessTokenMissing { key, credential })
+    }
+
+    /// A token given inline, in a file, or as the systemd credential
+    /// `credential_name` (exactly one of them, or none); empty is refused.
+    fn resolve(
+        &self,
+        key: &str,
+        inline: Option<SecretString>,
+        file: Option<PathBuf>,
+        credential_name: &str,
+    ) -> Result<Option<SecretString>, SecretError> {
+        let credential = credential(self.credentials_directory, credential_name);
+        let allow_world_readable = self.allow_world_readable;
+        let file_key = format!("{key}_file");
+        let value = match (inline, file, credential) {
+            (Some(_), Some(_), _) => {
+                return Err(SecretError::InlineAndFile {
+                    key: key.to_owned(),
+                });
+            }
+            (Some(_), None, Some(credential)) | (None, Some(_), Some(credential)) => {
+                return Err(SecretError::AlsoCredential {
+                    key: key.to_owned(),
+                    credential,
+                });
+            }
+            (Some(value), None, None) => value,
+            (None, Some(path), None) => read_token_file(&file_key, &path, allow_world_readable)?,
+            (None, None, Some(path)) => {
+                read_token_file(&format!("{key} credential"), &path, allow_world_readable)?
+            }
+            (None, None, None) => return Ok(None),
+        };
+        if value.expose_secret().trim().is_empty() {
+            return Err(SecretError::Empty {
+                key: key.to_owned(),
+            });
+        }
+        Ok(Some(value))
+    }
 }
 
 /// Reads a token from `path`, trimmed, refusing a world-readable file unless
@@ -182,6 +288,89 @@ mod tests {
 
         let allowed = read_token_file("k", &path, true).unwrap();
         assert_eq!(allowed.expose_secret(), "SECRET-VALUE");
+    }
+
+    #[test]
+    fn an_unreadable_token_file_names_the_key_and_its_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = read_token_file(
+            "accounts.a.access_token_file",
+            &dir.path().join("gone"),
+            false,
+        )
+        .unwrap_err();
+        let chain = crate::error_chain::ErrorChain(&e).to_string();
+        assert_eq!(
+            chain.matches("No such file or directory").count(),
+            1,
+            "{chain}"
+        );
+        assert_eq!(
+            chain.matches("accounts.a.access_token_file").count(),
+            1,
+            "{chain}"
+        );
+        assert!(!chain.contains("gone"), "the path may be a token: {chain}");
+    }
+
+    /// The texts the configuration gave before token resolution moved
+    /// here, word for word: they name keys and files, never a value.
+    #[test]
+    fn a_token_given_twice_empty_or_missing_is_refused_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        let file = write(dir.path(), "t", "from-file", 0o600);
+        let credential = write(dir.path(), CLIENT_TOKEN_CREDENTIAL, "from-cred", 0o400);
+        let none = TokenSources {
+            credentials_directory: None,
+            allow_world_readable: false,
+        };
+        let systemd = TokenSources {
+            credentials_directory: Some(d),
+            allow_world_readable: false,
+        };
+        let inline = || Some(SecretString::from("INLINE-1"));
+        let refused = |r: Result<SecretString, SecretError>| r.unwrap_err().to_string();
+        assert_eq!(
+            refused(none.client_token(inline(), Some(file.clone()), true)),
+            "configuration: `mews.client_token` and `mews.client_token_file` are both set: keep one"
+        );
+        assert_eq!(
+            refused(systemd.client_token(inline(), None, true)),
+            format!(
+                "configuration: `mews.client_token` is set in the configuration and also passed as the systemd credential {}: keep one",
+                credential.display()
+            )
+        );
+        assert_eq!(
+            refused(none.access_token("hotel", Some(SecretString::from("  ")), None)),
+            "configuration: `accounts.hotel.access_token` must not be empty"
+        );
+        assert_eq!(
+            refused(none.client_token(None, None, false)),
+            "configuration: `mews.client_token` is required when mews.base_url is not the public demo environment"
+        );
+        assert_eq!(
+            refused(none.access_token("hotel", None, None)),
+            "configuration: `accounts.hotel.access_token` is required for each account (or `accounts.hotel.access_token_file`, or the systemd credential mews-outbox.access_token.hotel)"
+        );
+        assert_eq!(
+            none.client_token(None, None, true).unwrap().expose_secret(),
+            DEMO_CLIENT_TOKEN
+        );
+        assert_eq!(
+            systemd
+                .client_token(None, None, false)
+                .unwrap()
+                .expose_secret(),
+            "from-cred"
+        );
+        assert_eq!(
+            none.access_token("hotel", None, Some(file))
+                .unwrap()
+                .expose_secret(),
+            "from-file"
+        );
     }
 
     #[test]

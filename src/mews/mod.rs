@@ -123,9 +123,9 @@ pub struct Reply {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot build the HTTP client: {0}")]
+    #[error("cannot build the HTTP client")]
     Build(#[source] reqwest::Error),
-    #[error("mews.base_url cannot be joined with an API path: {0}")]
+    #[error("mews.base_url cannot be joined with an API path")]
     Url(#[source] url::ParseError),
 }
 
@@ -467,7 +467,7 @@ pub struct ReadBack {
 
 #[derive(Debug, thiserror::Error)]
 enum BodyError {
-    #[error("{0}")]
+    #[error(transparent)]
     Http(#[from] reqwest::Error),
     #[error("larger than {0} bytes")]
     TooLarge(usize),
@@ -660,6 +660,17 @@ fn snippet(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_error_names_its_cause_once() {
+        let e = ClientError::Url(url::ParseError::EmptyHost);
+        let chain = crate::error_chain::ErrorChain(&e).to_string();
+        assert_eq!(chain.matches("empty host").count(), 1, "{chain}");
+        assert!(
+            chain.starts_with("mews.base_url cannot be joined"),
+            "{chain}"
+        );
+    }
 
     fn at(status: u16, retry_after: Option<&str>, body: &str) -> Outcome {
         classify(status, retry_after, body.as_bytes(), SystemTime::UNIX_EPOCH)

@@ -17,13 +17,13 @@ pub enum FileError {
         "another mews-outbox daemon is already running on {database} (it holds the lock on this database file, whatever path or link it was given); stop it first"
     )]
     AlreadyRunning { database: String },
-    #[error("cannot create the database file {path}: {source}")]
+    #[error("cannot create the database file {path}")]
     Create {
         path: String,
         #[source]
         source: io::Error,
     },
-    #[error("cannot open the database file {path} to lock it: {source}")]
+    #[error("cannot open the database file {path} to lock it")]
     Lock {
         path: String,
         #[source]
@@ -36,7 +36,7 @@ pub enum FileError {
         path: String,
         filesystem: &'static str,
     },
-    #[error("cannot find out the file system of {path}: {source}")]
+    #[error("cannot find out the file system of {path}")]
     Statfs {
         path: String,
         #[source]
@@ -331,6 +331,23 @@ mod tests {
             .await;
         assert!(watch.is_err(), "connected to a missing file");
         assert!(!db.exists(), "an empty database was created in its place");
+    }
+
+    #[test]
+    fn a_database_in_a_missing_directory_names_the_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("missing").join("outbox.db");
+        let statfs = check_local_filesystem(&db).unwrap_err();
+        let lock = DaemonLock::acquire(&db).unwrap_err();
+        for e in [statfs, lock] {
+            let chain = crate::error_chain::ErrorChain(&e).to_string();
+            assert_eq!(
+                chain.matches("No such file or directory").count(),
+                1,
+                "{chain}"
+            );
+            assert_eq!(chain.matches("missing").count(), 1, "{chain}");
+        }
     }
 
     #[test]

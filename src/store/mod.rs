@@ -167,19 +167,28 @@ pub enum Requeue {
     All,
 }
 
+/// Why a store operation failed. Each cause appears once in the printed
+/// chain (see [`crate::error_chain`]).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// sqlx's message already ends with its own cause (`error returned from
+    /// database: (code: 14) unable to open database file`) and sqlx returns
+    /// that cause again as its `source()`: shown here in the message and not
+    /// exposed as a source, so a chain names SQLite's error once, not three
+    /// times. The `Display` of this variant, which the daemon's log lines
+    /// print, keeps the whole cause.
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
+    /// As for `Database`: sqlx's migration errors embed their cause too.
     #[error("cannot apply the outbox migrations: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(sqlx::migrate::MigrateError),
     /// A producer-facing constraint refused the row.
     #[error("refused by the outbox table: {0}")]
     Refused(String),
     /// `dead requeue` named rows that are not dead: nothing was changed.
     #[error("nothing requeued: {0}")]
     NotDead(String),
-    #[error("cannot create the database file {path}: {source}")]
+    #[error("cannot create the database file {path}")]
     Create {
         path: String,
         #[source]
@@ -195,6 +204,18 @@ pub enum StoreError {
     /// (another daemon took it over); nothing was changed for it.
     #[error("lost the lease on account {account}: another daemon owns it now")]
     LeaseLost { account: String },
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> StoreError {
+        StoreError::Database(e)
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> StoreError {
+        StoreError::Migrate(e)
+    }
 }
 
 /// What the delivery loop needs from a store. Every method is one short
@@ -312,4 +333,59 @@ pub(crate) fn test_rows(ids: std::ops::RangeInclusive<i64>) -> Vec<ClaimedRow> {
         first_sent_at: None,
     })
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::error_chain::ErrorChain;
+
+    #[tokio::test]
+    async fn sqlites_error_appears_once_in_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("not-a-database");
+        std::fs::write(
+            &db,
+            "just some text, long enough to be read as a header\n".repeat(20),
+        )
+        .unwrap();
+        let e = SqliteStore::open_existing(&db, Duration::from_secs(1))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, StoreError::Database(_)), "{e:?}");
+        let chain = ErrorChain(&e).to_string();
+        assert_eq!(
+            chain.matches("file is not a database").count(),
+            1,
+            "{chain}"
+        );
+        assert_eq!(
+            chain,
+            e.to_string(),
+            "a log line printing the error alone shows the cause too"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_database_file_that_cannot_be_created_names_the_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("missing").join("outbox.db");
+        let e = SqliteStore::open(&db, Duration::from_secs(1))
+            .await
+            .err()
+            .unwrap();
+        let chain = ErrorChain(&e).to_string();
+        assert_eq!(
+            chain.matches("No such file or directory").count(),
+            1,
+            "{chain}"
+        );
+        assert!(
+            chain.starts_with("cannot create the database file"),
+            "{chain}"
+        );
+    }
 }
