@@ -11,6 +11,7 @@ mod support;
 
 mod database_file;
 mod delivery;
+mod error_chains;
 mod fake_mews_selftest;
 mod faults;
 mod hostile;

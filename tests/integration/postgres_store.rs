@@ -6,10 +6,10 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::support::postgres::{TestDb, database};
 use mews_outbox::store::postgres::{PgOptions, PgStore};
 use mews_outbox::store::{AccountPause, Outbox, RowOutcome, StoreError};
 use sqlx::{Connection, PgConnection, PgPool};
-use crate::support::postgres::{TestDb, database};
 
 const T1: &str = "7f9325f6-ef44-4911-89a8-ae51010a5aa4";
 const T2: &str = "0b8c8a58-1a60-4c5e-9f0e-3d6f2f2a9d11";

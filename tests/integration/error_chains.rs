@@ -1,14 +1,10 @@
 //! What the binary prints when it fails: one error chain, each cause in it
 //! once (not repeated by a message that also returns it as its source).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
 use std::path::Path;
 use std::process::ExitStatus;
 
-use support::daemon::{WAIT, mews_outbox_command};
+use crate::support::daemon::{WAIT, mews_outbox_command};
 
 /// Runs the binary with `config` and returns its exit status and stderr.
 async fn fail(config: &Path, args: &[&str]) -> (ExitStatus, String) {
