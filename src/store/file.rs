@@ -134,7 +134,7 @@ pub fn check_local_filesystem(database: &Path) -> Result<(), FileError> {
 /// (a lock file named after the path would not be). On Linux, `flock`
 /// locks and the POSIX (`fcntl`) byte-range locks SQLite takes on the same
 /// file are independent on a local file system, so producers and the
-/// read-only commands are not blocked (tests/database_file.rs checks it);
+/// read-only commands are not blocked (tests/integration/database_file.rs checks it);
 /// network file systems, where they are not, are refused before this.
 ///
 /// Caveat: closing any descriptor of a file drops the POSIX locks the
