@@ -33,8 +33,8 @@ use crate::adapt::{
     BatchLimit, Breaker, HELD_PREFIX, RejectionStreak, RejectionWatch, SYSTEMIC_SAMPLE,
     StreakVerdict,
 };
-use crate::config::{DeliverySettings, RetrySettings};
-use crate::limiter::{RateLimit, SlidingWindow};
+use crate::config::{Account, DeliverySettings, RetrySettings};
+use crate::limiter::SlidingWindow;
 use crate::mews::{MewsClient, Outcome, Reply};
 use crate::notify::Pulse;
 use crate::reconcile::ClockOffset;
@@ -75,6 +75,24 @@ pub enum Step {
     StoreFailed,
     /// The daemon is stopping.
     Stopping,
+}
+
+/// What the account workers of one configuration share; each worker takes
+/// a clone.
+#[derive(Clone)]
+pub struct WorkerContext<S> {
+    /// Where the rows are.
+    pub store: S,
+    /// The shared Mews client.
+    pub client: MewsClient,
+    pub delivery: DeliverySettings,
+    pub retry: RetrySettings,
+    /// Bounds requests in flight across all accounts.
+    pub requests: Arc<Semaphore>,
+    /// Changes whenever another connection commits (new rows).
+    pub changes: watch::Receiver<u64>,
+    /// Cancelled when the daemon stops: finish the request in flight, then return.
+    pub shutdown: CancellationToken,
 }
 
 /// Delivers the rows of one account. Owned by one task, which sends one
@@ -122,20 +140,24 @@ pub struct AccountWorker<S: Outbox> {
 }
 
 impl<S: Outbox> AccountWorker<S> {
-    #[allow(clippy::too_many_arguments)]
+    /// A worker for `account` (as in the `account` column), sending with
+    /// `settings`; `pause` is the account's pause remembered in the database.
     pub fn new(
-        store: S,
-        client: MewsClient,
+        context: WorkerContext<S>,
         account: String,
-        access_token: SecretString,
-        rate_limit: RateLimit,
-        delivery: DeliverySettings,
-        retry: RetrySettings,
-        requests: Arc<Semaphore>,
-        changes: watch::Receiver<u64>,
-        shutdown: CancellationToken,
+        settings: &Account,
         pause: Option<AccountPause>,
     ) -> Self {
+        let WorkerContext {
+            store,
+            client,
+            delivery,
+            retry,
+            requests,
+            changes,
+            shutdown,
+        } = context;
+        let access_token = settings.access_token.clone();
         let batch = BatchLimit::new(delivery.batch_size);
         let breaker = Breaker::new(retry.breaker_failures);
         let client = client.with_max_request_bytes(delivery.max_request_bytes);
@@ -151,7 +173,7 @@ impl<S: Outbox> AccountWorker<S> {
             changes,
             shutdown,
             pause,
-            limiter: SlidingWindow::new(rate_limit),
+            limiter: SlidingWindow::new(settings.rate_limit),
             batch,
             breaker,
             rejections: RejectionStreak::default(),
