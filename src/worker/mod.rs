@@ -376,7 +376,9 @@ impl<S: Outbox> AccountWorker<S> {
                     &decision,
                 );
             }
-            let judged = watch.observe(&batch, &reply.outcome, &decision.rows, &mut queue);
+            let unsent = queue.iter().flatten().map(|r| r.id);
+            let judged = watch.observe(&batch, &reply.outcome, &decision.rows, unsent);
+            send_sample_first(&mut queue, &judged.sample);
             if matches!(reply.outcome, Outcome::Accepted { .. }) {
                 accepted_in_batch = true;
                 let sent: Vec<i64> = batch.iter().map(|r| r.id).collect();
@@ -666,5 +668,40 @@ impl<S: Outbox> AccountWorker<S> {
         if let Err(e) = result {
             tracing::error!(account = %self.account, rows = outcomes.len(), error = %e, "stopping before the outcomes could be recorded; these rows stay `sending` and are taken up after restart (read back from Mews first)");
         }
+    }
+}
+
+/// Puts the rows of `sample` first in `queue`, one per request, and the
+/// rest of the queue after them as one request (see [`RejectionWatch`]).
+fn send_sample_first(queue: &mut VecDeque<Vec<ClaimedRow>>, sample: &[i64]) {
+    if sample.is_empty() {
+        return;
+    }
+    let mut rest: Vec<ClaimedRow> = queue.drain(..).flatten().collect();
+    for id in sample {
+        if let Some(i) = rest.iter().position(|r| r.id == *id) {
+            queue.push_back(vec![rest.remove(i)]);
+        }
+    }
+    queue.push_back(rest);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sample_goes_first_one_by_one_and_the_rest_as_one_request() {
+        let mut queue = VecDeque::from([
+            crate::store::test_rows(2..=2),
+            crate::store::test_rows(3..=4),
+            crate::store::test_rows(5..=8),
+        ]);
+        send_sample_first(&mut queue, &[4, 8]);
+        let ids: Vec<Vec<i64>> = queue
+            .iter()
+            .map(|b| b.iter().map(|r| r.id).collect())
+            .collect();
+        assert_eq!(ids, [vec![4], vec![8], vec![2, 3, 5, 6, 7]]);
     }
 }
