@@ -342,21 +342,11 @@ impl<S: Outbox> AccountWorker<S> {
             };
             let Some(reply) = reply else {
                 // Stopping or paused: the rows not sent go back untouched.
-                let released: Vec<_> = watch
-                    .held()
-                    .into_iter()
-                    .chain(
-                        std::iter::once(batch)
-                            .chain(queue.drain(..))
-                            .flatten()
-                            .map(|r| r.id),
-                    )
-                    .map(|id| (id, RowOutcome::Release))
-                    .collect();
-                self.record(&released).await;
+                let unsent = watch.held().into_iter().chain(batch.iter().map(|r| r.id));
+                self.halt(Vec::new(), unsent, queue, Halt::Stopping).await;
                 return;
             };
-            let decision = decide(
+            let mut decision = decide(
                 &batch,
                 &reply.outcome,
                 &self.retry,
@@ -385,68 +375,88 @@ impl<S: Outbox> AccountWorker<S> {
                 let dead = self.rejections.accepted(&sent);
                 self.dead_letter_held(&dead).await;
             }
+            // What this reply settles, recorded together below.
+            let mut outcomes = Vec::new();
             let mut streak = None;
             if judged.record {
                 match (batch.as_slice(), &reply.outcome) {
                     ([row], Outcome::Rejected { error }) if !accepted_in_batch => {
-                        streak = self.hold_rejected(row, error).await;
+                        match self.hold_rejected(row, error).await {
+                            HeldRejection::Hold(outcome) => outcomes.push((row.id, outcome)),
+                            HeldRejection::Systemic(reason) => streak = Some(reason),
+                        }
                     }
-                    _ => self.record(&decision.rows).await,
+                    _ => outcomes = std::mem::take(&mut decision.rows),
                 }
             }
-            self.record(&judged.flush).await;
+            outcomes.extend(judged.flush);
             if let Some(systemic) = judged.systemic {
-                let released: Vec<_> = systemic
-                    .rows
-                    .iter()
-                    .copied()
-                    .chain(queue.drain(..).flatten().map(|r| r.id))
-                    .map(|id| (id, RowOutcome::Release))
-                    .collect();
-                tracing::error!(
-                    account = %self.account, rows_released = released.len(), error = %systemic.error,
-                    "ALERT: Mews rejected {SYSTEMIC_SAMPLE} single messages from across the batch with the same error and accepted none: this looks systemic (a daemon bug, a proxy answering for Mews, a revoked permission), not bad messages; nothing is dead-lettered, the account pauses"
-                );
-                self.record(&released).await;
-                self.rejections.systemic(systemic.error.clone());
-                self.pause(
-                    PauseKind::Systemic,
-                    format!(
-                        "{SYSTEMIC_SAMPLE} of {SYSTEMIC_SAMPLE} sampled messages rejected with {}",
-                        systemic.error
-                    ),
-                    None,
-                )
-                .await;
+                let unsent = systemic.rows.into_iter();
+                let halt = Halt::Systemic(systemic.error);
+                self.halt(outcomes, unsent, queue, halt).await;
                 return;
             }
             if let Some(reason) = streak {
                 // The rejected row (still `sending`) and the rest of the
                 // claim go back untouched; the streak's earlier rows already
                 // wait `pending`.
-                let released: Vec<_> = batch
-                    .iter()
-                    .map(|r| r.id)
-                    .chain(queue.drain(..).flatten().map(|r| r.id))
-                    .map(|id| (id, RowOutcome::Release))
-                    .collect();
-                self.record(&released).await;
-                self.pause(PauseKind::Systemic, reason, None).await;
+                let unsent = batch.iter().map(|r| r.id);
+                self.halt(outcomes, unsent, queue, Halt::Streak(reason))
+                    .await;
                 return;
             }
+            self.record(&outcomes).await;
             self.adapt(&reply, &decision).await;
             for half in decision.split.into_iter().rev() {
                 queue.push_front(half);
             }
         }
-        let held = watch.finish();
-        self.record(&held).await;
+        // The batch ended before the sample was judged: the held outcomes stand.
+        self.record(&watch.finish()).await;
+    }
+
+    /// Ends a claim before all of it was sent: records `outcomes` together
+    /// with the rows not sent (`unsent`, then the rest of `queue`), which go
+    /// back untouched; then the account pauses when `halt` says so.
+    async fn halt(
+        &mut self,
+        mut outcomes: Vec<(i64, RowOutcome)>,
+        unsent: impl Iterator<Item = i64>,
+        queue: VecDeque<Vec<ClaimedRow>>,
+        halt: Halt,
+    ) {
+        let settled = outcomes.len();
+        outcomes.extend(released(
+            unsent.chain(queue.into_iter().flatten().map(|r| r.id)),
+        ));
+        if let Halt::Systemic(error) = &halt {
+            tracing::error!(
+                account = %self.account, rows_released = outcomes.len() - settled, error = %error,
+                "ALERT: Mews rejected {SYSTEMIC_SAMPLE} single messages from across the batch with the same error and accepted none: this looks systemic (a daemon bug, a proxy answering for Mews, a revoked permission), not bad messages; nothing is dead-lettered, the account pauses"
+            );
+        }
+        self.record(&outcomes).await;
+        match halt {
+            Halt::Stopping => {}
+            Halt::Systemic(error) => {
+                self.rejections.systemic(error.clone());
+                self.pause(
+                    PauseKind::Systemic,
+                    format!(
+                        "{SYSTEMIC_SAMPLE} of {SYSTEMIC_SAMPLE} sampled messages rejected with {error}"
+                    ),
+                    None,
+                )
+                .await;
+            }
+            Halt::Streak(reason) => self.pause(PauseKind::Systemic, reason, None).await,
+        }
     }
 
     /// A single message was rejected with nothing accepted since the
-    /// streak began: hold it (or, once the streak is systemic, return the
-    /// pause reason; the caller releases the row and pauses).
-    async fn hold_rejected(&mut self, row: &ClaimedRow, error: &str) -> Option<String> {
+    /// streak began: hold it (or, once the streak is systemic, say why the
+    /// account pauses; the caller releases the row and pauses).
+    async fn hold_rejected(&mut self, row: &ClaimedRow, error: &str) -> HeldRejection {
         let probing = self.rejections.probing();
         let (alike, rows) = match self.rejections.rejected(row.id, error) {
             StreakVerdict::Systemic { error, rows } => (error, rows),
@@ -483,12 +493,11 @@ impl<S: Outbox> AccountWorker<S> {
                     account = %self.account, row = row.id, error = %error,
                     "a message Mews rejected is held, not dead-lettered, until a request of this account is accepted (then it is dead) or {SYSTEMIC_SAMPLE} messages in a row are rejected alike (then the account pauses); nothing to do unless more follow"
                 );
-                self.record(&[(row.id, outcome)]).await;
-                return None;
+                return HeldRejection::Hold(outcome);
             }
         };
         if probing {
-            return Some(format!(
+            return HeldRejection::Systemic(format!(
                 "the probe after the pause was rejected again with {alike}"
             ));
         }
@@ -496,7 +505,7 @@ impl<S: Outbox> AccountWorker<S> {
             account = %self.account, rows_held = rows.len(), error = %alike,
             "ALERT: Mews rejected {SYSTEMIC_SAMPLE} single messages in a row, across requests, with the same error and accepted none: this looks systemic (a daemon bug, a proxy answering for Mews, a revoked permission), not bad messages; nothing is dead-lettered, the account pauses"
         );
-        Some(format!(
+        HeldRejection::Systemic(format!(
             "{} single messages in a row rejected with {alike}, none accepted",
             rows.len()
         ))
@@ -669,6 +678,30 @@ impl<S: Outbox> AccountWorker<S> {
             tracing::error!(account = %self.account, rows = outcomes.len(), error = %e, "stopping before the outcomes could be recorded; these rows stay `sending` and are taken up after restart (read back from Mews first)");
         }
     }
+}
+
+/// Why a claim ends before all of it was sent.
+enum Halt {
+    /// The daemon is stopping or the account paused.
+    Stopping,
+    /// The sample of this claim was rejected alike (the shared error).
+    Systemic(String),
+    /// The account's rejection streak turned systemic (the pause reason).
+    Streak(String),
+}
+
+/// What becomes of a single message rejected before the account proved it
+/// works.
+enum HeldRejection {
+    /// Record this for the row: held, or dead after max_attempts.
+    Hold(RowOutcome),
+    /// The rejection is systemic: release the row, pause for this reason.
+    Systemic(String),
+}
+
+/// Rows that go back `pending` untouched: not sent, or not judged.
+fn released(ids: impl Iterator<Item = i64>) -> Vec<(i64, RowOutcome)> {
+    ids.map(|id| (id, RowOutcome::Release)).collect()
 }
 
 /// Puts the rows of `sample` first in `queue`, one per request, and the

@@ -5,12 +5,12 @@
 use std::collections::HashSet;
 use std::time::SystemTime;
 
-use super::AccountWorker;
 use super::decide::{PauseKind, delivered};
 use super::log::log_read_back;
+use super::{AccountWorker, released};
 use crate::mews::{AddedMessage, Outcome};
 use crate::reconcile::{self, ClockOffset};
-use crate::store::{ClaimedRow, Outbox, RowOutcome};
+use crate::store::{ClaimedRow, Outbox};
 
 /// What reading back ambiguous rows came to.
 enum ReadBackResult {
@@ -34,11 +34,8 @@ impl<S: Outbox> AccountWorker<S> {
         }
         let (doubtful, mut send): (Vec<_>, Vec<_>) =
             rows.into_iter().partition(|r| r.needs_reconcile);
-        let release = |rows: &[ClaimedRow], more: &[ClaimedRow]| -> Vec<(i64, RowOutcome)> {
-            rows.iter()
-                .chain(more)
-                .map(|r| (r.id, RowOutcome::Release))
-                .collect()
+        let release = |rows: &[ClaimedRow], more: &[ClaimedRow]| {
+            released(rows.iter().chain(more).map(|r| r.id))
         };
         let messages = match self.read_back(&doubtful).await {
             ReadBackResult::Messages(messages) => messages,
