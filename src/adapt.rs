@@ -4,7 +4,7 @@
 //! batches and time ([`RejectionStreak`]). Pure state machines fed with
 //! outcomes; the worker does the I/O and the logging.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet};
 
 use crate::mews::{Outcome, without_request_id};
 use crate::store::{ClaimedRow, RowOutcome};
@@ -133,6 +133,10 @@ pub struct Judgement {
     /// Held outcomes to record now (the sample turned out not systemic).
     pub flush: Vec<(i64, RowOutcome)>,
     pub systemic: Option<Systemic>,
+    /// Rows not sent yet to send next, one per request, before the rest of
+    /// the batch (then sent as one request): the sample that tells a
+    /// systemic rejection from a bad message. Empty: the order stands.
+    pub sample: Vec<i64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -171,14 +175,15 @@ pub struct RejectionWatch {
 }
 
 impl RejectionWatch {
-    /// Feeds the reply to `batch`; may reorder `queue` (the rows not sent
-    /// yet) to put the sample first.
+    /// Feeds the reply to `batch`; `unsent` are the batch's rows not sent
+    /// yet, in the order they would go. The judgement may ask for a sample of
+    /// them to go first.
     pub fn observe(
         &mut self,
         batch: &[ClaimedRow],
         outcome: &Outcome,
         outcomes: &[(i64, RowOutcome)],
-        queue: &mut VecDeque<Vec<ClaimedRow>>,
+        unsent: impl Iterator<Item = i64>,
     ) -> Judgement {
         let record_now = Judgement {
             record: true,
@@ -198,29 +203,25 @@ impl RejectionWatch {
                 let Some((_, error)) = single_rejection else {
                     return record_now;
                 };
-                let mut rest: Vec<ClaimedRow> = queue.drain(..).flatten().collect();
+                let rest: Vec<i64> = unsent.collect();
                 let wanted = SYSTEMIC_SAMPLE - 1;
                 if rest.len() < wanted {
-                    queue.push_back(rest);
                     self.state = Watch::Done;
                     return record_now;
                 }
                 // Evenly spread: for two probes, the middle and the last row.
-                let picks: Vec<usize> = (1..=wanted).map(|j| j * rest.len() / wanted - 1).collect();
-                let mut probes = Vec::with_capacity(wanted);
-                for &i in picks.iter().rev() {
-                    probes.push(rest.remove(i));
-                }
-                probes.reverse();
-                let ids = probes.iter().map(|r| r.id).collect();
-                queue.extend(probes.into_iter().map(|p| vec![p]));
-                queue.push_back(rest);
+                let sample: Vec<i64> = (1..=wanted)
+                    .map(|j| rest[j * rest.len() / wanted - 1])
+                    .collect();
                 self.state = Watch::Sampling {
                     error,
                     held: outcomes.to_vec(),
-                    probes: ids,
+                    probes: sample.iter().copied().collect(),
                 };
-                Judgement::default()
+                Judgement {
+                    sample,
+                    ..Judgement::default()
+                }
             }
             Watch::Sampling {
                 error,
@@ -244,9 +245,8 @@ impl RejectionWatch {
                         };
                         self.state = Watch::Done;
                         Judgement {
-                            record: false,
-                            flush: Vec::new(),
                             systemic: Some(systemic),
+                            ..Judgement::default()
                         }
                     }
                     // Accepted, or rejected for another reason: the rows
@@ -280,7 +280,7 @@ impl RejectionWatch {
         Judgement {
             record: true,
             flush,
-            systemic: None,
+            ..Judgement::default()
         }
     }
 
@@ -454,11 +454,9 @@ mod tests {
         }
     }
 
-    fn ids(queue: &VecDeque<Vec<ClaimedRow>>) -> Vec<Vec<i64>> {
-        queue
-            .iter()
-            .map(|b| b.iter().map(|r| r.id).collect())
-            .collect()
+    /// The ids of rows not sent yet.
+    fn unsent(ids: std::ops::RangeInclusive<i64>) -> impl Iterator<Item = i64> {
+        ids
     }
 
     #[test]
@@ -521,16 +519,26 @@ mod tests {
     #[test]
     fn the_same_rejection_for_the_first_single_and_a_spread_sample_is_systemic() {
         let mut watch = RejectionWatch::default();
-        // Bisection reached row 1 alone; the queue holds the untried halves.
-        let mut queue = VecDeque::from([rows(2..=2), rows(3..=4), rows(5..=8)]);
-        let j = watch.observe(&rows(1..=1), &rejected("a"), &dead(1), &mut queue);
-        assert_eq!(j, Judgement::default(), "row 1 is held, not dead yet");
-        assert_eq!(ids(&queue), [vec![4], vec![8], vec![2, 3, 5, 6, 7]]);
+        // Bisection reached row 1 alone; rows 2 to 8 are untried.
+        let j = watch.observe(&rows(1..=1), &rejected("a"), &dead(1), unsent(2..=8));
+        assert_eq!(
+            j,
+            Judgement {
+                sample: vec![4, 8],
+                ..Judgement::default()
+            },
+            "row 1 is held, not dead yet; rows 4 and 8 go next"
+        );
         assert_eq!(watch.held(), [1]);
 
-        let j = watch.observe(&rows(4..=4), &rejected("b"), &dead(4), &mut queue);
+        let j = watch.observe(
+            &rows(4..=4),
+            &rejected("b"),
+            &dead(4),
+            [8, 2, 3].into_iter(),
+        );
         assert_eq!(j, Judgement::default());
-        let j = watch.observe(&rows(8..=8), &rejected("c"), &dead(8), &mut queue);
+        let j = watch.observe(&rows(8..=8), &rejected("c"), &dead(8), [2, 3].into_iter());
         assert_eq!(
             j.systemic,
             Some(Systemic {
@@ -538,7 +546,7 @@ mod tests {
                 rows: vec![1, 4, 8]
             })
         );
-        assert!(!j.record && j.flush.is_empty());
+        assert!(!j.record && j.flush.is_empty() && j.sample.is_empty());
     }
 
     #[test]
@@ -550,14 +558,16 @@ mod tests {
             },
         ] {
             let mut watch = RejectionWatch::default();
-            let mut queue = VecDeque::from([rows(2..=2), rows(3..=4)]);
-            watch.observe(&rows(1..=1), &rejected("a"), &dead(1), &mut queue);
-            assert_eq!(ids(&queue), [vec![2], vec![4], vec![3]]);
-            let j = watch.observe(&rows(2..=2), &probe_outcome, &[], &mut queue);
+            let j = watch.observe(&rows(1..=1), &rejected("a"), &dead(1), unsent(2..=4));
+            assert_eq!(j.sample, [2, 4]);
+            let j = watch.observe(&rows(2..=2), &probe_outcome, &[], [4, 3].into_iter());
             assert!(j.record && j.systemic.is_none(), "{probe_outcome:?}");
             assert_eq!(j.flush, dead(1));
-            let j = watch.observe(&rows(4..=4), &rejected("b"), &dead(4), &mut queue);
-            assert!(j.record && j.flush.is_empty(), "decided for this batch");
+            let j = watch.observe(&rows(4..=4), &rejected("b"), &dead(4), unsent(3..=3));
+            assert!(
+                j.record && j.flush.is_empty() && j.sample.is_empty(),
+                "decided for this batch"
+            );
         }
     }
 
@@ -569,9 +579,8 @@ mod tests {
         };
         for probe_outcome in [transient(), throttled] {
             let mut watch = RejectionWatch::default();
-            let mut queue = VecDeque::from([rows(2..=2), rows(3..=4)]);
-            watch.observe(&rows(1..=1), &rejected("a"), &dead(1), &mut queue);
-            let j = watch.observe(&rows(2..=2), &probe_outcome, &[], &mut queue);
+            watch.observe(&rows(1..=1), &rejected("a"), &dead(1), unsent(2..=4));
+            let j = watch.observe(&rows(2..=2), &probe_outcome, &[], [4, 3].into_iter());
             assert!(j.record && j.systemic.is_none(), "{probe_outcome:?}");
             assert_eq!(j.flush, [(1, RowOutcome::Release)]);
         }
@@ -580,32 +589,29 @@ mod tests {
     #[test]
     fn after_an_accepted_request_every_single_is_judged_alone() {
         let mut watch = RejectionWatch::default();
-        let mut queue = VecDeque::from([rows(3..=4)]);
         assert!(
             watch
-                .observe(&rows(5..=6), &accepted(), &[], &mut queue)
+                .observe(&rows(5..=6), &accepted(), &[], unsent(1..=4))
                 .record
         );
-        let j = watch.observe(&rows(1..=1), &rejected("a"), &dead(1), &mut queue);
+        let j = watch.observe(&rows(1..=1), &rejected("a"), &dead(1), unsent(3..=4));
         assert!(j.record);
-        assert_eq!(ids(&queue), [vec![3, 4]], "no sample taken");
+        assert!(j.sample.is_empty(), "no sample taken");
     }
 
     #[test]
     fn a_batch_too_small_to_sample_is_judged_message_by_message() {
         let mut watch = RejectionWatch::default();
-        let mut queue = VecDeque::from([rows(2..=2)]);
-        let j = watch.observe(&rows(1..=1), &rejected("a"), &dead(1), &mut queue);
+        let j = watch.observe(&rows(1..=1), &rejected("a"), &dead(1), unsent(2..=2));
         assert!(j.record && j.systemic.is_none());
-        assert_eq!(ids(&queue), [vec![2]]);
+        assert!(j.sample.is_empty());
         assert!(watch.finish().is_empty());
     }
 
     #[test]
     fn held_rows_stand_when_the_batch_stops_before_the_sample_is_judged() {
         let mut watch = RejectionWatch::default();
-        let mut queue = VecDeque::from([rows(2..=3)]);
-        watch.observe(&rows(1..=1), &rejected("a"), &dead(1), &mut queue);
+        watch.observe(&rows(1..=1), &rejected("a"), &dead(1), unsent(2..=3));
         assert_eq!(watch.finish(), dead(1));
     }
 

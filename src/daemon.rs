@@ -22,7 +22,7 @@ use crate::mews::{ClientError, MewsClient};
 use crate::notify::{Liveness, Notifier, watchdog_interval};
 use crate::store::file::{DaemonLock, FileError, check_local_filesystem};
 use crate::store::{Outbox, SqliteStore, StoreError};
-use crate::worker::AccountWorker;
+use crate::worker::{AccountWorker, WorkerContext};
 
 /// How often `STATUS=` is refreshed for `systemctl status` (under systemd only).
 const STATUS_INTERVAL: Duration = Duration::from_secs(5);
@@ -162,18 +162,20 @@ impl Generation {
         let requests = Arc::new(Semaphore::new(settings.delivery.max_concurrent_requests));
         let pauses = store.pauses().await?;
         let mut tasks = JoinSet::new();
+        let context = WorkerContext {
+            store: store.clone(),
+            client,
+            delivery: settings.delivery.clone(),
+            retry: settings.retry.clone(),
+            requests,
+            changes,
+            shutdown: stop.clone(),
+        };
         for (name, account) in &settings.accounts {
             let worker = AccountWorker::new(
-                store.clone(),
-                client.clone(),
+                context.clone(),
                 name.clone(),
-                account.access_token.clone(),
-                account.rate_limit,
-                settings.delivery.clone(),
-                settings.retry.clone(),
-                requests.clone(),
-                changes.clone(),
-                stop.clone(),
+                account,
                 pauses.iter().find(|p| &p.account == name).cloned(),
             )
             .with_pulse(liveness.register(format!("account {name}")));

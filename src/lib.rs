@@ -13,7 +13,8 @@
 //!   circuit breaker, systemic rejection
 //! - [`reconcile`]: matching ambiguous rows against what Mews has
 //! - [`request_size`]: request bytes, and packing rows under the byte bound
-//! - [`worker`]: one account's delivery loop (claim → send → record)
+//! - [`worker`]: one account's delivery loop (claim → read back → send →
+//!   record) and the pure table of what each reply means
 //! - [`daemon`]: `run`: the database lock, the loops, reload, shutdown
 //! - [`error_chain`]: an error and its causes, each once, for logs
 //! - [`signals`]: SIGTERM/SIGINT stop, SIGHUP reloads
