@@ -516,24 +516,10 @@ impl<S: Outbox> AccountWorker<S> {
         if dead.is_empty() {
             return;
         }
-        let attempt = || async {
-            self.busy("recording outcomes", STORE_STEP_BUDGET);
-            self.store
-                .dead_letter_held(dead, HELD_PREFIX, SystemTime::now())
-                .await
-        };
-        let result = attempt
-            .retry(
-                ExponentialBuilder::new()
-                    .with_min_delay(Duration::from_millis(50))
-                    .with_max_delay(Duration::from_secs(5))
-                    .with_jitter()
-                    .without_max_times(),
-            )
-            .sleep(tokio::time::sleep)
-            .when(|_| !self.shutdown.is_cancelled())
-            .notify(|e, wait| {
-                tracing::error!(account = %self.account, rows = dead.len(), error = %e, retry_in = ?wait, "cannot record delivery outcomes; retrying");
+        let result = self
+            .until_stored(dead.len(), || {
+                self.store
+                    .dead_letter_held(dead, HELD_PREFIX, SystemTime::now())
             })
             .await;
         match result {
@@ -656,11 +642,32 @@ impl<S: Outbox> AccountWorker<S> {
         if outcomes.is_empty() {
             return;
         }
-        let attempt = || async {
+        let result = self
+            .until_stored(outcomes.len(), || {
+                self.store.record(outcomes, SystemTime::now())
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(account = %self.account, rows = outcomes.len(), error = %e, "stopping before the outcomes could be recorded; these rows stay `sending` and are taken up after restart (read back from Mews first)");
+        }
+    }
+
+    /// Runs a write of outcomes for `rows` rows until it succeeds, backing
+    /// off while the database fails; gives up only when shutting down.
+    async fn until_stored<T, Write, Fut>(
+        &self,
+        rows: usize,
+        mut write: Write,
+    ) -> Result<T, StoreError>
+    where
+        Write: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let attempt = || {
             self.busy("recording outcomes", STORE_STEP_BUDGET);
-            self.store.record(outcomes, SystemTime::now()).await
+            write()
         };
-        let result = attempt
+        attempt
             .retry(
                 ExponentialBuilder::new()
                     .with_min_delay(Duration::from_millis(50))
@@ -671,12 +678,9 @@ impl<S: Outbox> AccountWorker<S> {
             .sleep(tokio::time::sleep)
             .when(|_| !self.shutdown.is_cancelled())
             .notify(|e, wait| {
-                tracing::error!(account = %self.account, rows = outcomes.len(), error = %e, retry_in = ?wait, "cannot record delivery outcomes; retrying");
+                tracing::error!(account = %self.account, rows, error = %e, retry_in = ?wait, "cannot record delivery outcomes; retrying");
             })
-            .await;
-        if let Err(e) = result {
-            tracing::error!(account = %self.account, rows = outcomes.len(), error = %e, "stopping before the outcomes could be recorded; these rows stay `sending` and are taken up after restart (read back from Mews first)");
-        }
+            .await
     }
 }
 
