@@ -808,7 +808,30 @@ async fn a_claim_racing_a_takeover_waits_for_it_and_claims_nothing() {
         let a = a.clone();
         async move { a.claim("acct", far, 10).await.unwrap() }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The event, not a pause: the claim's backend is seen waiting for the
+    // takeover's lock (without its lease check it would finish instead).
+    let waiting_since = Instant::now();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(a.pool())
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            !claim.is_finished(),
+            "the claim did not wait for the takeover"
+        );
+        assert!(
+            waiting_since.elapsed() < Duration::from_secs(30),
+            "the claim neither finished nor waited for a lock within 30 s"
+        );
+        tokio::task::yield_now().await;
+    }
     assert!(
         !claim.is_finished(),
         "the claim did not wait for the takeover"
