@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::support::daemon::{
-    ACCESS_TOKEN, CLIENT_TOKEN, Env, WAIT, count, insert_rows, insert_rows_for, rows, threads,
-    wait_for_rows, wait_for_status,
+    ACCESS_TOKEN, CLIENT_TOKEN, Env, WAIT, count, hold_write_lock, insert_rows, insert_rows_for,
+    rows, threads, wait_for_rows, wait_for_status,
 };
 use crate::support::fake_mews::{
     ADD_PATH, FakeMews, FakeOptions, Fault, GET_ALL_PATH, RequestRecord,
@@ -385,11 +385,7 @@ async fn rows_stay_sending_when_the_database_fails_at_shutdown_and_are_read_back
     let mut daemon = env.start();
     daemon.wait_for_log("messages/add: sending").await;
     // A producer holds the write lock past the busy timeout, then TERM.
-    let mut locker = db.acquire().await.unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut *locker)
-        .await
-        .unwrap();
+    let mut locker = hold_write_lock(&db).await;
     daemon.signal("TERM");
     assert!(daemon.wait_exit(WAIT).await.success());
     let log = daemon.log();

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::support::daemon::{Env, count, insert_rows, threads, wait_for_status};
+use crate::support::daemon::{Env, count, hold_write_lock, insert_rows, threads, wait_for_status};
 use crate::support::fake_mews::{FakeMews, Fault};
 
 /// A small tmpfs mounted for one test, unmounted (lazily) when dropped.
@@ -107,11 +107,7 @@ async fn a_database_locked_for_long_is_waited_out() {
     let mut daemon = env.start();
     daemon.wait_for_log("messages/add: sending").await;
     // Another process takes the write lock and keeps it.
-    let mut locker = db.acquire().await.unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut *locker)
-        .await
-        .unwrap();
+    let mut locker = hold_write_lock(&db).await;
     let line = daemon.wait_for_log("cannot record delivery outcomes").await;
     assert!(line.contains("locked") || line.contains("busy"), "{line}");
 

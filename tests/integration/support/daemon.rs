@@ -391,6 +391,18 @@ pub fn threads(n: usize) -> Vec<String> {
 }
 
 /// Counts rows per status.
+/// Takes the database's write lock as a producer holding a long write
+/// transaction would, and keeps it until the connection is given back
+/// (`ROLLBACK`/`COMMIT` on it first).
+pub async fn hold_write_lock(pool: &SqlitePool) -> sqlx::pool::PoolConnection<sqlx::Sqlite> {
+    let mut locker = pool.acquire().await.expect("connection");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *locker)
+        .await
+        .expect("take the write lock");
+    locker
+}
+
 pub async fn count(pool: &SqlitePool, status: &str) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = ?1")
         .bind(status)
