@@ -2,7 +2,6 @@
 //! heartbeat and the watchdog STATUS, pruning delivered rows in small
 //! batches, and giving freed pages back to the file system.
 
-use std::collections::BTreeMap;
 use std::io::ErrorKind;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
@@ -10,6 +9,7 @@ use std::time::SystemTime;
 
 use sqlx::Row;
 
+pub use super::{AccountQueue, QueueSummary};
 use super::{SqliteStore, Status, StoreError, parse_timestamp, timestamp};
 
 /// Mode of a database file the daemon creates: producers in the group write to it.
@@ -33,43 +33,6 @@ pub fn create_database_file(path: &Path) -> std::io::Result<bool> {
         }
         Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
         Err(e) => Err(e),
-    }
-}
-
-/// One account's share of the queue.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AccountQueue {
-    pub pending: u64,
-    pub sending: u64,
-    pub dead: u64,
-    /// `created_at` of the oldest pending row.
-    pub oldest_pending: Option<SystemTime>,
-}
-
-/// The queue at one moment, for the heartbeat and `STATUS=`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct QueueSummary {
-    /// Accounts with pending, sending or dead rows.
-    pub accounts: BTreeMap<String, AccountQueue>,
-    /// Rows delivered after the given time.
-    pub delivered_since: u64,
-}
-
-impl QueueSummary {
-    pub fn pending(&self) -> u64 {
-        self.accounts.values().map(|a| a.pending).sum()
-    }
-    pub fn sending(&self) -> u64 {
-        self.accounts.values().map(|a| a.sending).sum()
-    }
-    pub fn dead(&self) -> u64 {
-        self.accounts.values().map(|a| a.dead).sum()
-    }
-    pub fn oldest_pending(&self) -> Option<SystemTime> {
-        self.accounts
-            .values()
-            .filter_map(|a| a.oldest_pending)
-            .min()
     }
 }
 

@@ -9,7 +9,7 @@ pub mod postgres;
 pub mod sqlite;
 mod wal_watch;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::time::SystemTime;
 
@@ -309,6 +309,178 @@ pub trait Outbox: Clone + Send + Sync + 'static {
         account: &str,
         ends: &[SystemTime],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// One account's share of the queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccountQueue {
+    pub pending: u64,
+    pub sending: u64,
+    pub dead: u64,
+    /// `created_at` of the oldest pending row.
+    pub oldest_pending: Option<SystemTime>,
+}
+
+/// The queue at one moment, for the heartbeat and `STATUS=`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueSummary {
+    /// Accounts with pending, sending or dead rows.
+    pub accounts: BTreeMap<String, AccountQueue>,
+    /// Rows delivered after the given time.
+    pub delivered_since: u64,
+}
+
+impl QueueSummary {
+    pub fn pending(&self) -> u64 {
+        self.accounts.values().map(|a| a.pending).sum()
+    }
+    pub fn sending(&self) -> u64 {
+        self.accounts.values().map(|a| a.sending).sum()
+    }
+    pub fn dead(&self) -> u64 {
+        self.accounts.values().map(|a| a.dead).sum()
+    }
+    pub fn oldest_pending(&self) -> Option<SystemTime> {
+        self.accounts
+            .values()
+            .filter_map(|a| a.oldest_pending)
+            .min()
+    }
+}
+
+/// An account this daemon took to deliver for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acquired {
+    pub account: String,
+    /// The account's fencing token for this ownership (PostgreSQL; 0 for
+    /// SQLite, whose file lock makes the daemon the only owner).
+    pub token: i64,
+    /// Rows a previous owner left `sending`, now `pending` to be read back.
+    pub recovered: u64,
+}
+
+/// What the daemon itself needs beyond the delivery loop's [`Outbox`]:
+/// which accounts it delivers for, waking on new rows, recovery, and its
+/// view of the queue for the heartbeat and `STATUS=`. A store is opened by
+/// its own constructor (a file path, a URL); everything after is this trait.
+pub trait DaemonStore: Outbox {
+    /// How the store names itself in log lines and errors (a path, or a URL
+    /// with its password redacted).
+    fn describe(&self) -> String;
+
+    /// Takes up to `at_most` of `configured` to deliver for, that no other
+    /// daemon holds; returns those newly taken (an account already held is
+    /// not returned again). SQLite: every configured account (the file lock
+    /// already made this daemon the only one). PostgreSQL: account leases.
+    fn acquire_accounts(
+        &self,
+        configured: &[&str],
+        at_most: usize,
+    ) -> impl Future<Output = Result<Vec<Acquired>, StoreError>> + Send;
+
+    /// Extends this daemon's hold on its accounts; returns the accounts it
+    /// lost meanwhile (their loops must stop: another daemon owns them).
+    /// SQLite: never loses any.
+    fn renew_accounts(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
+    /// Gives up every account (at shutdown, after the loops stopped).
+    fn release_accounts(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Puts rows this store's previous owner left `sending` back to
+    /// `pending`, to be read back before they are sent again, not due before
+    /// their request's start plus `settle`. Returns how many. (PostgreSQL
+    /// does this at each takeover instead and returns 0.)
+    fn recover_abandoned(
+        &self,
+        settle: std::time::Duration,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// A receiver that changes whenever rows may have been added or changed
+    /// (a producer's commit), and at least every `poll_interval`.
+    fn watch_changes(
+        &self,
+        poll_interval: std::time::Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> impl Future<Output = Result<tokio::sync::watch::Receiver<u64>, StoreError>> + Send;
+
+    /// Counts of unfinished and dead rows per account and deliveries since `since`.
+    fn queue_summary(
+        &self,
+        since: SystemTime,
+    ) -> impl Future<Output = Result<QueueSummary, StoreError>> + Send;
+
+    /// Closes every connection (at shutdown).
+    fn close(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// The daemon's housekeeping task: flags rows of accounts nobody
+/// configured, prunes delivered rows, and gives space back.
+pub trait Upkeep: Clone + Send + Sync + 'static {
+    /// Accounts that have `pending` rows but are not in `configured`, with
+    /// their counts; those rows (and rows waiting behind them in their
+    /// thread) get a `last_error` saying why they wait.
+    fn flag_unknown_accounts(
+        &self,
+        configured: &[&str],
+    ) -> impl Future<Output = Result<Vec<(String, u64)>, StoreError>> + Send;
+
+    /// Deletes up to `limit` rows delivered before `before`, oldest first,
+    /// in one short transaction. Returns how many; dead rows are never touched.
+    fn prune_delivered(
+        &self,
+        before: SystemTime,
+        limit: usize,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Gives up to `pages` free pages back to the file system; returns how
+    /// many. (PostgreSQL: autovacuum does this; 0.)
+    fn give_back_free_pages(
+        &self,
+        pages: u32,
+    ) -> impl Future<Output = Result<i64, StoreError>> + Send;
+
+    /// A one-time warning about how the storage is set up, if any (SQLite:
+    /// a file without incremental auto-vacuum never shrinks).
+    fn storage_warning(&self) -> impl Future<Output = Option<String>> + Send;
+}
+
+/// The operator's commands (`enqueue`, `status`, `dead ...`).
+pub trait OperatorStore: Send + Sync {
+    /// Inserts one message the way a producer would.
+    fn enqueue(
+        &self,
+        message: &NewMessage,
+    ) -> impl Future<Output = Result<Enqueued, StoreError>> + Send;
+
+    /// Counts, ages and pauses per account (every account with rows or a pause).
+    fn status(
+        &self,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<Vec<AccountStatus>, StoreError>> + Send;
+
+    /// Dead rows, oldest first, of one account or all.
+    fn dead_rows(
+        &self,
+        account: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<DeadRow>, StoreError>> + Send;
+
+    /// Puts dead rows back to `pending`, due now, attempts reset. Named rows
+    /// that are not all dead (or not of `account`) are refused as a whole
+    /// ([`StoreError::NotDead`]). Returns the ids requeued.
+    fn requeue_dead(
+        &self,
+        which: &Requeue,
+        account: Option<&str>,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<Vec<i64>, StoreError>> + Send;
+
+    /// Deletes dead rows that died before `cutoff` (of `account`, or all).
+    fn purge_dead(
+        &self,
+        cutoff: SystemTime,
+        account: Option<&str>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }
 
 /// `2026-11-28T07:21:07.123Z`: the timestamp format of every time column.

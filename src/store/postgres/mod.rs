@@ -29,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::file::{SchemaProblem, schema_verdict};
 use super::{
-    AccountPause, ClaimedRow, Enqueued, NewMessage, Outbox, RowOutcome, StoreError, timestamp,
+    AccountPause, Acquired, ClaimedRow, Enqueued, NewMessage, Outbox, RowOutcome, StoreError,
+    timestamp,
 };
 
 /// The daemon's migration bookkeeping table, as in the SQLite store.
@@ -72,16 +73,6 @@ impl Default for PgOptions {
             connect_timeout: Duration::from_secs(10),
         }
     }
-}
-
-/// An account this handle took over.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Acquired {
-    pub account: String,
-    /// The account's fencing token for this ownership.
-    pub token: i64,
-    /// Rows a previous owner left `sending`, now `pending` to be read back.
-    pub recovered: u64,
 }
 
 /// One daemon's handle on the shared outbox: its owner id, its lease length
