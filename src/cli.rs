@@ -184,7 +184,7 @@ pub async fn execute(command: Command, settings: Settings, sources: Sources) -> 
         }
         Command::Dead { command } => dead(command, &settings).await?,
         Command::Migrate => {
-            crate::store::file::check_local_filesystem(&settings.database.path)?;
+            crate::store::sqlite::file::check_local_filesystem(&settings.database.path)?;
             let store = create_or_open(&settings).await?;
             out(&format!("migrations applied to {}", store.path().display()))?;
         }

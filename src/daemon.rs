@@ -20,7 +20,7 @@ use crate::error_chain::ErrorChain;
 use crate::heartbeat::{Heartbeat, paused_accounts, status_line};
 use crate::mews::{ClientError, MewsClient};
 use crate::notify::{Liveness, Notifier, watchdog_interval};
-use crate::store::file::{DaemonLock, FileError, check_local_filesystem};
+use crate::store::sqlite::file::{DaemonLock, FileError, check_local_filesystem};
 use crate::store::{Outbox, SqliteStore, StoreError};
 use crate::worker::{AccountWorker, WorkerContext};
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::notify::LastOutcome;
-use crate::store::maintenance::QueueSummary;
+use crate::store::QueueSummary;
 use crate::store::{AccountPause, Outbox, SqliteStore, StoreError};
 
 /// Something in the queue an operator should look at.
@@ -196,7 +196,7 @@ pub fn paused_accounts(pauses: &[AccountPause], now: SystemTime) -> Vec<String> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::maintenance::AccountQueue;
+    use crate::store::AccountQueue;
 
     fn t(s: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s)

@@ -3,11 +3,9 @@
 //! A PostgreSQL store (several daemons claiming with `FOR UPDATE SKIP
 //! LOCKED`, leases instead of start-up recovery) would implement the same trait.
 
-pub mod file;
-pub mod maintenance;
 pub mod postgres;
+pub mod schema;
 pub mod sqlite;
-mod wal_watch;
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
@@ -198,7 +196,7 @@ pub enum StoreError {
     #[error("the database {path} {problem}")]
     Schema {
         path: String,
-        problem: file::SchemaProblem,
+        problem: schema::SchemaProblem,
     },
     /// PostgreSQL store: this daemon no longer holds the account's lease
     /// (another daemon took it over); nothing was changed for it.

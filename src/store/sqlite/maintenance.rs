@@ -9,8 +9,8 @@ use std::time::SystemTime;
 
 use sqlx::Row;
 
-pub use super::{AccountQueue, QueueSummary};
-use super::{SqliteStore, Status, StoreError, parse_timestamp, timestamp};
+use super::SqliteStore;
+use crate::store::{QueueSummary, Status, StoreError, parse_timestamp, timestamp};
 
 /// Mode of a database file the daemon creates: producers in the group write to it.
 pub const DATABASE_FILE_MODE: u32 = 0o660;
@@ -138,5 +138,60 @@ impl SqliteStore {
         Ok(sqlx::query_scalar("PRAGMA auto_vacuum")
             .fetch_one(self.pool())
             .await?)
+    }
+
+    /// Accounts that have `pending` rows but are not in `configured`, with
+    /// their counts; their rows get a `last_error` saying so, and so do the
+    /// rows of configured accounts that wait behind such a row in their
+    /// thread (per-thread order holds them: without a reason of their own
+    /// they would wait silently).
+    pub async fn flag_unknown_accounts(
+        &self,
+        configured: &[&str],
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let configured = serde_json::to_string(configured).unwrap_or_else(|_| "[]".into());
+        let rows = sqlx::query(
+            "SELECT account, count(*) AS n FROM outbox
+             WHERE status = 'pending' AND account NOT IN (SELECT value FROM json_each(?1))
+             GROUP BY account",
+        )
+        .bind(&configured)
+        .fetch_all(&self.pool)
+        .await?;
+        sqlx::query(
+            "UPDATE outbox SET last_error = 'account ' || account || ' is not configured: add [accounts.' || account || '] to the configuration'
+             WHERE status = 'pending' AND last_error IS NULL
+               AND account NOT IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(&configured)
+        .execute(&self.writer)
+        .await?;
+        // Only threads whose head is unconfigured are read (a few rows of
+        // the heads table, then `outbox_thread_rows`); a message of ours is
+        // replaced when the blocking row changed, another reason is kept.
+        sqlx::query(
+            "UPDATE outbox SET last_error = 'waiting behind row ' || h.head_id
+                 || ' of its thread, whose account ' || h.account
+                 || ' is not configured: add [accounts.' || h.account
+                 || '] to the configuration, or delete row ' || h.head_id
+             FROM outbox_thread_head AS h
+             WHERE h.account NOT IN (SELECT value FROM json_each(?1))
+               AND outbox.message_thread_id = h.message_thread_id
+               AND outbox.id > h.head_id
+               AND outbox.status = 'pending'
+               AND outbox.account IN (SELECT value FROM json_each(?1))
+               AND (outbox.last_error IS NULL OR outbox.last_error LIKE 'waiting behind row %')",
+        )
+        .bind(&configured)
+        .execute(&self.writer)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("account")?,
+                    u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0),
+                ))
+            })
+            .collect()
     }
 }
