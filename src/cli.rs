@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Settings, Sources};
 use crate::dead::DeadReport;
 use crate::status::StatusReport;
-use crate::store::{Enqueued, NewMessage, Requeue, SqliteStore, timestamp};
+use crate::store::{Enqueued, NewMessage, OperatorStore, Requeue, SqliteStore, timestamp};
 
 #[derive(Debug, Parser)]
 #[command(

@@ -21,7 +21,7 @@ use crate::heartbeat::{Heartbeat, paused_accounts, status_line};
 use crate::mews::{ClientError, MewsClient};
 use crate::notify::{Liveness, Notifier, watchdog_interval};
 use crate::store::sqlite::file::{DaemonLock, FileError, check_local_filesystem};
-use crate::store::{Outbox, SqliteStore, StoreError};
+use crate::store::{DaemonStore, Outbox, SqliteStore, StoreError};
 use crate::worker::{AccountWorker, WorkerContext};
 
 /// How often `STATUS=` is refreshed for `systemctl status` (under systemd only).

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::notify::LastOutcome;
 use crate::store::QueueSummary;
-use crate::store::{AccountPause, Outbox, SqliteStore, StoreError};
+use crate::store::{AccountPause, DaemonStore, Outbox, SqliteStore, StoreError};
 
 /// Something in the queue an operator should look at.
 #[derive(Debug, Clone, PartialEq, Eq)]

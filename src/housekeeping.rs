@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use crate::notify::Pulse;
-use crate::store::{SqliteStore, StoreError};
+use crate::store::{SqliteStore, StoreError, Upkeep};
 
 /// How often housekeeping runs (the first run is right at start).
 pub const INTERVAL: Duration = Duration::from_secs(60);

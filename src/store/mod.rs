@@ -289,7 +289,7 @@ pub trait Outbox: Clone + Send + Sync + 'static {
 
     /// Remembers, before a `messages/add` request of `account` is sent, a
     /// time no earlier than its start: rows it leaves `sending` (a crash, a
-    /// request abandoned) settle from there ([`SqliteStore::recover_abandoned`]).
+    /// request abandoned) settle from there ([`DaemonStore::recover_abandoned`]).
     fn request_starting(
         &self,
         account: &str,
@@ -410,6 +410,24 @@ pub trait DaemonStore: Outbox {
 
     /// Closes every connection (at shutdown).
     fn close(&self) -> impl Future<Output = ()> + Send;
+
+    /// Whether the daemon must stop because its storage is no longer the
+    /// one it opened (checked every second; cheap, no query). SQLite: the
+    /// database file was deleted or replaced under a daemon that holds its
+    /// lock. PostgreSQL: never (`None`).
+    fn storage_lost(&self) -> Option<StorageLost>;
+}
+
+/// Why a daemon stops: its storage is gone from under it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct StorageLost {
+    /// What happened (also the daemon's error at exit).
+    pub reason: String,
+    /// How the restart that follows goes on and what an operator should
+    /// check, continuing the log line "…; stopping with an error so that
+    /// systemd restarts the daemon".
+    pub on_restart: String,
 }
 
 /// The daemon's housekeeping task: flags rows of accounts nobody

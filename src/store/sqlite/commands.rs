@@ -7,16 +7,16 @@ use sqlx::Row;
 
 use super::SqliteStore;
 use crate::store::{
-    AccountStatus, DeadRow, Enqueued, ErrorCount, NewMessage, Outbox, Requeue, Status, StoreError,
-    timestamp,
+    AccountStatus, DeadRow, Enqueued, ErrorCount, NewMessage, OperatorStore, Outbox, Requeue,
+    Status, StoreError, timestamp,
 };
 
 /// Most common dead-row errors shown per account by `status`.
 const DEAD_ERRORS_SHOWN: i64 = 3;
 
-impl SqliteStore {
+impl OperatorStore for SqliteStore {
     /// Dead rows, oldest first, of one account or all.
-    pub async fn dead_rows(&self, account: Option<&str>) -> Result<Vec<DeadRow>, StoreError> {
+    async fn dead_rows(&self, account: Option<&str>) -> Result<Vec<DeadRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, account, message_thread_id, CAST(text AS BLOB) AS text, attempts,
                     last_error, created_at, dead_at
@@ -46,7 +46,7 @@ impl SqliteStore {
     /// Puts dead rows back to `pending`, due now, with their attempts reset
     /// and `last_error` saying so. Named rows that are not all dead (or not
     /// of `account`) are refused as a whole. Returns the ids requeued.
-    pub async fn requeue_dead(
+    async fn requeue_dead(
         &self,
         which: &Requeue,
         account: Option<&str>,
@@ -111,7 +111,7 @@ impl SqliteStore {
 
     /// Deletes dead rows that died before `cutoff` (of `account`, or all).
     /// Returns how many.
-    pub async fn purge_dead(
+    async fn purge_dead(
         &self,
         cutoff: SystemTime,
         account: Option<&str>,
@@ -129,7 +129,7 @@ impl SqliteStore {
     }
 
     /// Inserts one message the way a producer would.
-    pub async fn enqueue(&self, message: &NewMessage) -> Result<Enqueued, StoreError> {
+    async fn enqueue(&self, message: &NewMessage) -> Result<Enqueued, StoreError> {
         let inserted = sqlx::query_scalar::<_, i64>(
             "INSERT INTO outbox (message_thread_id, text, identifier, account)
              VALUES (?1, ?2, ?3, ?4)
@@ -154,7 +154,7 @@ impl SqliteStore {
     }
 
     /// Counts, ages and pauses per account (every account with rows or a pause).
-    pub async fn status(&self, now: SystemTime) -> Result<Vec<AccountStatus>, StoreError> {
+    async fn status(&self, now: SystemTime) -> Result<Vec<AccountStatus>, StoreError> {
         let mut accounts = BTreeMap::<String, AccountStatus>::new();
         let counts = sqlx::query(
             "SELECT account, status, count(*) AS n FROM outbox GROUP BY account, status",

@@ -258,6 +258,7 @@ mod tests {
     async fn a_store_reconnecting_to_a_deleted_file_does_not_create_a_new_one() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("outbox.db");
+        use crate::store::DaemonStore;
         let store = crate::store::SqliteStore::open(&db, std::time::Duration::from_secs(1))
             .await
             .unwrap();

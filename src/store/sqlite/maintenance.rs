@@ -1,6 +1,6 @@
-//! The daemon's upkeep of its own database: the queue summary behind the
-//! heartbeat and the watchdog STATUS, pruning delivered rows in small
-//! batches, and giving freed pages back to the file system.
+//! The daemon's upkeep of its own database ([`Upkeep`]): flagging rows of
+//! accounts nobody configured, pruning delivered rows in small batches,
+//! and giving freed pages back to the file system; and the 0660 file.
 
 use std::io::ErrorKind;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use sqlx::Row;
 
 use super::SqliteStore;
-use crate::store::{QueueSummary, Status, StoreError, parse_timestamp, timestamp};
+use crate::store::{StoreError, Upkeep, timestamp};
 
 /// Mode of a database file the daemon creates: producers in the group write to it.
 pub const DATABASE_FILE_MODE: u32 = 0o660;
@@ -41,96 +41,11 @@ pub fn create_database_file(path: &Path) -> std::io::Result<bool> {
 const VACUUM_THRESHOLD_PAGES: i64 = 1024;
 
 impl SqliteStore {
-    /// Counts of unfinished and dead rows per account (through the status
-    /// index; delivered rows are not counted) and deliveries since `since`.
-    pub async fn queue_summary(&self, since: SystemTime) -> Result<QueueSummary, StoreError> {
-        let mut summary = QueueSummary::default();
-        let rows = sqlx::query(
-            "SELECT account, status, count(*) AS n,
-                    min(CASE WHEN status = 'pending' THEN created_at END) AS oldest
-             FROM outbox WHERE status IN ('pending', 'sending', 'dead')
-             GROUP BY account, status",
-        )
-        .fetch_all(self.pool())
-        .await?;
-        for row in rows {
-            let entry = summary.accounts.entry(row.try_get("account")?).or_default();
-            let n = u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0);
-            match Status::parse(row.try_get("status")?) {
-                Some(Status::Pending) => {
-                    entry.pending = n;
-                    entry.oldest_pending = row
-                        .try_get::<Option<String>, _>("oldest")?
-                        .as_deref()
-                        .and_then(parse_timestamp);
-                }
-                Some(Status::Sending) => entry.sending = n,
-                Some(Status::Dead) => entry.dead = n,
-                Some(Status::Delivered) | None => {}
-            }
-        }
-        let delivered: i64 = sqlx::query_scalar(
-            // Without statistics SQLite would walk every delivered row
-            // through the status index; the partial index reads only the new ones.
-            "SELECT count(*) FROM outbox INDEXED BY outbox_delivered_at
-             WHERE status = 'delivered' AND delivered_at > ?1",
-        )
-        .bind(timestamp(since))
-        .fetch_one(self.pool())
-        .await?;
-        summary.delivered_since = u64::try_from(delivered).unwrap_or(0);
-        Ok(summary)
-    }
-
-    /// Deletes up to `limit` rows delivered before `before`, oldest first, in
-    /// one short transaction. Returns how many. Dead rows are never touched.
-    pub async fn prune_delivered(
-        &self,
-        before: SystemTime,
-        limit: usize,
-    ) -> Result<u64, StoreError> {
-        let done = sqlx::query(
-            // The oldest first straight from the partial index: no walk of
-            // every delivered row and no sort (the status index would do both).
-            "DELETE FROM outbox WHERE id IN (
-                 SELECT id FROM outbox INDEXED BY outbox_delivered_at
-                 WHERE status = 'delivered' AND delivered_at < ?1
-                 ORDER BY delivered_at LIMIT ?2)",
-        )
-        .bind(timestamp(before))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .execute(self.writer())
-        .await?;
-        Ok(done.rows_affected())
-    }
-
     /// Pages on the free list (space a prune left inside the file).
     pub async fn free_pages(&self) -> Result<i64, StoreError> {
         Ok(sqlx::query_scalar("PRAGMA freelist_count")
             .fetch_one(self.pool())
             .await?)
-    }
-
-    /// Gives up to `pages` free pages back to the file system (the file
-    /// shrinks), when the free list is large enough to be worth it. Needs
-    /// `auto_vacuum = INCREMENTAL`, which every database the daemon created
-    /// has. Returns the pages given back.
-    pub async fn give_back_free_pages(&self, pages: u32) -> Result<i64, StoreError> {
-        let before = self.free_pages().await?;
-        if before < VACUUM_THRESHOLD_PAGES {
-            return Ok(0);
-        }
-        let mut conn = self.writer().acquire().await?;
-        // A PRAGMA takes no bound parameters; `pages` is a number.
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "PRAGMA incremental_vacuum({pages})"
-        )))
-        .execute(&mut *conn)
-        .await?;
-        let after: i64 = sqlx::query_scalar("PRAGMA freelist_count")
-            .fetch_one(&mut *conn)
-            .await?;
-        Ok(before - after)
     }
 
     /// `PRAGMA auto_vacuum`: 0 none, 1 full, 2 incremental.
@@ -139,13 +54,15 @@ impl SqliteStore {
             .fetch_one(self.pool())
             .await?)
     }
+}
 
+impl Upkeep for SqliteStore {
     /// Accounts that have `pending` rows but are not in `configured`, with
     /// their counts; their rows get a `last_error` saying so, and so do the
     /// rows of configured accounts that wait behind such a row in their
     /// thread (per-thread order holds them: without a reason of their own
     /// they would wait silently).
-    pub async fn flag_unknown_accounts(
+    async fn flag_unknown_accounts(
         &self,
         configured: &[&str],
     ) -> Result<Vec<(String, u64)>, StoreError> {
@@ -193,5 +110,54 @@ impl SqliteStore {
                 ))
             })
             .collect()
+    }
+
+    /// Deletes up to `limit` rows delivered before `before`, oldest first, in
+    /// one short transaction. Returns how many. Dead rows are never touched.
+    async fn prune_delivered(&self, before: SystemTime, limit: usize) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            // The oldest first straight from the partial index: no walk of
+            // every delivered row and no sort (the status index would do both).
+            "DELETE FROM outbox WHERE id IN (
+                 SELECT id FROM outbox INDEXED BY outbox_delivered_at
+                 WHERE status = 'delivered' AND delivered_at < ?1
+                 ORDER BY delivered_at LIMIT ?2)",
+        )
+        .bind(timestamp(before))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .execute(self.writer())
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Gives up to `pages` free pages back to the file system (the file
+    /// shrinks), when the free list is large enough to be worth it. Needs
+    /// `auto_vacuum = INCREMENTAL`, which every database the daemon created
+    /// has. Returns the pages given back.
+    async fn give_back_free_pages(&self, pages: u32) -> Result<i64, StoreError> {
+        let before = self.free_pages().await?;
+        if before < VACUUM_THRESHOLD_PAGES {
+            return Ok(0);
+        }
+        let mut conn = self.writer().acquire().await?;
+        // A PRAGMA takes no bound parameters; `pages` is a number.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "PRAGMA incremental_vacuum({pages})"
+        )))
+        .execute(&mut *conn)
+        .await?;
+        let after: i64 = sqlx::query_scalar("PRAGMA freelist_count")
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(before - after)
+    }
+
+    /// A file without incremental auto-vacuum (not created by the daemon)
+    /// never shrinks.
+    async fn storage_warning(&self) -> Option<String> {
+        match self.auto_vacuum_mode().await {
+            Ok(2) | Err(_) => None,
+            Ok(_) => Some("this database file was not created with auto_vacuum=INCREMENTAL, so pruned space is reused but never given back; to fix, stop the daemon and run `sqlite3 FILE 'PRAGMA auto_vacuum=INCREMENTAL; VACUUM;'`".into()),
+        }
     }
 }

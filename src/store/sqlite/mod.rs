@@ -15,18 +15,24 @@ pub mod sql;
 mod tests;
 mod wal_watch;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use sqlx::sqlite::{
     SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, Connection, SqliteConnection, SqlitePool};
+use sqlx::{ConnectOptions, Connection, Row, SqliteConnection, SqlitePool};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Status, StoreError, timestamp};
+use crate::store::{
+    Acquired, DaemonStore, QueueSummary, Status, StorageLost, StoreError, parse_timestamp,
+    timestamp,
+};
+use file::{DaemonLock, FileError};
 use wal_watch::WalWatch;
 
 /// The daemon's migration bookkeeping lives in its own table, so an
@@ -35,7 +41,7 @@ use wal_watch::WalWatch;
 pub const MIGRATIONS_TABLE: &str = "_mews_outbox_migrations";
 
 /// After a burst of WAL writes, how long to wait for quiet before checking
-/// that no commit went unseen (see [`SqliteStore::watch_changes`]).
+/// that no commit went unseen (see [`DaemonStore::watch_changes`]).
 pub const WAL_RECHECK: Duration = Duration::from_millis(5);
 
 /// While the WAL is watched, how often `PRAGMA data_version` is checked
@@ -56,9 +62,40 @@ pub struct SqliteStore {
     writer: SqlitePool,
     options: SqliteConnectOptions,
     path: PathBuf,
+    /// Accounts [`DaemonStore::acquire_accounts`] returned already.
+    acquired: Arc<Mutex<BTreeSet<String>>>,
+    /// The daemon's lock on the file ([`SqliteStore::open_for_daemon`]).
+    /// Its descriptor is closed when the last handle is dropped, after
+    /// [`SqliteStore::close`] closed SQLite's (see [`DaemonLock`]).
+    lock: Option<Arc<DaemonLock>>,
+}
+
+/// Why the daemon cannot open its database.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl SqliteStore {
+    /// Opens the daemon's database: refuses a network file system before
+    /// SQLite touches the file, and locks the file before it is opened, so
+    /// a second daemon neither migrates nor recovers anything. The store
+    /// keeps the lock, and [`DaemonStore::storage_lost`] reports the file
+    /// deleted or replaced under it.
+    pub async fn open_for_daemon(
+        path: &Path,
+        busy_timeout: Duration,
+    ) -> Result<SqliteStore, OpenError> {
+        file::check_local_filesystem(path)?;
+        let lock = DaemonLock::acquire(path)?;
+        let mut store = SqliteStore::open(path, busy_timeout).await?;
+        store.lock = Some(Arc::new(lock));
+        Ok(store)
+    }
+
     /// Opens (creating if missing) the database and applies pending migrations.
     pub async fn open(path: &Path, busy_timeout: Duration) -> Result<SqliteStore, StoreError> {
         maintenance::create_database_file(path).map_err(|source| StoreError::Create {
@@ -133,6 +170,8 @@ impl SqliteStore {
             writer,
             options,
             path: path.to_owned(),
+            acquired: Arc::default(),
+            lock: None,
         })
     }
 
@@ -175,54 +214,7 @@ impl SqliteStore {
         &self.path
     }
 
-    /// Puts rows left `sending` by a previous daemon (or by an abandoned
-    /// generation) back to `pending`, to be read back from Mews before they
-    /// are sent again (the request carrying them may have reached Mews).
-    /// Mews may still be storing that request, so, like a timed-out one,
-    /// they are not due before its start plus `settle`: the account's
-    /// `add_started_by` (see [`Outbox::request_starting`]), or `now` when it
-    /// is unknown. Only safe while holding the [`DaemonLock`]. Returns how many.
-    pub async fn recover_abandoned(
-        &self,
-        settle: Duration,
-        now: SystemTime,
-    ) -> Result<u64, StoreError> {
-        let done = sqlx::query(
-            "UPDATE outbox SET status = 'pending', needs_reconcile = 1,
-                next_attempt_at = max(next_attempt_at, coalesce(
-                    (SELECT strftime('%Y-%m-%dT%H:%M:%fZ', s.add_started_by, ?1)
-                     FROM outbox_account_state AS s WHERE s.account = outbox.account),
-                    ?2))
-             WHERE status = 'sending'",
-        )
-        .bind(format!("+{:.3} seconds", settle.as_secs_f64()))
-        .bind(timestamp(now + settle))
-        .execute(&self.writer)
-        .await?;
-        Ok(done.rows_affected())
-    }
-
-    /// Watches for commits by other connections (producers in other
-    /// processes, and this process's own writes); the returned receiver
-    /// changes on each.
-    ///
-    /// Wakes on writes to the WAL file ([`WalWatch`]): no cost while idle,
-    /// well under a millisecond from a producer's commit. A write can be seen
-    /// a moment before the commit is (SQLite publishes it in the shared WAL
-    /// index right after), so each burst of writes is followed, after
-    /// [`WAL_RECHECK`] of quiet, by a check of `PRAGMA data_version`; and
-    /// that check also runs every [`SAFETY_POLL`]. Where the WAL cannot be
-    /// watched, `PRAGMA data_version` is polled every `poll_interval`.
-    pub async fn watch_changes(
-        &self,
-        poll_interval: Duration,
-        shutdown: CancellationToken,
-    ) -> Result<watch::Receiver<u64>, StoreError> {
-        self.watch_changes_polling(poll_interval, SAFETY_POLL, shutdown)
-            .await
-    }
-
-    /// [`SqliteStore::watch_changes`] with the safety poll's period given,
+    /// [`DaemonStore::watch_changes`] with the safety poll's period given,
     /// so a test can rule the poll out as what woke it.
     async fn watch_changes_polling(
         &self,
@@ -321,6 +313,150 @@ impl SqliteStore {
     pub async fn close(&self) {
         self.writer.close().await;
         self.pool.close().await;
+    }
+}
+
+impl DaemonStore for SqliteStore {
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    /// Every configured account not returned yet (up to `at_most`): the
+    /// file lock already made this daemon the only one on the database.
+    async fn acquire_accounts(
+        &self,
+        configured: &[&str],
+        at_most: usize,
+    ) -> Result<Vec<Acquired>, StoreError> {
+        let mut acquired = self.acquired.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut taken = Vec::new();
+        for &account in configured {
+            if taken.len() >= at_most {
+                break;
+            }
+            if acquired.insert(account.to_owned()) {
+                taken.push(Acquired {
+                    account: account.to_owned(),
+                    token: 0,
+                    recovered: 0,
+                });
+            }
+        }
+        Ok(taken)
+    }
+
+    async fn renew_accounts(&self) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    async fn release_accounts(&self) -> Result<(), StoreError> {
+        self.acquired
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        Ok(())
+    }
+
+    /// Puts rows left `sending` by a previous daemon (or by an abandoned
+    /// generation) back to `pending`, to be read back from Mews before they
+    /// are sent again (the request carrying them may have reached Mews).
+    /// Mews may still be storing that request, so, like a timed-out one,
+    /// they are not due before its start plus `settle`: the account's
+    /// `add_started_by` (see [`Outbox::request_starting`]), or `now` when it
+    /// is unknown. Only safe while holding the [`DaemonLock`] (as [`SqliteStore::open_for_daemon`] does). Returns how many.
+    async fn recover_abandoned(
+        &self,
+        settle: Duration,
+        now: SystemTime,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE outbox SET status = 'pending', needs_reconcile = 1,
+                next_attempt_at = max(next_attempt_at, coalesce(
+                    (SELECT strftime('%Y-%m-%dT%H:%M:%fZ', s.add_started_by, ?1)
+                     FROM outbox_account_state AS s WHERE s.account = outbox.account),
+                    ?2))
+             WHERE status = 'sending'",
+        )
+        .bind(format!("+{:.3} seconds", settle.as_secs_f64()))
+        .bind(timestamp(now + settle))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Watches for commits by other connections (producers in other
+    /// processes, and this process's own writes); the returned receiver
+    /// changes on each.
+    ///
+    /// Wakes on writes to the WAL file ([`WalWatch`]): no cost while idle,
+    /// well under a millisecond from a producer's commit. A write can be seen
+    /// a moment before the commit is (SQLite publishes it in the shared WAL
+    /// index right after), so each burst of writes is followed, after
+    /// [`WAL_RECHECK`] of quiet, by a check of `PRAGMA data_version`; and
+    /// that check also runs every [`SAFETY_POLL`]. Where the WAL cannot be
+    /// watched, `PRAGMA data_version` is polled every `poll_interval`.
+    async fn watch_changes(
+        &self,
+        poll_interval: Duration,
+        shutdown: CancellationToken,
+    ) -> Result<watch::Receiver<u64>, StoreError> {
+        self.watch_changes_polling(poll_interval, SAFETY_POLL, shutdown)
+            .await
+    }
+
+    /// Counts of unfinished and dead rows per account (through the status
+    /// index; delivered rows are not counted) and deliveries since `since`.
+    async fn queue_summary(&self, since: SystemTime) -> Result<QueueSummary, StoreError> {
+        let mut summary = QueueSummary::default();
+        let rows = sqlx::query(
+            "SELECT account, status, count(*) AS n,
+                    min(CASE WHEN status = 'pending' THEN created_at END) AS oldest
+             FROM outbox WHERE status IN ('pending', 'sending', 'dead')
+             GROUP BY account, status",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        for row in rows {
+            let entry = summary.accounts.entry(row.try_get("account")?).or_default();
+            let n = u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0);
+            match Status::parse(row.try_get("status")?) {
+                Some(Status::Pending) => {
+                    entry.pending = n;
+                    entry.oldest_pending = row
+                        .try_get::<Option<String>, _>("oldest")?
+                        .as_deref()
+                        .and_then(parse_timestamp);
+                }
+                Some(Status::Sending) => entry.sending = n,
+                Some(Status::Dead) => entry.dead = n,
+                Some(Status::Delivered) | None => {}
+            }
+        }
+        let delivered: i64 = sqlx::query_scalar(
+            // Without statistics SQLite would walk every delivered row
+            // through the status index; the partial index reads only the new ones.
+            "SELECT count(*) FROM outbox INDEXED BY outbox_delivered_at
+             WHERE status = 'delivered' AND delivered_at > ?1",
+        )
+        .bind(timestamp(since))
+        .fetch_one(self.pool())
+        .await?;
+        summary.delivered_since = u64::try_from(delivered).unwrap_or(0);
+        Ok(summary)
+    }
+
+    async fn close(&self) {
+        SqliteStore::close(self).await;
+    }
+
+    /// The database path no longer leads to the locked file (a store not
+    /// opened by [`SqliteStore::open_for_daemon`] holds no lock: `None`).
+    fn storage_lost(&self) -> Option<StorageLost> {
+        let change = self.lock.as_ref()?.change()?;
+        Some(StorageLost {
+            reason: change.to_string(),
+            on_restart: "on the file now at that path (a missing one is created empty). If this was a mistake, stop the service and put the right database file back first".into(),
+        })
     }
 }
 

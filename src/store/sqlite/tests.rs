@@ -5,7 +5,8 @@ use sqlx::Row;
 
 use super::*;
 use crate::store::{
-    AccountPause, Enqueued, NewMessage, Outbox, Requeue, RowOutcome, parse_timestamp, timestamp,
+    AccountPause, DaemonStore, Enqueued, NewMessage, OperatorStore, Outbox, Requeue, RowOutcome,
+    parse_timestamp, timestamp,
 };
 
 const T1: &str = "7f9325f6-ef44-4911-89a8-ae51010a5aa4";
