@@ -138,7 +138,7 @@ pub async fn execute(command: Command, settings: Settings, sources: Sources) -> 
             let signals =
                 crate::signals::Signals::install().context("cannot install signal handlers")?;
             tokio::spawn(signals.forward(shutdown.clone(), reload_requests));
-            crate::daemon::run(settings, sources, shutdown, reloads).await?;
+            run_daemon(settings, sources, shutdown, reloads).await?;
         }
         Command::Enqueue {
             thread,
@@ -209,6 +209,23 @@ pub async fn execute(command: Command, settings: Settings, sources: Sources) -> 
             }
         }
     }
+    Ok(())
+}
+
+/// `run`: opens the store for the daemon, then runs the daemon on it. The
+/// daemon is generic over its store: another kind of store (PostgreSQL,
+/// once the configuration can name it) is one more arm here, opening its
+/// store and calling the same [`crate::daemon::run`].
+async fn run_daemon(
+    settings: Settings,
+    sources: Sources,
+    shutdown: CancellationToken,
+    reloads: tokio::sync::mpsc::Receiver<()>,
+) -> anyhow::Result<()> {
+    let store =
+        SqliteStore::open_for_daemon(&settings.database.path, settings.database.busy_timeout)
+            .await?;
+    crate::daemon::run(store, settings, sources, shutdown, reloads).await?;
     Ok(())
 }
 

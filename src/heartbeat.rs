@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::notify::LastOutcome;
 use crate::store::QueueSummary;
-use crate::store::{AccountPause, DaemonStore, Outbox, SqliteStore, StoreError};
+use crate::store::{AccountPause, DaemonStore, StoreError};
 
 /// Something in the queue an operator should look at.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,7 +103,7 @@ impl Heartbeat {
     /// Takes the first look at start; warns about dead rows already there.
     /// Never fails: without a first reading (the database busy or failing
     /// at start), dead rows already there count as new at the first beat.
-    pub async fn start(store: &SqliteStore, now: SystemTime) -> Heartbeat {
+    pub async fn start<S: DaemonStore>(store: &S, now: SystemTime) -> Heartbeat {
         let summary = match store.queue_summary(now).await {
             Ok(summary) => summary,
             Err(e) => {
@@ -126,9 +126,9 @@ impl Heartbeat {
     }
 
     /// Logs the heartbeat line and the alerts; returns the summary it read.
-    pub async fn beat(
+    pub async fn beat<S: DaemonStore>(
         &mut self,
-        store: &SqliteStore,
+        store: &S,
         max_pending_age: Duration,
         now: SystemTime,
     ) -> Result<QueueSummary, StoreError> {
