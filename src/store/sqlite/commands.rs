@@ -93,7 +93,10 @@ impl OperatorStore for SqliteStore {
                             let status: String = row.try_get("status")?;
                             let owner: String = row.try_get("account")?;
                             match account {
-                                Some(a) if status == "dead" && owner != a => {
+                                Some(a)
+                                    if Status::parse(&status) == Some(Status::Dead)
+                                        && owner != a =>
+                                {
                                     format!("row {id} belongs to account {owner}, not {a}")
                                 }
                                 _ => format!("row {id} is {status}, not dead"),

@@ -9,7 +9,7 @@ use sqlx::Row;
 
 use super::{SqliteStore, sql};
 use crate::store::{
-    AccountPause, ClaimedRow, Outbox, RowOutcome, StoreError, parse_timestamp, timestamp,
+    AccountPause, ClaimedRow, Outbox, RowOutcome, Status, StoreError, parse_timestamp, timestamp,
 };
 
 impl Outbox for SqliteStore {
@@ -103,15 +103,15 @@ impl Outbox for SqliteStore {
                     attempt,
                     maybe_stored,
                 } => others.push(json!({
-                    "id": id, "status": "pending", "attempt": i32::from(*attempt),
+                    "id": id, "status": Status::Pending.as_str(), "attempt": i32::from(*attempt),
                     "next_attempt_at": timestamp(*at), "error": error,
                     "maybe_stored": i32::from(*maybe_stored),
                 })),
                 RowOutcome::Dead { error } => others.push(json!({
-                    "id": id, "status": "dead", "attempt": 1, "error": error,
+                    "id": id, "status": Status::Dead.as_str(), "attempt": 1, "error": error,
                 })),
                 RowOutcome::Release => others.push(json!({
-                    "id": id, "status": "pending", "attempt": 0, "next_attempt_at": now,
+                    "id": id, "status": Status::Pending.as_str(), "attempt": 0, "next_attempt_at": now,
                 })),
             }
         }

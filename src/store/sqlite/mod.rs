@@ -17,7 +17,6 @@ mod wal_watch;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -464,11 +463,4 @@ async fn data_version(conn: &mut SqliteConnection) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("PRAGMA data_version")
         .fetch_one(conn)
         .await
-}
-
-impl FromStr for Status {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Status, String> {
-        Status::parse(s).ok_or_else(|| format!("unknown status {s:?}"))
-    }
 }
