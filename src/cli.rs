@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Settings, Sources};
 use crate::dead::DeadReport;
 use crate::status::StatusReport;
-use crate::store::{Enqueued, NewMessage, OperatorStore, Requeue, SqliteStore, timestamp};
+use crate::store::{Enqueued, NewMessage, OperatorStore, Requeue, SqliteStore};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -175,7 +175,7 @@ pub async fn execute(command: Command, settings: Settings, sources: Sources) -> 
         Command::Status { json } => {
             let store = open_read_only(&settings).await?;
             let now = SystemTime::now();
-            let report = StatusReport::new(store.status(now).await?, now);
+            let report = StatusReport::read(&store, now).await?;
             if json {
                 out(&serde_json::to_string_pretty(&report)?)?;
             } else {
@@ -234,10 +234,7 @@ async fn dead(command: DeadCommand, settings: &Settings) -> anyhow::Result<()> {
     match command {
         DeadCommand::List { account, json } => {
             let store = open_read_only(settings).await?;
-            let report = DeadReport {
-                generated_at: timestamp(now),
-                rows: store.dead_rows(account.as_deref()).await?,
-            };
+            let report = DeadReport::read(&store, account.as_deref(), now).await?;
             if json {
                 out(&serde_json::to_string_pretty(&report)?)?;
             } else {
