@@ -3,6 +3,8 @@
 //! A PostgreSQL store (several daemons claiming with `FOR UPDATE SKIP
 //! LOCKED`, leases instead of start-up recovery) would implement the same trait.
 
+#[cfg(test)]
+pub mod memory;
 pub mod postgres;
 pub mod schema;
 pub mod sqlite;
