@@ -1,7 +1,10 @@
-//! The outbox store: the only place with SQL. [`Outbox`] is the small
-//! interface the delivery loop needs; [`sqlite::SqliteStore`] implements it.
-//! A PostgreSQL store (several daemons claiming with `FOR UPDATE SKIP
-//! LOCKED`, leases instead of start-up recovery) would implement the same trait.
+//! The outbox store: the only place with SQL, behind four traits:
+//! [`Outbox`] (the delivery loop), [`DaemonStore`] (the daemon: accounts,
+//! recovery, waking, the queue's summary), [`Upkeep`] (housekeeping) and
+//! [`OperatorStore`] (the operator's commands). [`sqlite::SqliteStore`]
+//! implements them all; the PostgreSQL store ([`postgres`]: several
+//! daemons claiming with `FOR UPDATE SKIP LOCKED`, leases instead of
+//! start-up recovery) implements [`Outbox`] so far.
 
 #[cfg(test)]
 pub mod memory;
