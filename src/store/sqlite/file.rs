@@ -40,8 +40,6 @@ pub enum FileError {
         #[source]
         source: io::Error,
     },
-    #[error("{0}")]
-    Changed(FileChange),
 }
 
 /// What happened to the database file under a running daemon.

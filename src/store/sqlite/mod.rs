@@ -4,7 +4,7 @@
 //! [`SqliteStore`] opens the file and watches it for commits (here); the
 //! delivery loop's statements are in `delivery.rs` (their SQL in [`sql`]),
 //! the operator's commands in `commands.rs`, upkeep in [`maintenance`], the
-//! file itself (the daemon's lock, file system checks) in [`file`].
+//! file itself (the daemon's lock, file system checks) in [`file`](mod@file).
 
 mod commands;
 mod delivery;
@@ -361,7 +361,7 @@ impl DaemonStore for SqliteStore {
     /// are sent again (the request carrying them may have reached Mews).
     /// Mews may still be storing that request, so, like a timed-out one,
     /// they are not due before its start plus `settle`: the account's
-    /// `add_started_by` (see [`Outbox::request_starting`]), or `now` when it
+    /// `add_started_by` (see [`crate::store::Outbox::request_starting`]), or `now` when it
     /// is unknown. Only safe while holding the [`DaemonLock`] (as [`SqliteStore::open_for_daemon`] does). Returns how many.
     async fn recover_abandoned(
         &self,
