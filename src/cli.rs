@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Settings, Sources};
 use crate::dead::DeadReport;
 use crate::status::StatusReport;
-use crate::store::{Enqueued, NewMessage, Requeue, SqliteStore, timestamp};
+use crate::store::{Enqueued, NewMessage, OperatorStore, Requeue, SqliteStore};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -138,7 +138,7 @@ pub async fn execute(command: Command, settings: Settings, sources: Sources) -> 
             let signals =
                 crate::signals::Signals::install().context("cannot install signal handlers")?;
             tokio::spawn(signals.forward(shutdown.clone(), reload_requests));
-            crate::daemon::run(settings, sources, shutdown, reloads).await?;
+            run_daemon(settings, sources, shutdown, reloads).await?;
         }
         Command::Enqueue {
             thread,
@@ -175,7 +175,7 @@ pub async fn execute(command: Command, settings: Settings, sources: Sources) -> 
         Command::Status { json } => {
             let store = open_read_only(&settings).await?;
             let now = SystemTime::now();
-            let report = StatusReport::new(store.status(now).await?, now);
+            let report = StatusReport::read(&store, now).await?;
             if json {
                 out(&serde_json::to_string_pretty(&report)?)?;
             } else {
@@ -184,7 +184,7 @@ pub async fn execute(command: Command, settings: Settings, sources: Sources) -> 
         }
         Command::Dead { command } => dead(command, &settings).await?,
         Command::Migrate => {
-            crate::store::file::check_local_filesystem(&settings.database.path)?;
+            crate::store::sqlite::file::check_local_filesystem(&settings.database.path)?;
             let store = create_or_open(&settings).await?;
             out(&format!("migrations applied to {}", store.path().display()))?;
         }
@@ -212,15 +212,29 @@ pub async fn execute(command: Command, settings: Settings, sources: Sources) -> 
     Ok(())
 }
 
+/// `run`: opens the store for the daemon, then runs the daemon on it. The
+/// daemon is generic over its store: another kind of store (PostgreSQL,
+/// once the configuration can name it) is one more arm here, opening its
+/// store and calling the same [`crate::daemon::run`].
+async fn run_daemon(
+    settings: Settings,
+    sources: Sources,
+    shutdown: CancellationToken,
+    reloads: tokio::sync::mpsc::Receiver<()>,
+) -> anyhow::Result<()> {
+    let store =
+        SqliteStore::open_for_daemon(&settings.database.path, settings.database.busy_timeout)
+            .await?;
+    crate::daemon::run(store, settings, sources, shutdown, reloads).await?;
+    Ok(())
+}
+
 async fn dead(command: DeadCommand, settings: &Settings) -> anyhow::Result<()> {
     let now = SystemTime::now();
     match command {
         DeadCommand::List { account, json } => {
             let store = open_read_only(settings).await?;
-            let report = DeadReport {
-                generated_at: timestamp(now),
-                rows: store.dead_rows(account.as_deref()).await?,
-            };
+            let report = DeadReport::read(&store, account.as_deref(), now).await?;
             if json {
                 out(&serde_json::to_string_pretty(&report)?)?;
             } else {

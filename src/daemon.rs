@@ -1,4 +1,5 @@
-//! `mews-outbox run`: takes the database, runs one delivery loop per account
+//! `mews-outbox run`: on a store already opened (and, for SQLite, locked),
+//! takes the accounts to deliver for, runs one delivery loop per account
 //! plus housekeeping, reports to systemd (ready, status, watchdog), reloads
 //! the configuration on request and stops cleanly when told to.
 //!
@@ -7,6 +8,7 @@
 //! then lets the old generation finish its requests in flight, and starts a
 //! new one: no request is cut off and no row is left `sending`.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,16 +22,15 @@ use crate::error_chain::ErrorChain;
 use crate::heartbeat::{Heartbeat, paused_accounts, status_line};
 use crate::mews::{ClientError, MewsClient};
 use crate::notify::{Liveness, Notifier, watchdog_interval};
-use crate::store::file::{DaemonLock, FileError, check_local_filesystem};
-use crate::store::{Outbox, SqliteStore, StoreError};
+use crate::store::{DaemonStore, StorageLost, StoreError, Upkeep};
 use crate::worker::{AccountWorker, WorkerContext};
 
 /// How often `STATUS=` is refreshed for `systemctl status` (under systemd only).
 const STATUS_INTERVAL: Duration = Duration::from_secs(5);
 
-/// How often the daemon checks that its database path still leads to the
-/// file it opened: two `stat` calls, cheap enough to notice a deletion or
-/// replacement within a second.
+/// How often the daemon checks that its storage is still the one it opened
+/// ([`DaemonStore::storage_lost`]; SQLite: two `stat` calls, cheap enough to
+/// notice the file deleted or replaced within a second).
 const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
@@ -39,35 +40,36 @@ pub enum DaemonError {
     #[error(transparent)]
     Client(#[from] ClientError),
     #[error(transparent)]
-    File(#[from] FileError),
+    StorageLost(#[from] StorageLost),
 }
 
-/// Runs the daemon until `shutdown` is cancelled, then lets requests in
-/// flight finish (up to `delivery.drain_timeout`) and returns. Each message
-/// on `reloads` reloads the configuration from `sources`.
-pub async fn run(
+/// Runs the daemon on `store` (opened for the daemon, e.g.
+/// [`crate::store::SqliteStore::open_for_daemon`]) until `shutdown` is
+/// cancelled, then lets requests in flight finish (up to
+/// `delivery.drain_timeout`), gives the accounts back, closes the store and
+/// returns. Each message on `reloads` reloads the configuration from `sources`.
+pub async fn run<S: DaemonStore + Upkeep>(
+    store: S,
     settings: Settings,
     sources: Sources,
     shutdown: CancellationToken,
     mut reloads: mpsc::Receiver<()>,
 ) -> Result<(), DaemonError> {
     let notifier = Notifier::from_env();
-    // Refused before SQLite touches the file; locked before it is opened,
-    // so a second daemon neither migrates nor recovers anything.
-    check_local_filesystem(&settings.database.path)?;
-    let lock = DaemonLock::acquire(&settings.database.path)?;
-    let store = SqliteStore::open(&settings.database.path, settings.database.busy_timeout).await?;
     // The previous run may have died during a request that Mews is still
     // storing: those rows settle as after a timeout (from the request's start).
-    let recovered = store
+    let mut recovered = store
         .recover_abandoned(settings.mews.request_timeout, SystemTime::now())
         .await?;
     let client = MewsClient::new(&settings.mews)?;
-    log_start(&settings, recovered);
+    // The accounts this daemon delivers for (SQLite: every configured one).
+    let mut held = BTreeSet::new();
+    recovered += acquire(&store, &settings, &mut held).await?;
+    log_start(&store, &settings, recovered);
 
     let liveness = Liveness::default();
     let mut heartbeat = Heartbeat::start(&store, SystemTime::now()).await;
-    let mut generation = Generation::start(&store, &settings, client, &liveness).await?;
+    let mut generation = Generation::start(&store, &settings, client, &liveness, &mut held).await?;
     let mut settings = settings;
 
     let pinger = CancellationToken::new();
@@ -87,24 +89,25 @@ pub async fn run(
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut file_check = tokio::time::interval(FILE_CHECK_INTERVAL);
     file_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut file_lost = None;
+    let mut storage_lost = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = file_check.tick() => {
-                if let Some(change) = lock.change() {
+                if let Some(lost) = store.storage_lost() {
                     tracing::error!(
-                        database = %settings.database.path.display(),
-                        "{change}; stopping with an error so that systemd restarts the daemon on the file now at that path (a missing one is created empty). If this was a mistake, stop the service and put the right database file back first"
+                        database = %store.describe(),
+                        "{}; stopping with an error so that systemd restarts the daemon {}",
+                        lost.reason, lost.on_restart
                     );
-                    file_lost = Some(change);
+                    storage_lost = Some(lost);
                     break;
                 }
             }
             Some(()) = reloads.recv() => {
                 notifier.reloading();
                 (settings, generation) =
-                    reload(&store, settings, &sources, generation, &liveness).await?;
+                    reload(&store, settings, &sources, generation, &liveness, &mut held).await?;
                 beats = heartbeat_interval(&settings);
                 notify_ready(&notifier, &store, &liveness).await;
             }
@@ -129,12 +132,16 @@ pub async fn run(
             "requests still in flight after the drain timeout; their rows stay `sending` and are taken up again at the next start"
         );
     }
+    if let Err(e) = store.release_accounts().await {
+        tracing::warn!(error = %e, "cannot give the accounts back; another daemon takes them once they expire");
+    }
     pinger.cancel();
     store.close().await;
-    // The lock's descriptor is closed after SQLite's (see `DaemonLock`).
-    drop(lock);
-    if let Some(change) = file_lost {
-        return Err(FileError::Changed(change).into());
+    // Last handle: a SQLite store's lock descriptor is closed after
+    // SQLite's (see `DaemonLock`).
+    drop(store);
+    if let Some(lost) = storage_lost {
+        return Err(lost.into());
     }
     tracing::info!("stopped");
     Ok(())
@@ -148,13 +155,42 @@ struct Generation {
     tasks: JoinSet<()>,
 }
 
+/// Takes the configured accounts not held yet into `held`; returns the rows
+/// their previous owner left `sending` (PostgreSQL; SQLite: 0).
+async fn acquire<S: DaemonStore>(
+    store: &S,
+    settings: &Settings,
+    held: &mut BTreeSet<String>,
+) -> Result<u64, StoreError> {
+    let configured: Vec<&str> = settings.accounts.keys().map(String::as_str).collect();
+    let mut recovered = 0;
+    for acquired in store
+        .acquire_accounts(&configured, configured.len())
+        .await?
+    {
+        recovered += acquired.recovered;
+        held.insert(acquired.account);
+    }
+    Ok(recovered)
+}
+
 impl Generation {
-    async fn start(
-        store: &SqliteStore,
+    /// Starts one loop per configured account this daemon holds (taking the
+    /// configured accounts not held yet first), and housekeeping.
+    async fn start<S: DaemonStore + Upkeep>(
+        store: &S,
         settings: &Settings,
         client: MewsClient,
         liveness: &Liveness,
+        held: &mut BTreeSet<String>,
     ) -> Result<Generation, DaemonError> {
+        let recovered = acquire(store, settings, held).await?;
+        if recovered > 0 {
+            tracing::warn!(
+                rows = recovered,
+                "rows left `sending` by the accounts' previous owner are pending again; they are read back before being sent again"
+            );
+        }
         let stop = CancellationToken::new();
         let changes = store
             .watch_changes(settings.delivery.poll_interval, stop.clone())
@@ -171,7 +207,11 @@ impl Generation {
             changes,
             shutdown: stop.clone(),
         };
-        for (name, account) in &settings.accounts {
+        for (name, account) in settings
+            .accounts
+            .iter()
+            .filter(|(name, _)| held.contains(*name))
+        {
             let worker = AccountWorker::new(
                 context.clone(),
                 name.clone(),
@@ -183,6 +223,7 @@ impl Generation {
         }
         tasks.spawn(crate::housekeeping::run(
             store.clone(),
+            store.describe(),
             settings.accounts.keys().cloned().collect(),
             settings.retention.delivered,
             liveness.register("housekeeping"),
@@ -211,12 +252,13 @@ impl Generation {
 /// Loads the configuration again and, when it is valid, swaps the loops.
 /// A refused configuration keeps the running generation untouched. Fails
 /// only when neither the new nor the old configuration can be started.
-async fn reload(
-    store: &SqliteStore,
+async fn reload<S: DaemonStore + Upkeep>(
+    store: &S,
     current: Settings,
     sources: &Sources,
     generation: Generation,
     liveness: &Liveness,
+    held: &mut BTreeSet<String>,
 ) -> Result<(Settings, Generation), DaemonError> {
     let prepared = Settings::load(sources)
         .map_err(ReloadError::Config)
@@ -252,7 +294,7 @@ async fn reload(
             "reload: requests still in flight after delivery.drain_timeout were abandoned; their rows are pending again and are read back from Mews (messages/getAll) once their request has had mews.request_timeout to finish"
         );
     }
-    match Generation::start(store, &new, client, liveness).await {
+    match Generation::start(store, &new, client, liveness, held).await {
         Ok(generation) => {
             tracing::info!(
                 accounts = ?new.accounts.keys().collect::<Vec<_>>(),
@@ -266,7 +308,7 @@ async fn reload(
         Err(e) => {
             tracing::error!(error = %ErrorChain(&e), "cannot start delivery with the reloaded configuration; going back to the previous one");
             let client = MewsClient::new(&current.mews)?;
-            let generation = Generation::start(store, &current, client, liveness).await?;
+            let generation = Generation::start(store, &current, client, liveness, held).await?;
             Ok((current, generation))
         }
     }
@@ -321,13 +363,13 @@ async fn tick(interval: &mut Option<tokio::time::Interval>) {
 
 /// `READY=1` with a first `STATUS=`; the queue is read only when systemd
 /// listens, so start-up outside systemd skips those queries.
-async fn notify_ready(notifier: &Notifier, store: &SqliteStore, liveness: &Liveness) {
+async fn notify_ready<S: DaemonStore>(notifier: &Notifier, store: &S, liveness: &Liveness) {
     if notifier.is_enabled() {
         notifier.ready(&current_status(store, liveness).await);
     }
 }
 
-async fn current_status(store: &SqliteStore, liveness: &Liveness) -> String {
+async fn current_status<S: DaemonStore>(store: &S, liveness: &Liveness) -> String {
     let now = SystemTime::now();
     let read = async {
         let summary = store.queue_summary(now).await?;
@@ -380,7 +422,7 @@ async fn ping_watchdog(
     }
 }
 
-fn log_start(settings: &Settings, recovered: u64) {
+fn log_start<S: DaemonStore>(store: &S, settings: &Settings, recovered: u64) {
     let rate_limits: Vec<String> = settings
         .accounts
         .iter()
@@ -388,7 +430,7 @@ fn log_start(settings: &Settings, recovered: u64) {
         .collect();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
-        database = %settings.database.path.display(),
+        database = %store.describe(),
         base_url = %settings.mews.base_url,
         client = %settings.mews.client,
         accounts = ?settings.accounts.keys().collect::<Vec<_>>(),

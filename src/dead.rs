@@ -1,8 +1,10 @@
 //! `mews-outbox dead list`: the dead-lettered rows, for people and scripts.
 
+use std::time::SystemTime;
+
 use serde::Serialize;
 
-use crate::store::DeadRow;
+use crate::store::{DeadRow, OperatorStore, StoreError};
 
 /// Characters of a text shown by the text listing (JSON has it whole).
 const TEXT_PREVIEW_CHARS: usize = 60;
@@ -15,6 +17,18 @@ pub struct DeadReport {
 }
 
 impl DeadReport {
+    /// Reads the dead rows (of `account`, or all) from any store.
+    pub async fn read<O: OperatorStore>(
+        store: &O,
+        account: Option<&str>,
+        now: SystemTime,
+    ) -> Result<DeadReport, StoreError> {
+        Ok(DeadReport {
+            generated_at: crate::store::timestamp(now),
+            rows: store.dead_rows(account).await?,
+        })
+    }
+
     /// One block per row: its identity, then its text and why it died.
     pub fn render_text(&self) -> String {
         if self.rows.is_empty() {

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::notify::LastOutcome;
-use crate::store::maintenance::QueueSummary;
-use crate::store::{AccountPause, Outbox, SqliteStore, StoreError};
+use crate::store::QueueSummary;
+use crate::store::{AccountPause, DaemonStore, StoreError};
 
 /// Something in the queue an operator should look at.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,7 +103,7 @@ impl Heartbeat {
     /// Takes the first look at start; warns about dead rows already there.
     /// Never fails: without a first reading (the database busy or failing
     /// at start), dead rows already there count as new at the first beat.
-    pub async fn start(store: &SqliteStore, now: SystemTime) -> Heartbeat {
+    pub async fn start<S: DaemonStore>(store: &S, now: SystemTime) -> Heartbeat {
         let summary = match store.queue_summary(now).await {
             Ok(summary) => summary,
             Err(e) => {
@@ -126,9 +126,9 @@ impl Heartbeat {
     }
 
     /// Logs the heartbeat line and the alerts; returns the summary it read.
-    pub async fn beat(
+    pub async fn beat<S: DaemonStore>(
         &mut self,
-        store: &SqliteStore,
+        store: &S,
         max_pending_age: Duration,
         now: SystemTime,
     ) -> Result<QueueSummary, StoreError> {
@@ -196,7 +196,7 @@ pub fn paused_accounts(pauses: &[AccountPause], now: SystemTime) -> Vec<String> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::maintenance::AccountQueue;
+    use crate::store::AccountQueue;
 
     fn t(s: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s)

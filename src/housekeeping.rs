@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use crate::notify::Pulse;
-use crate::store::{SqliteStore, StoreError};
+use crate::store::{StoreError, Upkeep};
 
 /// How often housekeeping runs (the first run is right at start).
 pub const INTERVAL: Duration = Duration::from_secs(60);
@@ -34,8 +34,8 @@ pub struct Pass {
 /// Deletes rows delivered more than `retention` before `now` (none when
 /// `retention` is 0), then gives free pages back. Stops early, between two
 /// batches, when `stop` is cancelled.
-pub async fn prune_and_vacuum(
-    store: &SqliteStore,
+pub async fn prune_and_vacuum<U: Upkeep>(
+    store: &U,
     retention: Duration,
     now: SystemTime,
     pulse: Option<&Pulse>,
@@ -73,20 +73,18 @@ pub async fn prune_and_vacuum(
     Ok(pass)
 }
 
-/// Runs housekeeping every [`INTERVAL`] until `stop` is cancelled.
-pub async fn run(
-    store: SqliteStore,
+/// Runs housekeeping every [`INTERVAL`] until `stop` is cancelled;
+/// `database` names the store in its log lines.
+pub async fn run<U: Upkeep>(
+    store: U,
+    database: String,
     accounts: Vec<String>,
     retention: Duration,
     pulse: Pulse,
     stop: CancellationToken,
 ) {
-    match store.auto_vacuum_mode().await {
-        Ok(2) | Err(_) => {}
-        Ok(_) => tracing::warn!(
-            database = %store.path().display(),
-            "this database file was not created with auto_vacuum=INCREMENTAL, so pruned space is reused but never given back; to fix, stop the daemon and run `sqlite3 FILE 'PRAGMA auto_vacuum=INCREMENTAL; VACUUM;'`"
-        ),
+    if let Some(warning) = store.storage_warning().await {
+        tracing::warn!(%database, "{warning}");
     }
     let mut tick = tokio::time::interval(INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -116,7 +114,7 @@ pub async fn run(
 }
 
 /// Logs accounts that have pending rows but no configuration.
-pub async fn warn_unknown_accounts(store: &SqliteStore, configured: &[String]) {
+pub async fn warn_unknown_accounts<U: Upkeep>(store: &U, configured: &[String]) {
     let configured: Vec<&str> = configured.iter().map(String::as_str).collect();
     match store.flag_unknown_accounts(&configured).await {
         Ok(unknown) => {

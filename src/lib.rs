@@ -15,7 +15,8 @@
 //! - [`request_size`]: request bytes, and packing rows under the byte bound
 //! - [`worker`]: one account's delivery loop (claim → read back → send →
 //!   record) and the pure table of what each reply means
-//! - [`daemon`]: `run`: the database lock, the loops, reload, shutdown
+//! - [`daemon`]: `run` on an opened store: the accounts, the loops,
+//!   reload, shutdown
 //! - [`error_chain`]: an error and its causes, each once, for logs
 //! - [`signals`]: SIGTERM/SIGINT stop, SIGHUP reloads
 //! - [`notify`]: systemd notifications and the watchdog's view of liveness

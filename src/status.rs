@@ -4,7 +4,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::store::{AccountStatus, parse_timestamp};
+use crate::store::{AccountStatus, OperatorStore, StoreError, parse_timestamp};
 
 /// What `status --json` prints.
 #[derive(Debug, Serialize)]
@@ -23,6 +23,14 @@ pub struct Totals {
 }
 
 impl StatusReport {
+    /// Reads the report from any store.
+    pub async fn read<O: OperatorStore>(
+        store: &O,
+        now: SystemTime,
+    ) -> Result<StatusReport, StoreError> {
+        Ok(StatusReport::new(store.status(now).await?, now))
+    }
+
     pub fn new(accounts: Vec<AccountStatus>, now: SystemTime) -> StatusReport {
         let mut totals = Totals::default();
         for a in &accounts {

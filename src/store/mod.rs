@@ -1,13 +1,16 @@
-//! The outbox store: the only place with SQL. [`Outbox`] is the small
-//! interface the delivery loop needs; [`sqlite::SqliteStore`] implements it.
-//! A PostgreSQL store (several daemons claiming with `FOR UPDATE SKIP
-//! LOCKED`, leases instead of start-up recovery) would implement the same trait.
+//! The outbox store: the only place with SQL, behind four traits:
+//! [`Outbox`] (the delivery loop), [`DaemonStore`] (the daemon: accounts,
+//! recovery, waking, the queue's summary), [`Upkeep`] (housekeeping) and
+//! [`OperatorStore`] (the operator's commands). [`sqlite::SqliteStore`]
+//! implements them all; the PostgreSQL store ([`postgres`]: several
+//! daemons claiming with `FOR UPDATE SKIP LOCKED`, leases instead of
+//! start-up recovery) implements [`Outbox`] so far.
 
-pub mod file;
-pub mod maintenance;
+#[cfg(test)]
+pub mod memory;
 pub mod postgres;
+pub mod schema;
 pub mod sqlite;
-mod wal_watch;
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
@@ -198,7 +201,7 @@ pub enum StoreError {
     #[error("the database {path} {problem}")]
     Schema {
         path: String,
-        problem: file::SchemaProblem,
+        problem: schema::SchemaProblem,
     },
     /// PostgreSQL store: this daemon no longer holds the account's lease
     /// (another daemon took it over); nothing was changed for it.
@@ -291,7 +294,7 @@ pub trait Outbox: Clone + Send + Sync + 'static {
 
     /// Remembers, before a `messages/add` request of `account` is sent, a
     /// time no earlier than its start: rows it leaves `sending` (a crash, a
-    /// request abandoned) settle from there ([`SqliteStore::recover_abandoned`]).
+    /// request abandoned) settle from there ([`DaemonStore::recover_abandoned`]).
     fn request_starting(
         &self,
         account: &str,
@@ -412,6 +415,24 @@ pub trait DaemonStore: Outbox {
 
     /// Closes every connection (at shutdown).
     fn close(&self) -> impl Future<Output = ()> + Send;
+
+    /// Whether the daemon must stop because its storage is no longer the
+    /// one it opened (checked every second; cheap, no query). SQLite: the
+    /// database file was deleted or replaced under a daemon that holds its
+    /// lock. PostgreSQL: never (`None`).
+    fn storage_lost(&self) -> Option<StorageLost>;
+}
+
+/// Why a daemon stops: its storage is gone from under it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct StorageLost {
+    /// What happened (also the daemon's error at exit).
+    pub reason: String,
+    /// How the restart that follows goes on and what an operator should
+    /// check, continuing the log line "…; stopping with an error so that
+    /// systemd restarts the daemon".
+    pub on_restart: String,
 }
 
 /// The daemon's housekeeping task: flags rows of accounts nobody

@@ -741,4 +741,104 @@ mod tests {
             .collect();
         assert_eq!(ids, [vec![4], vec![8], vec![2, 3, 5, 6, 7]]);
     }
+
+    /// A tiny `messages/add` that stores every message it is given, as Mews
+    /// would: `m<Identifier>` as the message's Id.
+    async fn accepting_mews() -> std::net::SocketAddr {
+        async fn add(body: String) -> axum::Json<serde_json::Value> {
+            let body: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let added: Vec<serde_json::Value> = body["Messages"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|m| {
+                    let identifier = m["Identifier"].as_str().unwrap_or_default();
+                    serde_json::json!({
+                        "Identifier": identifier,
+                        "Message": {
+                            "Id": format!("m{identifier}"),
+                            "Sender": "Application",
+                            "CreatedUtc": "2026-01-01T00:00:00Z",
+                        },
+                    })
+                })
+                .collect();
+            axum::Json(serde_json::json!({ "Messages": added }))
+        }
+        let app =
+            axum::Router::new().route("/api/connector/v1/messages/add", axum::routing::post(add));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_step_claims_due_thread_heads_posts_them_and_records_what_mews_returned() {
+        use crate::store::Status;
+        use crate::store::memory::MemoryStore;
+
+        let addr = accepting_mews().await;
+        let mut settings = crate::config::Settings::load(&crate::config::Sources {
+            file: None,
+            env: Some(Default::default()),
+        })
+        .unwrap();
+        settings.mews.base_url = format!("http://{addr}/").parse().unwrap();
+        let store = MemoryStore::default();
+        let t1 = "7f9325f6-ef44-4911-89a8-ae51010a5aa4";
+        let t2 = "0b8c8a58-1a60-4c5e-9f0e-3d6f2f2a9d11";
+        let first = store.insert("default", t1, "one");
+        let second = store.insert("default", t1, "two, after one");
+        let other = store.insert("default", t2, "other thread");
+        let elsewhere = store.insert("spa", t2, "another account");
+        let (_changed, changes) = watch::channel(0);
+        let context = WorkerContext {
+            store: store.clone(),
+            client: MewsClient::new(&settings.mews).unwrap(),
+            delivery: settings.delivery.clone(),
+            retry: settings.retry.clone(),
+            requests: Arc::new(Semaphore::new(1)),
+            changes,
+            shutdown: CancellationToken::new(),
+        };
+        let mut worker = AccountWorker::new(
+            context,
+            "default".into(),
+            &settings.accounts["default"],
+            None,
+        );
+
+        assert_eq!(worker.step().await, Step::Worked);
+        let status = |id: i64| {
+            let row = store.rows().into_iter().find(|r| r.id == id).unwrap();
+            (row.status, row.mews_message_id)
+        };
+        assert_eq!(
+            status(first),
+            (Status::Delivered, Some(format!("m{first}")))
+        );
+        assert_eq!(
+            status(other),
+            (Status::Delivered, Some(format!("m{other}")))
+        );
+        assert_eq!(
+            status(second),
+            (Status::Pending, None),
+            "waits behind its thread's head"
+        );
+        assert_eq!(
+            status(elsewhere),
+            (Status::Pending, None),
+            "another account's row"
+        );
+
+        assert_eq!(worker.step().await, Step::Worked);
+        assert_eq!(
+            status(second),
+            (Status::Delivered, Some(format!("m{second}")))
+        );
+        assert_eq!(worker.step().await, Step::Idle { next_due: None });
+        assert_eq!(status(elsewhere), (Status::Pending, None));
+    }
 }

@@ -27,7 +27,7 @@ use sqlx::{PgPool, Row};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::file::{SchemaProblem, schema_verdict};
+use super::schema::{SchemaProblem, schema_verdict};
 use super::{
     AccountPause, Acquired, ClaimedRow, Enqueued, NewMessage, Outbox, RowOutcome, StoreError,
     timestamp,

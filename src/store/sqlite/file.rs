@@ -1,9 +1,7 @@
 //! The database file itself: the one-daemon-per-database lock (on the file,
 //! whichever path, symlink or hard link reaches it), the refusal of file
 //! systems where SQLite's locks and WAL shared memory do not work, noticing
-//! that the file was deleted or replaced under a running daemon, and
-//! comparing a database's schema with the binary's migrations for the
-//! read-only commands, which never migrate.
+//! that the file was deleted or replaced under a running daemon.
 
 use std::fs::{File, TryLockError};
 use std::io;
@@ -42,8 +40,6 @@ pub enum FileError {
         #[source]
         source: io::Error,
     },
-    #[error("{0}")]
-    Changed(FileChange),
 }
 
 /// What happened to the database file under a running daemon.
@@ -202,49 +198,6 @@ impl DaemonLock {
     }
 }
 
-/// How a database's applied migrations compare with the binary's.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SchemaProblem {
-    #[error(
-        "has no outbox tables yet; start the daemon (`systemctl start mews-outbox`) or run `mews-outbox migrate`"
-    )]
-    Missing,
-    #[error(
-        "has an older outbox schema (migrations {missing:?} not applied); start the daemon of this version or run `mews-outbox migrate`, which this read-only command does not do"
-    )]
-    Older { missing: Vec<i64> },
-    #[error(
-        "was migrated by a newer mews-outbox (unknown migrations {unknown:?}); use that version's binary"
-    )]
-    Newer { unknown: Vec<i64> },
-}
-
-/// Compares the migration versions applied to a database with those the
-/// binary knows. Newer wins over older: a database both lacks and has
-/// extra migrations only when another build wrote it.
-pub fn schema_verdict(applied: &[i64], known: &[i64]) -> Result<(), SchemaProblem> {
-    let unknown: Vec<i64> = applied
-        .iter()
-        .copied()
-        .filter(|v| !known.contains(v))
-        .collect();
-    if !unknown.is_empty() {
-        return Err(SchemaProblem::Newer { unknown });
-    }
-    let missing: Vec<i64> = known
-        .iter()
-        .copied()
-        .filter(|v| !applied.contains(v))
-        .collect();
-    if missing.is_empty() {
-        Ok(())
-    } else if applied.is_empty() {
-        Err(SchemaProblem::Missing)
-    } else {
-        Err(SchemaProblem::Older { missing })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,26 +252,11 @@ mod tests {
         assert!(e.contains("move the database to a local disk"), "{e}");
     }
 
-    #[test]
-    fn the_schema_is_compared_with_the_binarys_migrations() {
-        assert_eq!(schema_verdict(&[1, 2, 3], &[1, 2, 3]), Ok(()));
-        assert_eq!(schema_verdict(&[], &[1, 2]), Err(SchemaProblem::Missing));
-        assert_eq!(
-            schema_verdict(&[1], &[1, 2, 3]),
-            Err(SchemaProblem::Older {
-                missing: vec![2, 3]
-            })
-        );
-        assert_eq!(
-            schema_verdict(&[1, 2, 4], &[1, 2]),
-            Err(SchemaProblem::Newer { unknown: vec![4] })
-        );
-    }
-
     #[tokio::test]
     async fn a_store_reconnecting_to_a_deleted_file_does_not_create_a_new_one() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("outbox.db");
+        use crate::store::DaemonStore;
         let store = crate::store::SqliteStore::open(&db, std::time::Duration::from_secs(1))
             .await
             .unwrap();

@@ -1,0 +1,277 @@
+//! The operator's commands: `enqueue`, `status`, `dead list|requeue|purge`.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use sqlx::Row;
+
+use super::SqliteStore;
+use crate::store::{
+    AccountStatus, DeadRow, Enqueued, ErrorCount, NewMessage, OperatorStore, Outbox, Requeue,
+    Status, StoreError, timestamp,
+};
+
+/// Most common dead-row errors shown per account by `status`.
+const DEAD_ERRORS_SHOWN: i64 = 3;
+
+impl OperatorStore for SqliteStore {
+    /// Dead rows, oldest first, of one account or all.
+    async fn dead_rows(&self, account: Option<&str>) -> Result<Vec<DeadRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, account, message_thread_id, CAST(text AS BLOB) AS text, attempts,
+                    last_error, created_at, dead_at
+             FROM outbox WHERE status = 'dead' AND (?1 IS NULL OR account = ?1)
+             ORDER BY id",
+        )
+        .bind(account)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(DeadRow {
+                    id: row.try_get("id")?,
+                    account: row.try_get("account")?,
+                    message_thread_id: row.try_get("message_thread_id")?,
+                    text: String::from_utf8_lossy(&row.try_get::<Vec<u8>, _>("text")?).into_owned(),
+                    attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(0),
+                    last_error: row.try_get("last_error")?,
+                    created_at: row.try_get("created_at")?,
+                    dead_at: row.try_get("dead_at")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Puts dead rows back to `pending`, due now, with their attempts reset
+    /// and `last_error` saying so. Named rows that are not all dead (or not
+    /// of `account`) are refused as a whole. Returns the ids requeued.
+    async fn requeue_dead(
+        &self,
+        which: &Requeue,
+        account: Option<&str>,
+        now: SystemTime,
+    ) -> Result<Vec<i64>, StoreError> {
+        let ids = match which {
+            Requeue::Ids(ids) => Some(serde_json::to_string(ids).unwrap_or_else(|_| "[]".into())),
+            Requeue::All => None,
+        };
+        let mut tx = self.writer.begin().await?;
+        // The write comes first, so the transaction takes the write lock at
+        // once (waiting up to busy_timeout) instead of failing to upgrade.
+        let mut requeued: Vec<i64> = sqlx::query_scalar(
+            "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ?1,
+                 dead_at = NULL,
+                 last_error = 'requeued by an operator at ' || ?1 || coalesce('; was: ' || last_error, '')
+             WHERE status = 'dead'
+               AND (?2 IS NULL OR id IN (SELECT value FROM json_each(?2)))
+               AND (?3 IS NULL OR account = ?3)
+             RETURNING id",
+        )
+        .bind(timestamp(now))
+        .bind(&ids)
+        .bind(account)
+        .fetch_all(&mut *tx)
+        .await?;
+        requeued.sort_unstable();
+        if let Requeue::Ids(wanted) = which {
+            let missing: Vec<i64> = wanted
+                .iter()
+                .copied()
+                .filter(|id| requeued.binary_search(id).is_err())
+                .collect();
+            if !missing.is_empty() {
+                let mut problems = Vec::with_capacity(missing.len());
+                for id in missing {
+                    let found = sqlx::query("SELECT status, account FROM outbox WHERE id = ?1")
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    problems.push(match found {
+                        None => format!("row {id} does not exist"),
+                        Some(row) => {
+                            let status: String = row.try_get("status")?;
+                            let owner: String = row.try_get("account")?;
+                            match account {
+                                Some(a)
+                                    if Status::parse(&status) == Some(Status::Dead)
+                                        && owner != a =>
+                                {
+                                    format!("row {id} belongs to account {owner}, not {a}")
+                                }
+                                _ => format!("row {id} is {status}, not dead"),
+                            }
+                        }
+                    });
+                }
+                tx.rollback().await?;
+                return Err(StoreError::NotDead(problems.join("; ")));
+            }
+        }
+        tx.commit().await?;
+        Ok(requeued)
+    }
+
+    /// Deletes dead rows that died before `cutoff` (of `account`, or all).
+    /// Returns how many.
+    async fn purge_dead(
+        &self,
+        cutoff: SystemTime,
+        account: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM outbox
+             WHERE status = 'dead' AND coalesce(dead_at, created_at) < ?1
+               AND (?2 IS NULL OR account = ?2)",
+        )
+        .bind(timestamp(cutoff))
+        .bind(account)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Inserts one message the way a producer would.
+    async fn enqueue(&self, message: &NewMessage) -> Result<Enqueued, StoreError> {
+        let inserted = sqlx::query_scalar::<_, i64>(
+            "INSERT INTO outbox (message_thread_id, text, identifier, account)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (identifier) DO NOTHING
+             RETURNING id",
+        )
+        .bind(&message.message_thread_id)
+        .bind(&message.text)
+        .bind(&message.identifier)
+        .bind(&message.account)
+        .fetch_optional(&self.writer)
+        .await
+        .map_err(refused)?;
+        if let Some(id) = inserted {
+            return Ok(Enqueued::Inserted(id));
+        }
+        let existing = sqlx::query_scalar::<_, i64>("SELECT id FROM outbox WHERE identifier = ?1")
+            .bind(&message.identifier)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Enqueued::AlreadyThere(existing))
+    }
+
+    /// Counts, ages and pauses per account (every account with rows or a pause).
+    async fn status(&self, now: SystemTime) -> Result<Vec<AccountStatus>, StoreError> {
+        let mut accounts = BTreeMap::<String, AccountStatus>::new();
+        let counts = sqlx::query(
+            "SELECT account, status, count(*) AS n FROM outbox GROUP BY account, status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for row in counts {
+            let a = account_entry(&mut accounts, row.try_get("account")?);
+            let n = u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0);
+            match Status::parse(row.try_get("status")?) {
+                Some(Status::Pending) => a.pending = n,
+                Some(Status::Sending) => a.sending = n,
+                Some(Status::Delivered) => a.delivered = n,
+                Some(Status::Dead) => a.dead = n,
+                None => {}
+            }
+        }
+        let pending = sqlx::query(
+            "SELECT account,
+                    min(created_at) AS oldest,
+                    min(CASE WHEN next_attempt_at > ?1 THEN next_attempt_at END) AS next_retry
+             FROM outbox WHERE status = 'pending' GROUP BY account",
+        )
+        .bind(timestamp(now))
+        .fetch_all(&self.pool)
+        .await?;
+        for row in pending {
+            let a = account_entry(&mut accounts, row.try_get("account")?);
+            a.oldest_pending_created_at = row.try_get("oldest")?;
+            a.next_retry_at = row.try_get("next_retry")?;
+        }
+        let errors = sqlx::query(
+            "SELECT account, last_error FROM (
+                 SELECT account, last_error,
+                        row_number() OVER (PARTITION BY account ORDER BY id DESC) AS newest
+                 FROM outbox
+                 WHERE status IN ('pending', 'dead') AND last_error IS NOT NULL)
+             WHERE newest = 1",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for row in errors {
+            account_entry(&mut accounts, row.try_get("account")?).last_error =
+                row.try_get("last_error")?;
+        }
+        // `error` is last_error without its " (RequestId …)" part, so that
+        // equal errors group: the SQL twin of `mews::without_request_id`.
+        let dead_errors = sqlx::query(
+            "SELECT account, error, n FROM (
+                 SELECT account, error, count(*) AS n,
+                        row_number() OVER (PARTITION BY account ORDER BY count(*) DESC, error) AS rank
+                 FROM (SELECT account,
+                              CASE WHEN p = 0 THEN last_error
+                                   ELSE substr(last_error, 1, p - 1)
+                                        || substr(last_error, p + instr(substr(last_error, p), ')'))
+                              END AS error
+                       FROM (SELECT account, last_error, instr(last_error, ' (RequestId ') AS p
+                             FROM outbox WHERE status = 'dead' AND last_error IS NOT NULL))
+                 GROUP BY account, error)
+             WHERE rank <= ?1
+             ORDER BY account, n DESC, error",
+        )
+        .bind(DEAD_ERRORS_SHOWN)
+        .fetch_all(&self.pool)
+        .await?;
+        for row in dead_errors {
+            account_entry(&mut accounts, row.try_get("account")?)
+                .dead_errors
+                .push(ErrorCount {
+                    error: row.try_get("error")?,
+                    rows: u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0),
+                });
+        }
+        for pause in self.pauses().await? {
+            if pause.until > now {
+                let a = account_entry(&mut accounts, pause.account);
+                a.paused_until = Some(timestamp(pause.until));
+                a.pause_reason = Some(pause.reason);
+            }
+        }
+        Ok(accounts.into_values().collect())
+    }
+}
+
+fn account_entry(
+    accounts: &mut BTreeMap<String, AccountStatus>,
+    name: String,
+) -> &mut AccountStatus {
+    accounts
+        .entry(name.clone())
+        .or_insert_with(|| AccountStatus {
+            account: name,
+            ..AccountStatus::default()
+        })
+}
+
+/// SQLITE_CONSTRAINT_TRIGGER: a trigger's RAISE(ABORT, ...), which is how
+/// the producer contract (migration `..06_producer_contract`) refuses a row.
+const SQLITE_CONSTRAINT_TRIGGER: &str = "1811";
+
+/// A CHECK, UNIQUE, NOT NULL or producer-contract failure is the producer's
+/// input being refused.
+fn refused(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db)
+            if matches!(
+                db.kind(),
+                sqlx::error::ErrorKind::CheckViolation
+                    | sqlx::error::ErrorKind::NotNullViolation
+                    | sqlx::error::ErrorKind::UniqueViolation
+            ) || db.code().as_deref() == Some(SQLITE_CONSTRAINT_TRIGGER) =>
+        {
+            StoreError::Refused(db.message().to_owned())
+        }
+        _ => StoreError::Database(e),
+    }
+}
