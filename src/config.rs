@@ -84,10 +84,78 @@ pub const STATE_DIRECTORY_DATABASE: &str = "outbox.db";
 pub struct DatabaseSettings {
     /// SQLite file holding the `outbox` table; created when missing. When
     /// not configured: `$STATE_DIRECTORY/outbox.db` under systemd, else
-    /// `outbox.db` in the working directory.
+    /// `outbox.db` in the working directory. Not used when
+    /// [`DatabaseSettings::postgres`] is set.
     pub path: PathBuf,
-    /// How long a writer waits for a lock held by another connection.
+    /// How long a writer waits for a lock held by another connection (SQLite).
     pub busy_timeout: Duration,
+    /// Set when `database.url` names a PostgreSQL database: the daemon
+    /// uses it (shared with other daemons) instead of the SQLite `path`.
+    pub postgres: Option<PostgresSettings>,
+}
+
+/// Where the outbox is, as the daemon opens it.
+#[derive(Debug, Clone, Copy)]
+pub enum DatabaseTarget<'a> {
+    Sqlite {
+        path: &'a Path,
+        busy_timeout: Duration,
+    },
+    Postgres(&'a PostgresSettings),
+}
+
+impl DatabaseSettings {
+    /// Which store the settings select: PostgreSQL when `database.url` is
+    /// set, else the SQLite file.
+    pub fn target(&self) -> DatabaseTarget<'_> {
+        match &self.postgres {
+            Some(postgres) => DatabaseTarget::Postgres(postgres),
+            None => DatabaseTarget::Sqlite {
+                path: &self.path,
+                busy_timeout: self.busy_timeout,
+            },
+        }
+    }
+}
+
+/// Shortest `database.lease`: renewed every third of it, a lease shorter
+/// than this would be renewed more than once a second by every daemon.
+pub const MIN_LEASE: Duration = Duration::from_secs(3);
+
+/// A shared PostgreSQL outbox (`database.url`).
+#[derive(Clone)]
+pub struct PostgresSettings {
+    /// The connection URL, with the password when one was given (in the URL,
+    /// `database.password_file` or the `database-password` credential).
+    /// Never shown: [`PostgresSettings::redacted_url`] is.
+    pub url: SecretString,
+    /// How long an account lease lasts unless renewed.
+    pub lease: Duration,
+    /// How long connecting (and waiting for a pooled connection) may take.
+    pub connect_timeout: Duration,
+}
+
+impl PostgresSettings {
+    /// The URL with its password replaced, for logs and `check-config`.
+    pub fn redacted_url(&self) -> String {
+        crate::store::postgres::redact_url(self.url.expose_secret())
+    }
+
+    /// How often a daemon renews its leases: a third of the lease, so two
+    /// renewals may fail before the lease runs out.
+    pub fn renew_every(&self) -> Duration {
+        self.lease / 3
+    }
+}
+
+impl std::fmt::Debug for PostgresSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresSettings")
+            .field("url", &self.redacted_url())
+            .field("lease", &self.lease)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -97,6 +165,13 @@ struct RawDatabase {
     /// How long a writer waits for a lock held by another connection.
     #[serde(with = "humantime_serde")]
     pub busy_timeout: Duration,
+    /// `postgres://user@host/db`: a shared PostgreSQL outbox instead of `path`.
+    url: Option<SecretString>,
+    password_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    lease: Duration,
+    #[serde(with = "humantime_serde")]
+    connect_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -352,7 +427,7 @@ impl Settings {
         validate_delivery(&raw.delivery)?;
         validate_retry(&raw.retry)?;
         validate_log(&raw.log)?;
-        let database = validate_database(raw.database, sources)?;
+        let database = validate_database(raw.database, sources, &tokens)?;
         Ok(Settings {
             database,
             mews,
@@ -558,9 +633,42 @@ fn validate_log(log: &LogSettings) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// `[database]`: a path if given (else the default under systemd's state
-/// directory or the working directory).
-fn validate_database(raw: RawDatabase, sources: &Sources) -> Result<DatabaseSettings, ConfigError> {
+/// `[database]`: PostgreSQL when `url` is given (with its password from the
+/// URL, `password_file` or the `database-password` credential), else the
+/// SQLite file at `path` (by default under systemd's state directory or the
+/// working directory); not both.
+fn validate_database(
+    raw: RawDatabase,
+    sources: &Sources,
+    tokens: &TokenSources,
+) -> Result<DatabaseSettings, ConfigError> {
+    let postgres = match raw.url {
+        Some(url) => {
+            if raw.path.is_some() {
+                return Err(invalid(
+                    "database.url",
+                    "and `database.path` are both set: keep one (`url` selects a PostgreSQL \
+                     database, `path` an SQLite file)",
+                ));
+            }
+            Some(validate_postgres(
+                url,
+                raw.password_file,
+                raw.lease,
+                raw.connect_timeout,
+                tokens,
+            )?)
+        }
+        None => {
+            if raw.password_file.is_some() {
+                return Err(invalid(
+                    "database.password_file",
+                    "is set but `database.url` is not: a password is only for a PostgreSQL database",
+                ));
+            }
+            None
+        }
+    };
     let path = match raw.path {
         Some(path) if path.as_os_str().is_empty() => {
             return Err(invalid("database.path", "must not be empty"));
@@ -571,6 +679,64 @@ fn validate_database(raw: RawDatabase, sources: &Sources) -> Result<DatabaseSett
     Ok(DatabaseSettings {
         path,
         busy_timeout: raw.busy_timeout,
+        postgres,
+    })
+}
+
+/// `database.url` and its companions. No message quotes the URL.
+fn validate_postgres(
+    url: SecretString,
+    password_file: Option<PathBuf>,
+    lease: Duration,
+    connect_timeout: Duration,
+    tokens: &TokenSources,
+) -> Result<PostgresSettings, ConfigError> {
+    let text = url.expose_secret();
+    if text.trim().is_empty() {
+        return Err(invalid("database.url", "must not be empty"));
+    }
+    let not_postgres = || {
+        invalid(
+            "database.url",
+            "is not a PostgreSQL URL (postgres://user@host/database or postgresql://...)",
+        )
+    };
+    let mut parsed = Url::parse(text).map_err(|_| not_postgres())?;
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        return Err(not_postgres());
+    }
+    let has_password = parsed.password().is_some()
+        || parsed
+            .query_pairs()
+            .any(|(k, _)| k.eq_ignore_ascii_case("password"));
+    if let Some(password) = tokens.database_password(has_password, password_file)? {
+        // In the user info when the URL has a host, else as `?password=`
+        // (a Unix socket URL: `postgres:///db?host=/run/postgresql&user=u`).
+        if parsed.set_password(Some(password.expose_secret())).is_err()
+            || parsed.password().is_none()
+        {
+            parsed
+                .query_pairs_mut()
+                .append_pair("password", password.expose_secret());
+        }
+    }
+    if lease < MIN_LEASE {
+        return Err(invalid(
+            "database.lease",
+            format!(
+                "must be at least {} (a daemon renews its leases every third of it, \
+                 and loses its accounts to the other daemons when it misses a lease)",
+                humantime::format_duration(MIN_LEASE)
+            ),
+        ));
+    }
+    if connect_timeout.is_zero() {
+        return Err(invalid("database.connect_timeout", "must be more than 0"));
+    }
+    Ok(PostgresSettings {
+        url: SecretString::from(String::from(parsed)),
+        lease,
+        connect_timeout,
     })
 }
 
@@ -579,7 +745,16 @@ impl std::fmt::Display for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let d = |d: Duration| humantime::format_duration(d).to_string();
         writeln!(f, "[database]")?;
-        writeln!(f, "path = {:?}", self.database.path.display().to_string())?;
+        match &self.database.postgres {
+            Some(pg) => {
+                writeln!(f, "url = {:?}", pg.redacted_url())?;
+                writeln!(f, "lease = {:?}", d(pg.lease))?;
+                writeln!(f, "connect_timeout = {:?}", d(pg.connect_timeout))?;
+            }
+            None => {
+                writeln!(f, "path = {:?}", self.database.path.display().to_string())?;
+            }
+        }
         writeln!(f, "busy_timeout = {:?}", d(self.database.busy_timeout))?;
         writeln!(f, "\n[mews]")?;
         writeln!(f, "base_url = {:?}", self.mews.base_url.as_str())?;
@@ -836,6 +1011,15 @@ fn file_holds_a_token(file: &Path) -> bool {
     if parsed.get_string("mews.client_token").is_ok() {
         return true;
     }
+    if let Ok(url) = parsed.get_string("database.url")
+        && Url::parse(&url).is_ok_and(|u| {
+            u.password().is_some()
+                || u.query_pairs()
+                    .any(|(k, _)| k.eq_ignore_ascii_case("password"))
+        })
+    {
+        return true;
+    }
     parsed
         .get_table("accounts")
         .map(|accounts| {
@@ -997,6 +1181,26 @@ mod tests {
                 format!("[delivery]\nreconcile = {T}\n"),
                 "delivery.reconcile",
             ),
+            (format!("[database]\nurl = \"{T}\"\n"), "database.url"),
+            (
+                format!("[database]\nurl = \"mysql://u:{T}@h/d\"\n"),
+                "database.url",
+            ),
+            (
+                format!("[database]\npassword_file = \"{T}\"\n"),
+                "database.password_file",
+            ),
+            (
+                format!(
+                    "[database]\nurl = \"postgres://u@h/d\"\npassword_file = \"/nonexistent/{T}\"\n"
+                ),
+                "database.password_file",
+            ),
+            (format!("[database]\nlease = \"{T}\"\n"), "database.lease"),
+            (
+                format!("[database]\nconnect_timeout = \"{T}\"\n"),
+                "database.connect_timeout",
+            ),
         ] {
             let e = load(Some(&file), &[]).unwrap_err();
             for shown in [e.to_string(), format!("{e:?}")] {
@@ -1149,6 +1353,222 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.database.path, PathBuf::from("/srv/o.db"), "explicit wins");
+    }
+
+    fn write_private(path: &Path, text: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o400)).unwrap();
+    }
+
+    #[test]
+    fn a_database_url_selects_postgresql_with_its_lease() {
+        let s = load(None, &[]).unwrap();
+        assert!(s.database.postgres.is_none());
+        assert!(matches!(s.database.target(), DatabaseTarget::Sqlite { .. }));
+        let from_file = load(
+            Some("[database]\nurl = \"postgres://outbox:PW-SECRET-1@db.example/outbox\"\n"),
+            &[],
+        )
+        .unwrap();
+        let from_env = load(
+            None,
+            &[(
+                "MEWS_OUTBOX__DATABASE__URL",
+                "postgres://outbox:PW-SECRET-1@db.example/outbox",
+            )],
+        )
+        .unwrap();
+        for s in [&from_file, &from_env] {
+            let DatabaseTarget::Postgres(pg) = s.database.target() else {
+                panic!("{s:?}");
+            };
+            assert_eq!(
+                pg.url.expose_secret(),
+                "postgres://outbox:PW-SECRET-1@db.example/outbox"
+            );
+            assert_eq!(pg.lease, Duration::from_secs(30));
+            assert_eq!(pg.renew_every(), Duration::from_secs(10));
+            assert_eq!(pg.connect_timeout, Duration::from_secs(10));
+            for shown in [format!("{s:?}"), s.to_string(), format!("{pg:?}")] {
+                assert!(!shown.contains("PW-SECRET-1"), "{shown}");
+                assert!(shown.contains("db.example/outbox"), "{shown}");
+            }
+        }
+        // What check-config prints loads back (the password aside).
+        let shown = from_file.to_string();
+        assert!(shown.contains("lease = \"30s\""), "{shown}");
+        let reloaded = load(Some(&shown), &[]).unwrap();
+        assert_eq!(reloaded.to_string(), shown);
+        let s = load(
+            Some("[database]\nurl = \"postgresql:///outbox?host=/run/postgresql&user=u\"\nlease = \"1m\"\nconnect_timeout = \"3s\"\n"),
+            &[],
+        )
+        .unwrap();
+        let pg = s.database.postgres.unwrap();
+        assert_eq!(
+            (pg.lease, pg.connect_timeout),
+            (Duration::from_secs(60), Duration::from_secs(3))
+        );
+    }
+
+    #[test]
+    fn a_database_url_and_path_together_are_refused_naming_both_keys() {
+        let e = error_of(
+            Some("[database]\npath = \"/srv/o.db\"\nurl = \"postgres://u:PW-2@h/d\"\n"),
+            &[],
+        );
+        assert!(
+            e.contains("`database.url`") && e.contains("`database.path`") && e.contains("keep one"),
+            "{e}"
+        );
+        assert!(!e.contains("PW-2"), "{e}");
+        let e = error_of(
+            Some("[database]\npath = \"/srv/o.db\"\n"),
+            &[("MEWS_OUTBOX__DATABASE__URL", "postgres://u@h/d")],
+        );
+        assert!(
+            e.contains("`database.url`") && e.contains("`database.path`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_database_url_must_be_a_postgresql_url() {
+        for url in [
+            "",
+            "not a url",
+            "mysql://u:PW-3@h/d",
+            "https://h/d",
+            "/var/lib/o.db",
+        ] {
+            let e = error_of(Some(&format!("[database]\nurl = {url:?}\n")), &[]);
+            assert!(e.contains("database.url"), "{url}: {e}");
+            assert!(!e.contains("PW-3"), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_database_password_comes_from_the_url_a_file_or_a_credential_but_one_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        write_private(&file, "PW-FILE-4\n");
+        let creds = tempfile::tempdir().unwrap();
+        write_private(&creds.path().join("database-password"), "PW-CRED-5");
+        let creds = creds.path().to_str().unwrap();
+        let url_of = |s: Settings| s.database.postgres.unwrap().url.expose_secret().to_owned();
+
+        let with_file = format!(
+            "[database]\nurl = \"postgres://outbox@db/outbox\"\npassword_file = {:?}\n",
+            file.display().to_string()
+        );
+        assert_eq!(
+            url_of(load(Some(&with_file), &[]).unwrap()),
+            "postgres://outbox:PW-FILE-4@db/outbox"
+        );
+        let plain = "[database]\nurl = \"postgres://outbox@db/outbox\"\n";
+        assert_eq!(
+            url_of(load(Some(plain), &[("CREDENTIALS_DIRECTORY", creds)]).unwrap()),
+            "postgres://outbox:PW-CRED-5@db/outbox"
+        );
+        // A socket URL takes it as `?password=`.
+        let socket = "[database]\nurl = \"postgres:///outbox?host=/run/postgresql\"\n";
+        let url = url_of(load(Some(socket), &[("CREDENTIALS_DIRECTORY", creds)]).unwrap());
+        assert!(url.ends_with("password=PW-CRED-5"), "{url}");
+        // No password at all (peer authentication) is fine.
+        assert_eq!(
+            url_of(load(Some(plain), &[]).unwrap()),
+            "postgres://outbox@db/outbox"
+        );
+
+        let refused = [
+            error_of(Some(&with_file), &[("CREDENTIALS_DIRECTORY", creds)]),
+            error_of(
+                Some(&with_file.replace("outbox@db", "outbox:PW-URL-6@db")),
+                &[],
+            ),
+            error_of(
+                Some("[database]\nurl = \"postgres://outbox:PW-URL-6@db/outbox\"\n"),
+                &[("CREDENTIALS_DIRECTORY", creds)],
+            ),
+            error_of(
+                Some("[database]\nurl = \"postgres://outbox@db/outbox?password=PW-URL-6\"\n"),
+                &[("CREDENTIALS_DIRECTORY", creds)],
+            ),
+        ];
+        for e in &refused {
+            assert!(e.contains("keep one") && e.contains("database"), "{e}");
+            for secret in ["PW-FILE-4", "PW-CRED-5", "PW-URL-6"] {
+                assert!(!e.contains(secret), "{e}");
+            }
+        }
+        let e = error_of(
+            Some(&format!(
+                "[database]\npassword_file = {:?}\n",
+                file.display().to_string()
+            )),
+            &[],
+        );
+        assert!(
+            e.contains("`database.password_file`") && e.contains("`database.url`"),
+            "{e}"
+        );
+        write_private(&file, "  \n");
+        let e = error_of(Some(&with_file), &[]);
+        assert!(
+            e.contains("database.password") && e.contains("empty"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_lease_under_three_seconds_or_no_connect_timeout_is_refused() {
+        let url = "postgres://u@h/d";
+        let with = |key: &str, value: &str| {
+            load(
+                None,
+                &[
+                    ("MEWS_OUTBOX__DATABASE__URL", url),
+                    (&format!("MEWS_OUTBOX__DATABASE__{key}"), value),
+                ],
+            )
+            .map_err(|e| e.to_string())
+        };
+        let e = with("LEASE", "2s").unwrap_err();
+        assert!(
+            e.contains("`database.lease`") && e.contains("at least 3s"),
+            "{e}"
+        );
+        assert!(with("LEASE", "2999ms").is_err());
+        assert_eq!(
+            with("LEASE", "3s")
+                .unwrap()
+                .database
+                .postgres
+                .unwrap()
+                .lease,
+            Duration::from_secs(3)
+        );
+        let e = with("CONNECT_TIMEOUT", "0s").unwrap_err();
+        assert!(e.contains("`database.connect_timeout`"), "{e}");
+        // Without a URL they are not used, and not checked.
+        assert!(load(None, &[("MEWS_OUTBOX__DATABASE__LEASE", "1s")]).is_ok());
+    }
+
+    #[test]
+    fn a_world_readable_configuration_file_with_a_database_password_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[database]\nurl = \"postgres://u:PW-7@h/d\"\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Settings::load(&Sources {
+            file: Some(path.clone()),
+            env: Some(BTreeMap::new()),
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("chmod") && !e.contains("PW-7"), "{e}");
     }
 
     #[test]

@@ -20,6 +20,10 @@ pub const CLIENT_TOKEN_CREDENTIAL: &str = "mews-outbox.client_token";
 /// Prefix of each account's AccessToken credential: `mews-outbox.access_token.<account>`.
 pub const ACCESS_TOKEN_CREDENTIAL_PREFIX: &str = "mews-outbox.access_token.";
 
+/// Credential holding the PostgreSQL password (`LoadCredential=database-password:...`),
+/// for a `database.url` without one.
+pub const DATABASE_PASSWORD_CREDENTIAL: &str = "database-password";
+
 /// The credential name of an account's AccessToken.
 pub fn access_token_credential(account: &str) -> String {
     format!("{ACCESS_TOKEN_CREDENTIAL_PREFIX}{account}")
@@ -50,6 +54,12 @@ pub enum SecretError {
         key: String,
         /// The credential's name, e.g. `mews-outbox.access_token.hotel`.
         credential: String,
+    },
+    /// `database.url` holds a password and a file or credential gives one too.
+    #[error("configuration: `database.url` holds a password and {other} gives one too: keep one")]
+    PasswordTwice {
+        /// "`database.password_file`" or "the systemd credential <path>".
+        other: String,
     },
     /// The path is neither shown nor kept (`Debug`): it may be a token
     /// pasted into `*_file`.
@@ -106,6 +116,38 @@ impl TokenSources<'_> {
         let credential = access_token_credential(account);
         self.resolve(&key, inline, file, &credential)?
             .ok_or(SecretError::AccessTokenMissing { key, credential })
+    }
+
+    /// The PostgreSQL password when `database.url` has none: from
+    /// `database.password_file` or the systemd credential
+    /// [`DATABASE_PASSWORD_CREDENTIAL`] (not both); `None` when neither is
+    /// given (the server may not ask for one: peer or certificate
+    /// authentication). A URL with a password and another source is refused.
+    pub fn database_password(
+        &self,
+        url_has_password: bool,
+        file: Option<PathBuf>,
+    ) -> Result<Option<SecretString>, SecretError> {
+        if url_has_password {
+            if file.is_some() {
+                return Err(SecretError::PasswordTwice {
+                    other: "`database.password_file`".into(),
+                });
+            }
+            if let Some(path) = credential(self.credentials_directory, DATABASE_PASSWORD_CREDENTIAL)
+            {
+                return Err(SecretError::PasswordTwice {
+                    other: format!("the systemd credential {}", path.display()),
+                });
+            }
+            return Ok(None);
+        }
+        self.resolve(
+            "database.password",
+            None,
+            file,
+            DATABASE_PASSWORD_CREDENTIAL,
+        )
     }
 
     /// A token given inline, in a file, or as the systemd credential

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::support::postgres::{TestDb, database};
 use mews_outbox::store::postgres::{PgOptions, PgStore};
-use mews_outbox::store::{AccountPause, Outbox, RowOutcome, StoreError};
+use mews_outbox::store::{AccountPause, DaemonStore, Outbox, RowOutcome, StoreError, Upkeep};
 use sqlx::{Connection, PgConnection, PgPool};
 
 const T1: &str = "7f9325f6-ef44-4911-89a8-ae51010a5aa4";
@@ -1068,4 +1068,326 @@ async fn a_database_not_in_utf8_is_refused_before_anything_is_created() {
     .await
     .unwrap();
     assert_eq!(tables, 0);
+}
+
+fn thread(i: u32) -> String {
+    format!("{i:08x}-0000-4000-8000-000000000000")
+}
+
+async fn last_error(pool: &PgPool, id: i64) -> Option<String> {
+    sqlx::query_scalar("SELECT last_error FROM outbox WHERE id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// `n` due rows of `account` claimed and given `outcome`, recorded at `at`.
+async fn settle_rows(
+    s: &PgStore,
+    account: &str,
+    n: usize,
+    at: SystemTime,
+    outcome: impl Fn(i64) -> (i64, RowOutcome),
+) -> Vec<i64> {
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    let claimed = s.claim(account, far, n).await.unwrap();
+    assert_eq!(claimed.len(), n);
+    let outcomes: Vec<_> = claimed.iter().map(|r| outcome(r.id)).collect();
+    s.record(&outcomes, at).await.unwrap();
+    ids(&claimed)
+}
+
+#[tokio::test]
+async fn queue_summary_counts_unfinished_and_dead_rows_per_account_and_recent_deliveries() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    let empty = s.queue_summary(SystemTime::UNIX_EPOCH).await.unwrap();
+    assert!(
+        empty.accounts.is_empty() && empty.delivered_since == 0,
+        "{empty:?}"
+    );
+    s.acquire_accounts(&["a", "b"], 2).await.unwrap();
+    let now = SystemTime::now();
+    let long_ago = now - Duration::from_secs(7200);
+    for i in 0..10 {
+        insert(s.pool(), &thread(i), "x", "a").await;
+    }
+    for i in 10..13 {
+        insert(s.pool(), &thread(i), "x", "b").await;
+    }
+    // a: 2 delivered long ago, 3 delivered now, 1 dead, 1 sending, 3 pending.
+    settle_rows(&s, "a", 2, long_ago, delivered).await;
+    settle_rows(&s, "a", 3, now, delivered).await;
+    settle_rows(&s, "a", 1, now, |id| {
+        (id, RowOutcome::Dead { error: "no".into() })
+    })
+    .await;
+    assert_eq!(
+        s.claim("a", now + Duration::from_secs(3600), 1)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let oldest_b: i64 = sqlx::query_scalar(
+        "SELECT (extract(epoch FROM min(created_at)) * 1000000)::bigint
+         FROM outbox WHERE account = 'b'",
+    )
+    .fetch_one(s.pool())
+    .await
+    .unwrap();
+    let oldest_b = SystemTime::UNIX_EPOCH + Duration::from_micros(oldest_b.try_into().unwrap());
+    let summary = s
+        .queue_summary(now - Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(summary.delivered_since, 3, "{summary:?}");
+    let a = &summary.accounts["a"];
+    assert_eq!((a.pending, a.sending, a.dead), (3, 1, 1), "{summary:?}");
+    let b = &summary.accounts["b"];
+    assert_eq!((b.pending, b.sending, b.dead), (3, 0, 0), "{summary:?}");
+    assert_eq!(b.oldest_pending, Some(oldest_b));
+    assert!(a.oldest_pending.is_some());
+    assert_eq!(
+        (summary.pending(), summary.sending(), summary.dead()),
+        (6, 1, 1)
+    );
+    assert_eq!(
+        s.queue_summary(long_ago - Duration::from_secs(1))
+            .await
+            .unwrap()
+            .delivered_since,
+        5
+    );
+}
+
+#[tokio::test]
+async fn prune_deletes_only_rows_delivered_before_the_cutoff_oldest_first() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    s.acquire_accounts(&["a"], 1).await.unwrap();
+    let now = SystemTime::now();
+    let hours_ago = |h: u64| now - Duration::from_secs(3600 * h);
+    for i in 0..12 {
+        insert(s.pool(), &thread(i), "x", "a").await;
+    }
+    let oldest = settle_rows(&s, "a", 2, hours_ago(5), delivered).await;
+    let old = settle_rows(&s, "a", 3, hours_ago(3), delivered).await;
+    let recent = settle_rows(&s, "a", 2, now, delivered).await;
+    let dead = settle_rows(&s, "a", 2, hours_ago(5), |id| {
+        (id, RowOutcome::Dead { error: "no".into() })
+    })
+    .await;
+    let sending = ids(&s
+        .claim("a", now + Duration::from_secs(3600), 1)
+        .await
+        .unwrap());
+    let cutoff = hours_ago(1);
+    // The oldest first: a limit of 2 takes the 5-hour-old deliveries.
+    assert_eq!(s.prune_delivered(cutoff, 2).await.unwrap(), 2);
+    let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM outbox ORDER BY id")
+        .fetch_all(s.pool())
+        .await
+        .unwrap();
+    assert!(oldest.iter().all(|id| !left.contains(id)), "{left:?}");
+    assert!(old.iter().all(|id| left.contains(id)), "{left:?}");
+    assert_eq!(s.prune_delivered(cutoff, 100).await.unwrap(), 3);
+    assert_eq!(s.prune_delivered(cutoff, 100).await.unwrap(), 0);
+    let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM outbox ORDER BY id")
+        .fetch_all(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 12 - 5, "{left:?}");
+    for id in recent.iter().chain(&dead).chain(&sending) {
+        assert!(left.contains(id), "row {id} must stay: {left:?}");
+    }
+    assert_eq!(s.give_back_free_pages(1000).await.unwrap(), 0);
+    assert_eq!(s.storage_warning().await, None);
+}
+
+#[tokio::test]
+async fn unknown_accounts_are_flagged_and_rows_behind_them_say_what_they_wait_for() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    // T1: a row of the unconfigured "ghost", then two of "a" behind it.
+    let ghost = insert(s.pool(), T1, "g", "ghost").await;
+    let behind1 = insert(s.pool(), T1, "b1", "a").await;
+    let behind2 = insert(s.pool(), T1, "b2", "a").await;
+    // T2: a row of "a" alone, and two more ghost rows on other threads.
+    let free = insert(s.pool(), T2, "f", "a").await;
+    let ghost2 = insert(s.pool(), &thread(7), "g2", "ghost").await;
+    let other = insert(s.pool(), &thread(8), "o", "other").await;
+    let flagged = s.flag_unknown_accounts(&["a"]).await.unwrap();
+    assert_eq!(
+        flagged,
+        vec![("ghost".to_owned(), 2), ("other".to_owned(), 1)]
+    );
+    let not_configured =
+        "account ghost is not configured: add [accounts.ghost] to the configuration";
+    assert_eq!(
+        last_error(s.pool(), ghost).await.as_deref(),
+        Some(not_configured)
+    );
+    assert_eq!(
+        last_error(s.pool(), ghost2).await.as_deref(),
+        Some(not_configured)
+    );
+    assert!(
+        last_error(s.pool(), other)
+            .await
+            .unwrap()
+            .starts_with("account other is not configured")
+    );
+    let waiting = format!(
+        "waiting behind row {ghost} of its thread, whose account ghost is not configured: \
+         add [accounts.ghost] to the configuration, or delete row {ghost}"
+    );
+    assert_eq!(last_error(s.pool(), behind1).await, Some(waiting.clone()));
+    assert_eq!(last_error(s.pool(), behind2).await, Some(waiting.clone()));
+    assert_eq!(last_error(s.pool(), free).await, None);
+    // Again: the same counts, nothing said twice.
+    assert_eq!(s.flag_unknown_accounts(&["a"]).await.unwrap(), flagged);
+    assert_eq!(last_error(s.pool(), behind1).await, Some(waiting));
+    // Another reason is kept; a blocking row that changed is named anew.
+    sqlx::query("UPDATE outbox SET last_error = 'Mews said no' WHERE id = $1")
+        .bind(behind2)
+        .execute(s.pool())
+        .await
+        .unwrap();
+    let t3 = thread(9);
+    let ghost_a = insert(s.pool(), &t3, "ga", "ghost").await;
+    let ghost_b = insert(s.pool(), &t3, "gb", "ghost").await;
+    let behind3 = insert(s.pool(), &t3, "b3", "a").await;
+    s.flag_unknown_accounts(&["a"]).await.unwrap();
+    assert!(
+        last_error(s.pool(), behind3)
+            .await
+            .unwrap()
+            .starts_with(&format!("waiting behind row {ghost_a} of its thread")),
+    );
+    assert_eq!(
+        last_error(s.pool(), behind2).await.as_deref(),
+        Some("Mews said no")
+    );
+    for gone in [ghost, ghost_a] {
+        sqlx::query("DELETE FROM outbox WHERE id = $1")
+            .bind(gone)
+            .execute(s.pool())
+            .await
+            .unwrap();
+    }
+    s.flag_unknown_accounts(&["a"]).await.unwrap();
+    assert!(
+        last_error(s.pool(), behind3)
+            .await
+            .unwrap()
+            .starts_with(&format!("waiting behind row {ghost_b} of its thread")),
+    );
+    // With ghost configured too nothing is flagged.
+    assert_eq!(
+        s.flag_unknown_accounts(&["a", "ghost", "other"])
+            .await
+            .unwrap(),
+        vec![]
+    );
+    // A thread whose head is a ghost row claimed by nobody: "a" claims nothing of it.
+    s.acquire_accounts(&["a"], 1).await.unwrap();
+    let far = SystemTime::now() + Duration::from_secs(60);
+    let claimed = ids(&s.claim("a", far, 10).await.unwrap());
+    assert_eq!(claimed, vec![behind1, free]);
+}
+
+#[tokio::test]
+async fn renew_accounts_names_the_accounts_another_daemon_took_over() {
+    let db = database().await;
+    let a = daemon(&db, 300, 0).await;
+    let b = daemon(&db, 30_000, 0).await;
+    assert_eq!(
+        DaemonStore::acquire_accounts(&a, &["x", "y"], 2)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(a.renew_accounts().await.unwrap(), Vec::<String>::new());
+    wait_lease_expired(b.pool(), "x").await;
+    let took = DaemonStore::acquire_accounts(&b, &["x"], 1).await.unwrap();
+    assert_eq!(took.len(), 1);
+    assert_eq!(a.renew_accounts().await.unwrap(), vec!["x".to_owned()]);
+    // Forgotten: reported once, and y is still a's.
+    assert_eq!(a.renew_accounts().await.unwrap(), Vec::<String>::new());
+    let held: Vec<String> = a.held().into_keys().collect();
+    assert_eq!(held, vec!["y".to_owned()]);
+    assert!(a.describe().starts_with("postgres"), "{}", a.describe());
+    assert_eq!(
+        a.recover_abandoned(Duration::from_secs(1), SystemTime::now())
+            .await
+            .unwrap(),
+        0
+    );
+    DaemonStore::release_accounts(&a).await.unwrap();
+    assert!(a.held().is_empty());
+}
+
+/// Producers writing several threads per transaction, in varying orders,
+/// while a daemon claims and records: no producer ever fails (no lock the
+/// store takes makes producers wait for each other or for the daemon: a
+/// trigger-kept thread-head table, tried for deep threads, deadlocked them
+/// here), and every row is claimed once, in thread order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_transactions_over_several_threads_beside_claims_never_deadlock() {
+    const TRANSACTIONS: usize = 60;
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    s.acquire_accounts(&["default"], 1).await.unwrap();
+    let mut producers = Vec::new();
+    for p in 0..3u32 {
+        let url = db.url.clone();
+        producers.push(tokio::spawn(async move {
+            let mut conn = PgConnection::connect(&url).await.unwrap();
+            for i in 0..TRANSACTIONS {
+                let mut tx = conn.begin().await.unwrap();
+                // Four threads of this producer's, in varying order (one
+                // producer per thread keeps its id order: docs/postgres.md).
+                for k in 0..4u32 {
+                    let t = p * 4 + (k + u32::try_from(i).unwrap()) % 4;
+                    sqlx::query("INSERT INTO outbox (message_thread_id, text) VALUES ($1, $2)")
+                        .bind(thread(t))
+                        .bind(format!("p{p} tx{i} k{k}"))
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                }
+                tx.commit().await.unwrap();
+            }
+        }));
+    }
+    let total = 3 * TRANSACTIONS * 4;
+    let mut seen = HashSet::new();
+    let mut last_in_thread: HashMap<String, i64> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.len() < total {
+        assert!(
+            Instant::now() < deadline,
+            "claimed {} of {total}",
+            seen.len()
+        );
+        let now = SystemTime::now() + Duration::from_secs(3600);
+        let claimed = s.claim("default", now, 3).await.unwrap();
+        if claimed.is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        for row in &claimed {
+            assert!(seen.insert(row.id), "row {} claimed twice", row.id);
+            let last = last_in_thread.insert(row.message_thread_id.clone(), row.id);
+            assert!(last < Some(row.id), "thread order broken at row {}", row.id);
+        }
+        let outcomes: Vec<_> = claimed.iter().map(|r| delivered(r.id)).collect();
+        s.record(&outcomes, now).await.unwrap();
+    }
+    for p in producers {
+        p.await.unwrap();
+    }
 }

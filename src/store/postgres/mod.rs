@@ -15,6 +15,7 @@
 
 mod commands;
 mod sql;
+mod upkeep;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -363,10 +364,18 @@ impl PgStore {
     /// Extends the leases this handle holds, each only while its owner and
     /// token still match. Accounts lost meanwhile are forgotten and reported
     /// as [`StoreError::LeaseLost`] (the others were renewed all the same).
+    /// [`DaemonStore::renew_accounts`](super::DaemonStore::renew_accounts)
+    /// returns their names instead.
     pub async fn renew(&self) -> Result<(), StoreError> {
+        lease_lost(self.renew_lost().await?)
+    }
+
+    /// Extends the leases this handle holds; returns (and forgets) the
+    /// accounts lost meanwhile.
+    async fn renew_lost(&self) -> Result<Vec<String>, StoreError> {
         let (names, tokens): (Vec<String>, Vec<i64>) = self.held().into_iter().unzip();
         if names.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let renewed: Vec<String> = sqlx::query_scalar(sql::RENEW)
             .bind(self.owner.to_string())
@@ -375,9 +384,10 @@ impl PgStore {
             .bind(millis(self.options.lease))
             .fetch_all(&self.pool)
             .await?;
-        let lost: Vec<String> = names.into_iter().filter(|n| !renewed.contains(n)).collect();
+        let mut lost: Vec<String> = names.into_iter().filter(|n| !renewed.contains(n)).collect();
+        lost.sort();
         self.forget(&lost);
-        lease_lost(lost)
+        Ok(lost)
     }
 
     /// Gives up every lease this handle holds (at shutdown, after releasing
@@ -395,12 +405,6 @@ impl PgStore {
             .await?;
         self.forget(&names);
         Ok(())
-    }
-
-    /// Rows left `sending` by a previous owner are recovered at takeover
-    /// ([`PgStore::acquire_accounts`]); nothing to do at start-up.
-    pub async fn recover_abandoned(&self) -> Result<u64, StoreError> {
-        Ok(0)
     }
 
     /// Leases due rows of `account` as the SQLite store's `claim_within`

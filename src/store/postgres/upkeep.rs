@@ -1,0 +1,238 @@
+//! The store traits beyond [`Outbox`](crate::store::Outbox) on PostgreSQL:
+//! what the daemon needs ([`DaemonStore`]: leases, wake-ups, the queue
+//! summary), its housekeeping ([`Upkeep`]) and the operator's commands
+//! ([`OperatorStore`]).
+
+use std::time::{Duration, SystemTime};
+
+use sqlx::Row;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{PgStore, micros_to_time};
+use crate::store::{
+    AccountStatus, Acquired, DaemonStore, DeadRow, Enqueued, NewMessage, OperatorStore,
+    QueueSummary, Requeue, Status, StoreError, Upkeep, timestamp,
+};
+
+/// Counts of unfinished and dead rows per account (through the status
+/// index), with the oldest pending row's `created_at` in microseconds.
+const QUEUE_COUNTS: &str = "
+    SELECT account, status, count(*) AS n,
+           (extract(epoch FROM min(created_at) FILTER (WHERE status = 'pending'))
+               * 1000000)::bigint AS oldest_us
+    FROM outbox WHERE status IN ('pending', 'sending', 'dead')
+    GROUP BY account, status";
+
+/// Deliveries after `$1` (the partial index `outbox_delivered_at`).
+const DELIVERED_SINCE: &str = "
+    SELECT count(*) FROM outbox WHERE status = 'delivered' AND delivered_at > $1::timestamptz";
+
+/// Deletes up to `$2` rows delivered before `$1`, oldest first. Rows another
+/// daemon is pruning right now are skipped, not waited for.
+const PRUNE_DELIVERED: &str = "
+    DELETE FROM outbox WHERE id IN (
+        SELECT id FROM outbox
+        WHERE status = 'delivered' AND delivered_at < $1::timestamptz
+        ORDER BY delivered_at
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED)";
+
+/// Pending rows per account not in `$1`.
+const UNKNOWN_ACCOUNTS: &str = "
+    SELECT account, count(*) AS n FROM outbox
+    WHERE status = 'pending' AND account <> ALL($1::text[])
+    GROUP BY account ORDER BY account";
+
+/// Says why the pending rows of accounts not in `$1` wait (once: a reason
+/// already there is kept).
+const FLAG_UNKNOWN: &str = "
+    UPDATE outbox SET last_error = 'account ' || account || ' is not configured: add [accounts.'
+        || account || '] to the configuration'
+    WHERE status = 'pending' AND last_error IS NULL AND account <> ALL($1::text[])";
+
+/// Says why pending rows of configured accounts wait behind the head of
+/// their thread (its oldest unfinished row) when that head's account is not
+/// in `$1`. Only threads whose head is unconfigured are read; a message of
+/// ours is replaced when the blocking row changed, another reason is kept.
+const FLAG_BEHIND_UNKNOWN: &str = "
+    WITH heads AS (
+        SELECT h.message_thread_id, h.id AS head_id, h.account FROM outbox h
+        WHERE h.status IN ('pending', 'sending') AND h.account <> ALL($1::text[])
+          AND NOT EXISTS (
+              SELECT 1 FROM outbox e
+              WHERE e.message_thread_id = h.message_thread_id
+                AND e.status IN ('pending', 'sending') AND e.id < h.id))
+    UPDATE outbox o SET last_error = 'waiting behind row ' || heads.head_id
+        || ' of its thread, whose account ' || heads.account
+        || ' is not configured: add [accounts.' || heads.account
+        || '] to the configuration, or delete row ' || heads.head_id
+    FROM heads
+    WHERE o.message_thread_id = heads.message_thread_id
+      AND o.id > heads.head_id
+      AND o.status = 'pending'
+      AND o.account = ANY($1::text[])
+      AND (o.last_error IS NULL OR o.last_error LIKE 'waiting behind row %')
+      AND o.last_error IS DISTINCT FROM 'waiting behind row ' || heads.head_id
+        || ' of its thread, whose account ' || heads.account
+        || ' is not configured: add [accounts.' || heads.account
+        || '] to the configuration, or delete row ' || heads.head_id";
+
+fn names(accounts: &[&str]) -> Vec<String> {
+    accounts.iter().map(|a| (*a).to_owned()).collect()
+}
+
+impl DaemonStore for PgStore {
+    /// The URL with its password redacted.
+    fn describe(&self) -> String {
+        self.target.clone()
+    }
+
+    /// Account leases: [`PgStore::acquire_accounts`].
+    async fn acquire_accounts(
+        &self,
+        configured: &[&str],
+        at_most: usize,
+    ) -> Result<Vec<Acquired>, StoreError> {
+        PgStore::acquire_accounts(self, configured, at_most).await
+    }
+
+    async fn renew_accounts(&self) -> Result<Vec<String>, StoreError> {
+        self.renew_lost().await
+    }
+
+    async fn release_accounts(&self) -> Result<(), StoreError> {
+        PgStore::release_accounts(self).await
+    }
+
+    /// Rows left `sending` by a previous owner are recovered at each
+    /// takeover ([`PgStore::acquire_accounts`]); nothing to do at start-up.
+    async fn recover_abandoned(
+        &self,
+        _settle: Duration,
+        _now: SystemTime,
+    ) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
+    async fn watch_changes(
+        &self,
+        poll_interval: Duration,
+        shutdown: CancellationToken,
+    ) -> Result<watch::Receiver<u64>, StoreError> {
+        PgStore::watch_changes(self, poll_interval, shutdown).await
+    }
+
+    /// Of the whole shared outbox, every daemon's accounts included.
+    async fn queue_summary(&self, since: SystemTime) -> Result<QueueSummary, StoreError> {
+        let mut summary = QueueSummary::default();
+        let rows = sqlx::query(QUEUE_COUNTS).fetch_all(self.pool()).await?;
+        for row in rows {
+            let entry = summary.accounts.entry(row.try_get("account")?).or_default();
+            let n = u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0);
+            match Status::parse(row.try_get("status")?) {
+                Some(Status::Pending) => {
+                    entry.pending = n;
+                    entry.oldest_pending = row
+                        .try_get::<Option<i64>, _>("oldest_us")?
+                        .map(micros_to_time);
+                }
+                Some(Status::Sending) => entry.sending = n,
+                Some(Status::Dead) => entry.dead = n,
+                Some(Status::Delivered) | None => {}
+            }
+        }
+        let delivered: i64 = sqlx::query_scalar(DELIVERED_SINCE)
+            .bind(timestamp(since))
+            .fetch_one(self.pool())
+            .await?;
+        summary.delivered_since = u64::try_from(delivered).unwrap_or(0);
+        Ok(summary)
+    }
+
+    async fn close(&self) {
+        PgStore::close(self).await;
+    }
+}
+
+impl Upkeep for PgStore {
+    /// As the SQLite store's: accounts with `pending` rows not in
+    /// `configured` (their rows get a `last_error` saying so), and rows of
+    /// configured accounts waiting behind such a row in their thread get
+    /// "waiting behind row N of its thread, …".
+    async fn flag_unknown_accounts(
+        &self,
+        configured: &[&str],
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let configured = names(configured);
+        let rows = sqlx::query(UNKNOWN_ACCOUNTS)
+            .bind(&configured)
+            .fetch_all(self.pool())
+            .await?;
+        sqlx::query(FLAG_UNKNOWN)
+            .bind(&configured)
+            .execute(self.pool())
+            .await?;
+        sqlx::query(FLAG_BEHIND_UNKNOWN)
+            .bind(&configured)
+            .execute(self.pool())
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("account")?,
+                    u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0),
+                ))
+            })
+            .collect()
+    }
+
+    async fn prune_delivered(&self, before: SystemTime, limit: usize) -> Result<u64, StoreError> {
+        let done = sqlx::query(PRUNE_DELIVERED)
+            .bind(timestamp(before))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .execute(self.pool())
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Autovacuum gives space back on PostgreSQL.
+    async fn give_back_free_pages(&self, _pages: u32) -> Result<i64, StoreError> {
+        Ok(0)
+    }
+
+    async fn storage_warning(&self) -> Option<String> {
+        None
+    }
+}
+
+impl OperatorStore for PgStore {
+    async fn enqueue(&self, message: &NewMessage) -> Result<Enqueued, StoreError> {
+        PgStore::enqueue(self, message).await
+    }
+
+    async fn status(&self, now: SystemTime) -> Result<Vec<AccountStatus>, StoreError> {
+        PgStore::status(self, now).await
+    }
+
+    async fn dead_rows(&self, account: Option<&str>) -> Result<Vec<DeadRow>, StoreError> {
+        PgStore::dead_rows(self, account).await
+    }
+
+    async fn requeue_dead(
+        &self,
+        which: &Requeue,
+        account: Option<&str>,
+        now: SystemTime,
+    ) -> Result<Vec<i64>, StoreError> {
+        PgStore::requeue_dead(self, which, account, now).await
+    }
+
+    async fn purge_dead(
+        &self,
+        cutoff: SystemTime,
+        account: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        PgStore::purge_dead(self, cutoff, account).await
+    }
+}
