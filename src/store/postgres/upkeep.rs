@@ -88,6 +88,12 @@ impl DaemonStore for PgStore {
         self.target.clone()
     }
 
+    /// Nothing on this host can take the database away: a connection lost
+    /// is retried, and a lease lost is [`DaemonStore::renew_accounts`]'s to report.
+    fn storage_lost(&self) -> Option<crate::store::StorageLost> {
+        None
+    }
+
     /// Account leases: [`PgStore::acquire_accounts`].
     async fn acquire_accounts(
         &self,
