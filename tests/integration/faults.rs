@@ -54,7 +54,7 @@ async fn crash_scenario(rows_total: usize, kills_max: usize, seed: u64) {
     let fake = FakeMews::start().await;
     let env = Env::with(&fake.base_url, &[("batch_size", "200")], "");
     let db = env.producer().await;
-    insert_rows(&db, rows_total, &threads(2_000), "crash").await;
+    insert_rows(&db, rows_total, &threads(&fake, 2_000), "crash").await;
 
     // Kill after a random number of answered requests, restart, repeat.
     let mut in_flight_at_a_kill: HashSet<i64> = HashSet::new();
@@ -170,7 +170,7 @@ async fn chaos_every_row_ends_delivered_or_dead_and_retry_after_is_honoured() {
         "",
     );
     let db = env.producer().await;
-    insert_rows(&db, ROWS, &threads(500), "chaos").await;
+    insert_rows(&db, ROWS, &threads(&fake, 500), "chaos").await;
 
     let _daemon = env.start();
     wait_for_status_within(&db, "delivered", ROWS as i64, LONG).await;
@@ -258,7 +258,7 @@ async fn poison_only_the_rejected_messages_end_dead() {
     });
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    insert_rows(&db, ROWS, &threads(ROWS), "poison").await;
+    insert_rows(&db, ROWS, &threads(&fake, ROWS), "poison").await;
 
     let _daemon = env.start();
     wait_for_status(&db, "dead", 10).await;
@@ -297,7 +297,7 @@ import sqlite3, sys, uuid, random
 seed, n = int(sys.argv[2]), int(sys.argv[3])
 random.seed(seed)
 db = sqlite3.connect(sys.argv[1], timeout=60, isolation_level=None)
-threads = [str(uuid.UUID(int=random.getrandbits(128), version=4)) for _ in range(1000)]
+threads = sys.argv[4].split(",")  # 1000, registered with the fake
 i = 0
 while i < n:
     size = min(random.randint(1, 200), n - i)
@@ -317,6 +317,7 @@ while i < n:
                 .arg(&env.db)
                 .arg(seed.to_string())
                 .arg(PER_PRODUCER.to_string())
+                .arg(threads(&fake, 1000).join(","))
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()

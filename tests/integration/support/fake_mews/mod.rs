@@ -16,6 +16,12 @@
 //!   `Limitation.Cursor`, filtered by thread, `CreatedUtc` interval and the
 //!   request's `AccessToken`.
 //! * `POST /api/connector/v1/configuration/get`: a token check.
+//! * `POST /api/connector/v1/messageThreads/add` and `messageThreads/getAll`:
+//!   threads are kept per `AccessToken`, and (like Mews, by default,
+//!   [`FakeOptions::enforce_thread_ownership`]) `messages/add` refuses the
+//!   whole request with `403` when one of its messages goes to a thread that
+//!   was not created with that token (through `messageThreads/add` or
+//!   [`FakeMews::register_threads`]).
 //! * Any other path: `404`; a known path with a method other than `POST`:
 //!   `405`.
 //!
@@ -64,13 +70,20 @@ use std::time::Duration;
 
 pub use faults::{Fault, RetryAfter};
 pub use options::FakeOptions;
-pub use records::{RequestRecord, StoredMessage};
+pub use records::{RequestRecord, StoredMessage, StoredThread};
 pub use server::FakeMews;
 
 /// Path of the operation the daemon calls.
 pub const ADD_PATH: &str = "/api/connector/v1/messages/add";
 /// Path of the read-back operation.
 pub const GET_ALL_PATH: &str = "/api/connector/v1/messages/getAll";
+/// Path of the thread creation.
+pub const THREADS_ADD_PATH: &str = "/api/connector/v1/messageThreads/add";
+/// Path of the thread read-back.
+pub const THREADS_GET_ALL_PATH: &str = "/api/connector/v1/messageThreads/getAll";
+/// Longest `CreatedUtc` interval `messageThreads/getAll` accepts ("three
+/// months", `x-max-interval-in-months: 3`).
+pub const MAX_THREADS_GET_ALL_INTERVAL: Duration = Duration::from_secs(92 * 24 * 3600);
 /// Path of the harmless token check.
 pub const CONFIGURATION_PATH: &str = "/api/connector/v1/configuration/get";
 /// Maximum number of items in `Messages` (add) and `MessageThreadIds` /
