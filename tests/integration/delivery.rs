@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use crate::support::daemon::{
     ACCESS_TOKEN, CLIENT_TOKEN, Env, WAIT, count, insert_rows, rows, threads, wait_for_status,
 };
-use crate::support::fake_mews::{FakeMews, FakeOptions, Fault};
+use crate::support::fake_mews::{FakeMews, FakeOptions, Fault, RetryAfter};
 
 #[tokio::test]
 async fn a_full_batch_of_1000_goes_out_in_one_documented_request_and_ids_come_back() {
@@ -210,11 +210,13 @@ async fn a_429_retry_after_in_seconds_holds_the_account_and_costs_no_attempt() {
 #[tokio::test]
 async fn a_429_retry_after_as_an_http_date_is_honoured() {
     let fake = FakeMews::start().await;
-    // Arrivals are Instants; this anchor turns the date into one.
-    let (anchor_wall, anchor) = (std::time::SystemTime::now(), Instant::now());
-    // Far enough ahead that setting up cannot use it up.
-    let date = httpdate::fmt_http_date(anchor_wall + Duration::from_secs(4));
-    fake.script([Fault::status_retry_after(429, date.clone())]);
+    // The date is made when the 429 is sent (2 s ahead, rounded up to the
+    // next second), so no amount of setup time can use it up before then:
+    // no wall-clock guess about how long starting the daemon takes.
+    fake.script([Fault::status_retry_at(
+        429,
+        RetryAfter::DateIn(Duration::from_secs(2)),
+    )]);
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
     insert_rows(&db, 1, &threads(&fake, 1), "dated").await;
@@ -222,20 +224,15 @@ async fn a_429_retry_after_as_an_http_date_is_honoured() {
     let _daemon = env.start();
     wait_for_status(&db, "delivered", 1).await;
     let requests = fake.add_requests();
-    let not_before = anchor
-        + httpdate::parse_http_date(&date)
-            .unwrap()
-            .duration_since(anchor_wall)
-            .unwrap();
-    assert!(
-        requests[0].arrived < not_before,
-        "the 429 came before the date"
-    );
-    assert!(
-        requests[1].arrived >= not_before,
-        "the next request came {:?} before {date}",
-        not_before - requests[1].arrived
-    );
+    assert_eq!(requests.len(), 2, "one 429, then the delivery");
+    assert_eq!(requests[0].status, 429);
+    let date = requests[0].retry_after.clone().unwrap();
+    assert!(httpdate::parse_http_date(&date).is_ok(), "{date}");
+    // `early`: the fake's own check, from the moment it sent the date.
+    assert!(!requests[1].early, "the next request came before {date}");
+    let gap = requests[1].arrived - requests[0].arrived;
+    assert!(gap >= Duration::from_secs(2), "next request after {gap:?}");
+    assert_eq!(fake.retry_after_violations(), 0);
 }
 
 #[tokio::test]
@@ -439,8 +436,19 @@ while n < 3000:
             );
         }
     }
-    let rows = rows(&db).await;
-    assert!(rows.iter().all(|r| r.mews_message_id.is_some()));
+    // Each row holds the Id Mews gave its text.
+    let ids: HashMap<&str, String> = accepted
+        .iter()
+        .map(|m| (m.text.as_str(), m.id.to_string()))
+        .collect();
+    for row in rows(&db).await {
+        let text = String::from_utf8(row.text).unwrap();
+        assert_eq!(
+            row.mews_message_id.as_ref(),
+            ids.get(text.as_str()),
+            "{text}"
+        );
+    }
 
     // Idle, nothing in flight: the promise is an exit within a second (it
     // takes ~30 ms here; the deadline leaves room for a loaded machine).

@@ -210,8 +210,14 @@ async fn hostile_responses_are_retried_with_a_clear_log_line_and_the_daemon_goes
     assert!(omitted.contains("does not match the request"), "{omitted}");
     // The row left out of the 200 was stored: reading back finds it.
     daemon.wait_for_log("reconciled=1").await;
+    let stored = fake.accepted();
     for row in rows(&db).await {
-        assert!(row.mews_message_id.is_some());
+        let text = String::from_utf8(row.text).unwrap();
+        let id = stored
+            .iter()
+            .find(|m| m.text == text)
+            .map(|m| m.id.to_string());
+        assert_eq!(row.mews_message_id, id, "{text}: the Id Mews gave it");
         assert!(row.attempts >= 1);
     }
 
