@@ -32,7 +32,9 @@
 //!
 //! Misbehaviour is scripted with [`FakeMews::script`] (one [`Fault`] per
 //! `messages/add` request), [`FakeMews::script_get_all`] (one per
-//! `messages/getAll` request), with a per-`AccessToken` sliding-window rate
+//! `messages/getAll` request), [`FakeMews::script_configuration`],
+//! [`FakeMews::script_threads_add`] and [`FakeMews::script_threads_get_all`]
+//! (one per request of those routes), with a per-`AccessToken` sliding-window rate
 //! limit ([`FakeOptions::rate_limit`]), with a stretch of `429`s on every
 //! endpoint ([`FakeMews::throttle_until`]) and with a "poison" predicate on
 //! message texts ([`FakeOptions::poison`]).
