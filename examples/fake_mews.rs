@@ -6,6 +6,8 @@
 //! cargo run --example fake_mews -- --rate-limit 5/10s --sender-as-string
 //! ```
 //!
+//! Messages go only to threads made with `messageThreads/add` and the same
+//! AccessToken, as at Mews, unless `--any-thread` is given.
 //! Accepts any non-empty tokens unless `--token CLIENT:ACCESS` is given,
 //! prints one line per request and per stored message, runs until Ctrl-C.
 
@@ -22,7 +24,8 @@ use std::time::Duration;
 use clap::Parser;
 use fake_mews::{FakeMews, FakeOptions};
 
-/// Fake Mews Connector API (messages/add, messages/getAll, configuration/get).
+/// Fake Mews Connector API (messages/add, messages/getAll, messageThreads/add,
+/// messageThreads/getAll, configuration/get).
 #[derive(Debug, Parser)]
 struct Args {
     /// Port to listen on.
@@ -44,6 +47,10 @@ struct Args {
     /// Sliding-window rate limit per AccessToken, e.g. "200/30s".
     #[arg(long, value_name = "N/WINDOW", value_parser = parse_rate_limit)]
     rate_limit: Option<(usize, Duration)>,
+    /// Accept messages to any thread (Mews, and the fake by default, only
+    /// take threads created with the same AccessToken via messageThreads/add).
+    #[arg(long)]
+    any_thread: bool,
 }
 
 fn parse_token_pair(s: &str) -> Result<(String, String), String> {
@@ -76,6 +83,7 @@ async fn main() -> std::io::Result<()> {
         retry_after_as_date: false,
         poison: None,
         verbose: true,
+        enforce_thread_ownership: !args.any_thread,
         ..FakeOptions::default()
     };
     println!("[fake-mews] options: {opts:?}");

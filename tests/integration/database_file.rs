@@ -36,7 +36,7 @@ async fn a_second_daemon_through_a_symlink_a_hard_link_or_dot_dot_is_refused_and
     fake.script([Fault::DelayThenNormal(Duration::from_secs(3))]);
     let env = Env::with(&fake.base_url, &[("request_timeout", "\"20s\"")], "");
     let db = env.producer().await;
-    insert_rows(&db, 50, &threads(50), "first").await;
+    insert_rows(&db, 50, &threads(&fake, 50), "first").await;
     let mut first = env.start();
     first.wait_for_log("messages/add: sending").await;
 
@@ -62,7 +62,9 @@ async fn a_second_daemon_through_a_symlink_a_hard_link_or_dot_dot_is_refused_and
     }
 
     // The lock blocks neither producers nor the other commands.
-    insert_rows(&db, 10, &threads(10), "while locked").await;
+    insert_rows(&db, 10, &threads(&fake, 10), "while locked").await;
+    let cli_thread = "7f9325f6-ef44-4911-89a8-ae51010a5aa4";
+    fake.register_threads(crate::support::daemon::ACCESS_TOKEN, [cli_thread]);
     let (status, id, err) = env
         .cli(&[
             "enqueue",
@@ -240,7 +242,7 @@ async fn status_and_dead_list_read_without_writing_and_report_a_schema_they_woul
 
     // A database at the binary's schema: read, and nothing written.
     let db = env.producer().await;
-    insert_rows(&db, 2, &threads(2), "queued").await;
+    insert_rows(&db, 2, &threads(&fake, 2), "queued").await;
     db.close().await;
     let before = snapshot(&env.db);
     let (status, out, err) = env.cli(&["status", "--json"]).await;
@@ -338,7 +340,7 @@ async fn a_user_who_can_only_read_the_files_runs_status_dead_list_and_check_conf
     let fake = FakeMews::start().await;
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    insert_rows(&db, 3, &threads(3), "read me").await;
+    insert_rows(&db, 3, &threads(&fake, 3), "read me").await;
     let mut daemon = env.start().ready().await;
     wait_for_status(&db, "delivered", 3).await;
 

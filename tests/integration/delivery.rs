@@ -7,14 +7,14 @@ use std::time::{Duration, Instant};
 use crate::support::daemon::{
     ACCESS_TOKEN, CLIENT_TOKEN, Env, WAIT, count, insert_rows, rows, threads, wait_for_status,
 };
-use crate::support::fake_mews::{FakeMews, FakeOptions, Fault};
+use crate::support::fake_mews::{FakeMews, FakeOptions, Fault, RetryAfter};
 
 #[tokio::test]
 async fn a_full_batch_of_1000_goes_out_in_one_documented_request_and_ids_come_back() {
     let fake = FakeMews::start().await; // answers in a shuffled order
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    let ids = insert_rows(&db, 1000, &threads(1000), "hello").await;
+    let ids = insert_rows(&db, 1000, &threads(&fake, 1000), "hello").await;
 
     let _daemon = env.start();
     wait_for_status(&db, "delivered", 1000).await;
@@ -78,7 +78,7 @@ async fn the_plain_string_sender_form_is_accepted() {
     .await;
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    insert_rows(&db, 3, &threads(3), "plain").await;
+    insert_rows(&db, 3, &threads(&fake, 3), "plain").await;
     let _daemon = env.start();
     wait_for_status(&db, "delivered", 3).await;
     assert!(
@@ -95,7 +95,7 @@ async fn one_rejected_message_is_isolated_and_only_it_is_dead() {
     fake.set_poison(|text| text == "m 17");
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    let ids = insert_rows(&db, 64, &threads(64), "m").await;
+    let ids = insert_rows(&db, 64, &threads(&fake, 64), "m").await;
 
     let _daemon = env.start();
     wait_for_status(&db, "delivered", 63).await;
@@ -125,7 +125,7 @@ async fn bad_tokens_pause_the_account_dead_letter_nothing_and_it_resumes() {
     .await;
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    insert_rows(&db, 5, &threads(5), "wait for me").await;
+    insert_rows(&db, 5, &threads(&fake, 5), "wait for me").await;
 
     let mut daemon = env.start();
     let line = daemon
@@ -155,7 +155,7 @@ async fn retryable_failures_are_retried_until_delivered() {
     ]);
     let env = Env::with(&fake.base_url, &[("max_attempts", "10")], "");
     let db = env.producer().await;
-    insert_rows(&db, 1, &threads(1), "persistent").await;
+    insert_rows(&db, 1, &threads(&fake, 1), "persistent").await;
 
     let _daemon = env.start();
     wait_for_status(&db, "delivered", 1).await;
@@ -176,7 +176,7 @@ async fn after_max_attempts_a_row_is_dead_with_the_reason() {
     fake.script((0..5).map(|_| Fault::status(500)));
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    insert_rows(&db, 1, &threads(1), "doomed").await;
+    insert_rows(&db, 1, &threads(&fake, 1), "doomed").await;
 
     let _daemon = env.start();
     wait_for_status(&db, "dead", 1).await;
@@ -196,7 +196,7 @@ async fn a_429_retry_after_in_seconds_holds_the_account_and_costs_no_attempt() {
     fake.script([Fault::status_retry_after(429, "1")]);
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    insert_rows(&db, 2, &threads(2), "later").await;
+    insert_rows(&db, 2, &threads(&fake, 2), "later").await;
 
     let _daemon = env.start();
     wait_for_status(&db, "delivered", 2).await;
@@ -210,32 +210,29 @@ async fn a_429_retry_after_in_seconds_holds_the_account_and_costs_no_attempt() {
 #[tokio::test]
 async fn a_429_retry_after_as_an_http_date_is_honoured() {
     let fake = FakeMews::start().await;
-    // Arrivals are Instants; this anchor turns the date into one.
-    let (anchor_wall, anchor) = (std::time::SystemTime::now(), Instant::now());
-    // Far enough ahead that setting up cannot use it up.
-    let date = httpdate::fmt_http_date(anchor_wall + Duration::from_secs(4));
-    fake.script([Fault::status_retry_after(429, date.clone())]);
+    // The date is made when the 429 is sent (2 s ahead, rounded up to the
+    // next second), so no amount of setup time can use it up before then:
+    // no wall-clock guess about how long starting the daemon takes.
+    fake.script([Fault::status_retry_at(
+        429,
+        RetryAfter::DateIn(Duration::from_secs(2)),
+    )]);
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    insert_rows(&db, 1, &threads(1), "dated").await;
+    insert_rows(&db, 1, &threads(&fake, 1), "dated").await;
 
     let _daemon = env.start();
     wait_for_status(&db, "delivered", 1).await;
     let requests = fake.add_requests();
-    let not_before = anchor
-        + httpdate::parse_http_date(&date)
-            .unwrap()
-            .duration_since(anchor_wall)
-            .unwrap();
-    assert!(
-        requests[0].arrived < not_before,
-        "the 429 came before the date"
-    );
-    assert!(
-        requests[1].arrived >= not_before,
-        "the next request came {:?} before {date}",
-        not_before - requests[1].arrived
-    );
+    assert_eq!(requests.len(), 2, "one 429, then the delivery");
+    assert_eq!(requests[0].status, 429);
+    let date = requests[0].retry_after.clone().unwrap();
+    assert!(httpdate::parse_http_date(&date).is_ok(), "{date}");
+    // `early`: the fake's own check, from the moment it sent the date.
+    assert!(!requests[1].early, "the next request came before {date}");
+    let gap = requests[1].arrived - requests[0].arrived;
+    assert!(gap >= Duration::from_secs(2), "next request after {gap:?}");
+    assert_eq!(fake.retry_after_violations(), 0);
 }
 
 #[tokio::test]
@@ -244,7 +241,7 @@ async fn a_request_timeout_is_retried() {
     fake.script([Fault::DelayThenNormal(Duration::from_secs(3))]);
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    insert_rows(&db, 1, &threads(1), "slow").await;
+    insert_rows(&db, 1, &threads(&fake, 1), "slow").await;
 
     let _daemon = env.start(); // request_timeout is 2s
     wait_for_status(&db, "delivered", 1).await;
@@ -264,7 +261,7 @@ async fn rows_left_sending_by_a_crash_are_delivered_after_restart() {
     fake.script([Fault::DelayThenNormal(Duration::from_secs(60))]);
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    insert_rows(&db, 10, &threads(10), "in flight").await;
+    insert_rows(&db, 10, &threads(&fake, 10), "in flight").await;
 
     let mut daemon = env.start();
     daemon.wait_for_log("messages/add: sending").await;
@@ -287,7 +284,7 @@ async fn sigterm_lets_the_request_in_flight_finish_and_exits_zero() {
     fake.script([Fault::DelayThenNormal(Duration::from_millis(1500))]);
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    insert_rows(&db, 3, &threads(3), "finish me").await;
+    insert_rows(&db, 3, &threads(&fake, 3), "finish me").await;
 
     let mut daemon = env.start();
     daemon.wait_for_log("messages/add: sending").await;
@@ -332,7 +329,7 @@ async fn an_idle_daemon_sends_a_new_row_and_unreadable_text_is_dead_lettered() {
     let db = env.producer().await;
     let _daemon = env.start().ready().await;
 
-    let thread = threads(1).remove(0);
+    let thread = threads(&fake, 1).remove(0);
     sqlx::query("INSERT INTO outbox (message_thread_id, text) VALUES (?1, CAST(x'c328' AS TEXT))")
         .bind(&thread)
         .execute(&db)
@@ -364,7 +361,7 @@ async fn rows_of_an_unconfigured_account_wait_with_a_clear_error() {
     sqlx::query(
         "INSERT INTO outbox (message_thread_id, text, account) VALUES (?1, 'hi', 'nowhere')",
     )
-    .bind(threads(1).remove(0))
+    .bind(threads(&fake, 1).remove(0))
     .execute(&db)
     .await
     .unwrap();
@@ -394,7 +391,7 @@ async fn rows_from_a_python_producer_arrive_once_each_in_thread_order() {
     let script = r#"
 import sqlite3, sys, uuid, random
 db = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
-threads = [str(uuid.uuid4()) for _ in range(50)]
+threads = sys.argv[2].split(",")  # 50, registered with the fake
 random.seed(7)
 n = 0
 while n < 3000:
@@ -410,6 +407,7 @@ while n < 3000:
         .arg("-c")
         .arg(script)
         .arg(&env.db)
+        .arg(threads(&fake, 50).join(","))
         .output()
         .await
         .expect("python3");
@@ -438,8 +436,19 @@ while n < 3000:
             );
         }
     }
-    let rows = rows(&db).await;
-    assert!(rows.iter().all(|r| r.mews_message_id.is_some()));
+    // Each row holds the Id Mews gave its text.
+    let ids: HashMap<&str, String> = accepted
+        .iter()
+        .map(|m| (m.text.as_str(), m.id.to_string()))
+        .collect();
+    for row in rows(&db).await {
+        let text = String::from_utf8(row.text).unwrap();
+        assert_eq!(
+            row.mews_message_id.as_ref(),
+            ids.get(text.as_str()),
+            "{text}"
+        );
+    }
 
     // Idle, nothing in flight: the promise is an exit within a second (it
     // takes ~30 ms here; the deadline leaves room for a loaded machine).
@@ -455,7 +464,7 @@ while n < 3000:
 async fn the_command_line_enqueues_reports_status_and_checks_config_without_tokens() {
     let fake = FakeMews::start().await;
     let env = Env::new(&fake.base_url);
-    let thread = threads(1).remove(0);
+    let thread = threads(&fake, 1).remove(0);
 
     // Commands other than `migrate` and `run` never create an empty outbox.
     for command in [
@@ -533,4 +542,49 @@ async fn the_command_line_enqueues_reports_status_and_checks_config_without_toke
         err.contains("delivery.batch_size") && err.lines().count() == 1,
         "{err}"
     );
+}
+
+/// Every endpoint the daemon calls gets `Content-Type: application/json`
+/// (Mews's documented request format) and the `Client` of the body as the
+/// `User-Agent`: `messages/add`, the read-back `messages/getAll` after a
+/// lost answer, and `configuration/get` of `check-config --online`.
+#[tokio::test]
+async fn every_request_to_mews_is_json_whatever_the_endpoint() {
+    use crate::support::fake_mews::{ADD_PATH, CONFIGURATION_PATH, GET_ALL_PATH};
+    let fake = FakeMews::start().await;
+    // The answer is lost after storing: the daemon reads back with getAll.
+    fake.script([Fault::DropAfterStore]);
+    let env = Env::new(&fake.base_url);
+    let db = env.producer().await;
+    insert_rows(&db, 2, &threads(&fake, 2), "typed").await;
+    let mut daemon = env.start();
+    wait_for_status(&db, "delivered", 2).await;
+    daemon.wait_for_log("reconciled=2").await;
+    let (status, out, err) = env.cli(&["check-config", "--online"]).await;
+    assert!(status.success(), "{out}{err}");
+
+    let requests = fake.all_requests();
+    for path in [ADD_PATH, GET_ALL_PATH, CONFIGURATION_PATH] {
+        assert!(
+            requests.iter().any(|r| r.path == path),
+            "no request to {path}: {:?}",
+            requests.iter().map(|r| &r.path).collect::<Vec<_>>()
+        );
+    }
+    for r in &requests {
+        assert_eq!(
+            r.header("content-type"),
+            Some("application/json"),
+            "{} {}",
+            r.method,
+            r.path
+        );
+        assert!(!r.client.is_empty(), "{}: no Client in the body", r.path);
+        assert_eq!(
+            r.header("user-agent"),
+            Some(r.client.as_str()),
+            "{}",
+            r.path
+        );
+    }
 }

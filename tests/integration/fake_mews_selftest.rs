@@ -25,6 +25,28 @@ fn thread() -> Uuid {
     Uuid::parse_str("7f9325f6-ef44-4911-89a8-ae51010a5aa4").unwrap()
 }
 
+/// The tokens the tests below post with.
+const TOKENS: [&str; 3] = ["access", "other", "fresh"];
+
+/// Registers [`thread`] as created by this client with each of [`TOKENS`].
+fn own(fake: &FakeMews) {
+    for token in TOKENS {
+        fake.register_threads(token, [thread().to_string()]);
+    }
+}
+
+/// A fake with default options that owns [`thread`] for [`TOKENS`].
+async fn start() -> FakeMews {
+    start_with(FakeOptions::default()).await
+}
+
+/// A fake with `opts` that owns [`thread`] for [`TOKENS`].
+async fn start_with(opts: FakeOptions) -> FakeMews {
+    let fake = FakeMews::start_with(opts).await;
+    own(&fake);
+    fake
+}
+
 /// A valid messages/add body with one message per (identifier, text).
 fn add_body(messages: &[(Option<&str>, &str)]) -> Value {
     add_body_with_token("access", messages)
@@ -142,7 +164,7 @@ fn by_identifier(answer: &Answer) -> HashMap<Option<String>, Value> {
 
 #[tokio::test]
 async fn valid_add_returns_identifiers_mapped_to_stored_messages() {
-    let fake = FakeMews::start().await;
+    let fake = start().await;
     let answer = post(
         &fake,
         ADD_PATH,
@@ -196,7 +218,7 @@ async fn valid_add_returns_identifiers_mapped_to_stored_messages() {
 
 #[tokio::test]
 async fn sender_as_string_and_response_order() {
-    let fake = FakeMews::start_with(FakeOptions {
+    let fake = start_with(FakeOptions {
         sender_as_string: true,
         shuffle_responses: false,
         ..Default::default()
@@ -230,7 +252,7 @@ async fn sender_as_string_and_response_order() {
 
 #[tokio::test]
 async fn invalid_requests_get_400_and_store_nothing() {
-    let fake = FakeMews::start().await;
+    let fake = start().await;
     let good = add_body(&[(Some("1"), "hello")]);
     let with = |f: &dyn Fn(&mut Value)| {
         let mut v = good.clone();
@@ -330,7 +352,7 @@ async fn invalid_requests_get_400_and_store_nothing() {
 
 #[tokio::test]
 async fn unknown_tokens_get_401_unknown_paths_404() {
-    let fake = FakeMews::start_with(FakeOptions {
+    let fake = start_with(FakeOptions {
         valid_tokens: Some(vec![("client".into(), "access".into())]),
         ..Default::default()
     })
@@ -372,7 +394,7 @@ async fn unknown_tokens_get_401_unknown_paths_404() {
 
 #[tokio::test]
 async fn status_and_raw_faults_store_nothing_then_normal() {
-    let fake = FakeMews::start().await;
+    let fake = start().await;
     fake.script([
         Fault::status_retry_after(503, "7"),
         Fault::Status {
@@ -413,7 +435,7 @@ async fn status_and_raw_faults_store_nothing_then_normal() {
 
 #[tokio::test]
 async fn raw_fault_sends_a_10_mb_body() {
-    let fake = FakeMews::start().await;
+    let fake = start().await;
     fake.script([Fault::raw(200, "application/json", vec![b' '; 10 << 20])]);
     let answer = post(&fake, ADD_PATH, &add_body(&[(Some("1"), "x")])).await;
     assert_eq!(answer.body.len(), 10 << 20);
@@ -435,7 +457,7 @@ async fn assert_dropped(fake: &FakeMews, body: &Value) {
 
 #[tokio::test]
 async fn drop_faults_give_a_connection_error() {
-    let fake = FakeMews::start().await;
+    let fake = start().await;
     fake.script([Fault::DropBeforeStore, Fault::DropAfterStore]);
     assert_dropped(&fake, &add_body(&[(Some("1"), "before")])).await;
     assert!(fake.accepted().is_empty());
@@ -465,7 +487,7 @@ async fn drop_faults_give_a_connection_error() {
 
 #[tokio::test]
 async fn ambiguous_and_mismatched_success_faults() {
-    let fake = FakeMews::start().await;
+    let fake = start().await;
     fake.script([
         Fault::DelayThenNormal(Duration::from_millis(200)),
         Fault::StoreThenStatus(500),
@@ -505,7 +527,7 @@ async fn ambiguous_and_mismatched_success_faults() {
 
 #[tokio::test]
 async fn rate_limit_answers_429_with_retry_after() {
-    let fake = FakeMews::start_with(FakeOptions {
+    let fake = start_with(FakeOptions {
         rate_limit: Some((2, Duration::from_secs(30))),
         ..Default::default()
     })
@@ -551,7 +573,7 @@ async fn rate_limit_answers_429_with_retry_after() {
 
 #[tokio::test]
 async fn poison_rejects_the_whole_request() {
-    let fake = FakeMews::start_with(FakeOptions {
+    let fake = start_with(FakeOptions {
         poison: Some(Arc::new(|t: &str| t.contains("BAD"))),
         ..Default::default()
     })
@@ -585,14 +607,16 @@ async fn poison_rejects_the_whole_request() {
 
 #[tokio::test]
 async fn get_all_pages_newest_first() {
-    let fake = FakeMews::start().await;
+    let fake = start().await;
     for i in 0..5 {
         let text = format!("m{i}");
         post(&fake, ADD_PATH, &add_body(&[(None, &text)])).await;
     }
     // Another thread and another token are not returned.
     let mut other_thread = add_body(&[(None, "other thread")]);
-    other_thread["Messages"][0]["MessageThreadId"] = json!(Uuid::new_v4());
+    let another = Uuid::new_v4();
+    fake.register_threads("access", [another.to_string()]);
+    other_thread["Messages"][0]["MessageThreadId"] = json!(another);
     post(&fake, ADD_PATH, &other_thread).await;
     post(
         &fake,
@@ -666,7 +690,7 @@ async fn get_all_pages_newest_first() {
 
 #[tokio::test]
 async fn waits_are_event_driven() {
-    let fake = Arc::new(FakeMews::start().await);
+    let fake = Arc::new(start().await);
     let waiter = {
         let fake = Arc::clone(&fake);
         tokio::spawn(async move { fake.wait_for_accepted(2, WAIT).await.len() })
@@ -678,7 +702,7 @@ async fn waits_are_event_driven() {
 #[tokio::test]
 #[should_panic(expected = "waiting for 3 accepted messages; 1 arrived")]
 async fn wait_for_accepted_panics_with_a_clear_message() {
-    let fake = FakeMews::start().await;
+    let fake = start().await;
     post(&fake, ADD_PATH, &add_body(&[(None, "only one")])).await;
     fake.wait_for_accepted(3, Duration::from_millis(100)).await;
 }
@@ -691,6 +715,7 @@ async fn stop_frees_the_port_and_drop_closes_connections() {
     let fake = FakeMews::start_on(([127, 0, 0, 2], 0).into(), FakeOptions::default())
         .await
         .unwrap();
+    own(&fake);
     let addr = fake.addr;
     let http = client();
     let body = add_body(&[(None, "x")]);
@@ -716,6 +741,7 @@ async fn stop_frees_the_port_and_drop_closes_connections() {
     let again = FakeMews::start_on(addr, FakeOptions::default())
         .await
         .unwrap();
+    own(&again);
     assert_eq!(
         http.post(again.url(ADD_PATH))
             .json(&body)
@@ -730,7 +756,7 @@ async fn stop_frees_the_port_and_drop_closes_connections() {
 
 #[tokio::test]
 async fn get_all_faults_are_scripted_apart_from_add_faults() {
-    let fake = FakeMews::start().await;
+    let fake = start().await;
     fake.script_get_all([Fault::status(500), Fault::status_retry_after(429, "3")]);
     let add = post(&fake, ADD_PATH, &add_body(&[(Some("1"), "kept")])).await;
     assert_eq!(add.status, 200, "add faults are a separate queue");
@@ -756,7 +782,7 @@ async fn get_all_faults_are_scripted_apart_from_add_faults() {
 
 #[tokio::test]
 async fn every_request_counts_in_the_rate_window_and_early_arrivals_are_counted() {
-    let fake = FakeMews::start_with(FakeOptions {
+    let fake = start_with(FakeOptions {
         rate_limit: Some((3, Duration::from_secs(60))),
         valid_tokens: Some(vec![("client".into(), "access".into())]),
         ..FakeOptions::default()
@@ -790,7 +816,7 @@ async fn every_request_counts_in_the_rate_window_and_early_arrivals_are_counted(
 
     // Scripted faults carry either form, made at response time, and the
     // stretch of 429s answers every endpoint.
-    let other = FakeMews::start().await;
+    let other = start().await;
     other.script([Fault::status_retry_at(
         503,
         RetryAfter::DateIn(Duration::from_secs(30)),
@@ -813,4 +839,239 @@ async fn every_request_counts_in_the_rate_window_and_early_arrivals_are_counted(
         1,
         "the getAll came before the 503's date"
     );
+}
+
+fn thread_add_body(access: &str, sender: &str, subject: &str) -> Value {
+    json!({
+        "ClientToken": "client", "AccessToken": access, "Client": "selftest 1.0",
+        "OriginalSender": sender, "Subject": subject,
+    })
+}
+
+fn thread_id(answer: &Answer) -> Uuid {
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let threads = answer.json()["MessageThreads"].as_array().unwrap().clone();
+    assert_eq!(threads.len(), 1);
+    Uuid::parse_str(threads[0]["Id"].as_str().unwrap()).unwrap()
+}
+
+fn add_to(access: &str, threads: &[Uuid]) -> Value {
+    let items: Vec<Value> = threads
+        .iter()
+        .enumerate()
+        .map(|(i, t)| json!({"MessageThreadId": t, "Text": format!("to {t}"), "Identifier": i.to_string()}))
+        .collect();
+    json!({"ClientToken": "client", "AccessToken": access, "Client": "selftest 1.0", "Messages": items})
+}
+
+#[tokio::test]
+async fn only_threads_created_with_the_token_take_messages_and_a_request_is_judged_whole() {
+    use crate::support::fake_mews::THREADS_ADD_PATH;
+    let fake = FakeMews::start().await; // owns nothing
+    let created = post(
+        &fake,
+        THREADS_ADD_PATH,
+        &thread_add_body("access", "John Doe", "Hi"),
+    )
+    .await;
+    let body = created.json();
+    let t = &body["MessageThreads"][0];
+    assert_eq!(t["OriginalSender"], "John Doe");
+    assert_eq!(t["Subject"], "Hi");
+    assert_eq!(t["IsResolved"], false);
+    assert_eq!(t["CreatedUtc"], t["UpdatedUtc"]);
+    let own = thread_id(&created);
+    let registered = Uuid::new_v4();
+    fake.register_threads("access", [registered.to_string()]);
+    let threads = fake.message_threads();
+    assert_eq!(
+        threads
+            .iter()
+            .map(|t| (t.id, t.access_token.as_str()))
+            .collect::<Vec<_>>(),
+        [(own, "access"), (registered, "access")]
+    );
+
+    assert_eq!(
+        post(&fake, ADD_PATH, &add_to("access", &[own, registered]))
+            .await
+            .status,
+        200
+    );
+    // Another token did not create them; an unknown thread nobody did.
+    let foreign = Uuid::new_v4();
+    post(&fake, ADD_PATH, &add_to("other", &[own]))
+        .await
+        .assert_error(
+            403,
+            &format!("Message thread {own} was not created by this client"),
+        );
+    post(
+        &fake,
+        ADD_PATH,
+        &add_to("access", &[own, foreign, registered]),
+    )
+    .await
+    .assert_error(
+        403,
+        &format!("Message thread {foreign} was not created by this client"),
+    );
+    assert_eq!(fake.accepted().len(), 2, "a refused request stores nothing");
+
+    // OriginalSender and Subject are required, non-empty strings.
+    for (sender, subject, what) in [("", "s", "OriginalSender"), ("a", "", "Subject")] {
+        post(
+            &fake,
+            THREADS_ADD_PATH,
+            &thread_add_body("access", sender, subject),
+        )
+        .await
+        .assert_error(400, &format!("Invalid {what}"));
+    }
+    let mut no_subject = thread_add_body("access", "a", "b");
+    no_subject.as_object_mut().unwrap().remove("Subject");
+    post(&fake, THREADS_ADD_PATH, &no_subject)
+        .await
+        .assert_error(400, "Invalid Subject");
+    post(
+        &fake,
+        THREADS_ADD_PATH,
+        &json!({"AccessToken": "access", "Client": "c", "OriginalSender": "a", "Subject": "b"}),
+    )
+    .await
+    .assert_error(400, "Invalid ClientToken");
+    assert_eq!(
+        fake.message_threads().len(),
+        2,
+        "an invalid request creates nothing"
+    );
+
+    fake.update_options(|o| o.enforce_thread_ownership = false);
+    assert_eq!(
+        post(&fake, ADD_PATH, &add_to("other", &[foreign]))
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn message_threads_get_all_pages_newest_first_within_the_token() {
+    use crate::support::fake_mews::{THREADS_ADD_PATH, THREADS_GET_ALL_PATH};
+    let fake = FakeMews::start().await;
+    let mut made = Vec::new();
+    for i in 0..5 {
+        let answer = post(
+            &fake,
+            THREADS_ADD_PATH,
+            &thread_add_body("access", "g", &format!("s{i}")),
+        )
+        .await;
+        made.push(thread_id(&answer));
+    }
+    let other =
+        thread_id(&post(&fake, THREADS_ADD_PATH, &thread_add_body("other", "g", "x")).await);
+    let now = SystemTime::now();
+    let window = json!({
+        "StartUtc": humantime::format_rfc3339_seconds(now - Duration::from_secs(3600)).to_string(),
+        "EndUtc": humantime::format_rfc3339_seconds(now + Duration::from_secs(3600)).to_string(),
+    });
+    let page_body = |cursor: Option<&str>| {
+        json!({
+            "ClientToken": "client", "AccessToken": "access", "Client": "selftest 1.0",
+            "CreatedUtc": window, "Limitation": {"Count": 2, "Cursor": cursor},
+        })
+    };
+    let mut seen = Vec::new();
+    let mut sizes = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = post(&fake, THREADS_GET_ALL_PATH, &page_body(cursor.as_deref())).await;
+        assert_eq!(page.status, 200, "{}", String::from_utf8_lossy(&page.body));
+        let page = page.json();
+        let ids: Vec<Uuid> = page["MessageThreads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| Uuid::parse_str(t["Id"].as_str().unwrap()).unwrap())
+            .collect();
+        sizes.push(ids.len());
+        seen.extend(ids);
+        match page["Cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    made.reverse();
+    assert_eq!(sizes, [2, 2, 1]);
+    assert_eq!(seen, made, "newest first, every thread of the token once");
+    assert!(!seen.contains(&other));
+
+    // By id; a filter is required; the interval is at most three months.
+    let by_id = json!({
+        "ClientToken": "client", "AccessToken": "access", "Client": "selftest 1.0",
+        "MessageThreadIds": [made[0], other], "Limitation": {"Count": 10},
+    });
+    let found = post(&fake, THREADS_GET_ALL_PATH, &by_id).await.json();
+    assert_eq!(found["MessageThreads"].as_array().unwrap().len(), 1);
+    assert_eq!(found["MessageThreads"][0]["Id"], json!(made[0]));
+    let mut unfiltered = page_body(None);
+    unfiltered.as_object_mut().unwrap().remove("CreatedUtc");
+    post(&fake, THREADS_GET_ALL_PATH, &unfiltered)
+        .await
+        .assert_error(400, "Invalid filter");
+    let mut long = page_body(None);
+    long["CreatedUtc"]["StartUtc"] = json!("2020-01-01T00:00:00Z");
+    long["CreatedUtc"]["EndUtc"] = json!("2020-06-01T00:00:00Z");
+    post(&fake, THREADS_GET_ALL_PATH, &long)
+        .await
+        .assert_error(400, "longer than three months");
+    post(
+        &fake,
+        THREADS_GET_ALL_PATH,
+        &page_body(Some(&Uuid::new_v4().to_string())),
+    )
+    .await
+    .assert_error(400, "Invalid Limitation.Cursor");
+}
+
+#[tokio::test]
+async fn message_thread_requests_take_scripted_faults_and_count_in_the_window() {
+    use crate::support::fake_mews::{THREADS_ADD_PATH, THREADS_GET_ALL_PATH};
+    let fake = FakeMews::start_with(FakeOptions {
+        rate_limit: Some((4, Duration::from_secs(60))),
+        ..FakeOptions::default()
+    })
+    .await;
+    fake.script_threads_add([Fault::status(500)]);
+    fake.script_threads_get_all([Fault::status(503)]);
+    let add = thread_add_body("access", "a", "b");
+    post(&fake, THREADS_ADD_PATH, &add)
+        .await
+        .assert_error(500, "Scripted failure 500");
+    assert!(
+        fake.message_threads().is_empty(),
+        "a scripted failure creates nothing"
+    );
+    let id = thread_id(&post(&fake, THREADS_ADD_PATH, &add).await);
+    let get = json!({
+        "ClientToken": "client", "AccessToken": "access", "Client": "selftest 1.0",
+        "MessageThreadIds": [id], "Limitation": {"Count": 10},
+    });
+    post(&fake, THREADS_GET_ALL_PATH, &get)
+        .await
+        .assert_error(503, "Scripted failure 503");
+    assert_eq!(post(&fake, THREADS_GET_ALL_PATH, &get).await.status, 200);
+    // The four above, scripted failures included, filled the token's window.
+    let limited = post(&fake, THREADS_ADD_PATH, &add).await;
+    assert_eq!(limited.status, 429);
+    // Until the first of the four leaves the 60 s window (a few ms ago).
+    let wait: u64 = limited.retry_after.as_deref().unwrap().parse().unwrap();
+    assert!((55..=60).contains(&wait), "Retry-After: {wait}");
+    assert_eq!(fake.message_threads().len(), 1);
 }

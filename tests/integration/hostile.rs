@@ -20,6 +20,7 @@ const THREAD: &str = "7f9325f6-ef44-4911-89a8-ae51010a5aa4";
 #[tokio::test]
 async fn hostile_inserts_are_refused_with_a_clear_error_or_delivered_verbatim() {
     let fake = FakeMews::start().await;
+    fake.register_threads(crate::support::daemon::ACCESS_TOKEN, [THREAD]);
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
     let big = "x".repeat(1024 * 1024);
@@ -196,7 +197,7 @@ async fn hostile_responses_are_retried_with_a_clear_log_line_and_the_daemon_goes
     ]);
     let env = Env::with(&fake.base_url, &[("max_attempts", "20")], "");
     let db = env.producer().await;
-    crate::support::daemon::insert_rows(&db, 2, &threads(2), "hostile").await;
+    crate::support::daemon::insert_rows(&db, 2, &threads(&fake, 2), "hostile").await;
 
     let mut daemon = env.start();
     wait_for_status(&db, "delivered", 2).await;
@@ -209,13 +210,19 @@ async fn hostile_responses_are_retried_with_a_clear_log_line_and_the_daemon_goes
     assert!(omitted.contains("does not match the request"), "{omitted}");
     // The row left out of the 200 was stored: reading back finds it.
     daemon.wait_for_log("reconciled=1").await;
+    let stored = fake.accepted();
     for row in rows(&db).await {
-        assert!(row.mews_message_id.is_some());
+        let text = String::from_utf8(row.text).unwrap();
+        let id = stored
+            .iter()
+            .find(|m| m.text == text)
+            .map(|m| m.id.to_string());
+        assert_eq!(row.mews_message_id, id, "{text}: the Id Mews gave it");
         assert!(row.attempts >= 1);
     }
 
     // Still delivering after all that; an Identifier never sent is ignored.
-    crate::support::daemon::insert_rows(&db, 1, &threads(1), "after").await;
+    crate::support::daemon::insert_rows(&db, 1, &threads(&fake, 1), "after").await;
     let extra = daemon.wait_for_log("never_sent=1").await;
     assert!(extra.contains("does not match the request"), "{extra}");
     wait_for_status(&db, "delivered", 3).await;

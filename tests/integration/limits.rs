@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::daemon::{
     ACCESS_TOKEN, CLIENT_TOKEN, Env, WAIT, count, insert_rows, insert_rows_for, rows, rows_of,
-    threads, wait_for_rows, wait_for_status,
+    threads, threads_for, wait_for_rows, wait_for_status,
 };
 use crate::support::fake_mews::{FakeMews, FakeOptions, Fault, GET_ALL_PATH};
 
@@ -46,7 +46,7 @@ async fn a_backlog_uses_at_least_95_percent_of_the_rate_limit_without_a_429() {
     let db = env.producer().await;
     // One window more than measured, so the backlog never runs dry.
     let n = LIMIT * BATCH * (WINDOWS as usize + 1);
-    insert_rows(&db, n, &threads(n), "backlog").await;
+    insert_rows(&db, n, &threads(&fake, n), "backlog").await;
 
     let _daemon = env.start();
     wait_for_status(&db, "delivered", n as i64).await;
@@ -98,7 +98,7 @@ async fn read_backs_count_against_the_rate_limit_too() {
         "",
     );
     let db = env.producer().await;
-    insert_rows(&db, 6, &threads(6), "counted").await;
+    insert_rows(&db, 6, &threads(&fake, 6), "counted").await;
 
     let _daemon = env.start();
     wait_for_status(&db, "delivered", 6).await;
@@ -125,7 +125,7 @@ async fn a_429_pause_survives_a_restart_and_nothing_is_sent_before_it_ends() {
     fake.script([Fault::status_retry_after(429, "3")]);
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    insert_rows(&db, 2, &threads(2), "patient").await;
+    insert_rows(&db, 2, &threads(&fake, 2), "patient").await;
 
     let mut daemon = env.start();
     daemon
@@ -167,7 +167,7 @@ async fn repeated_server_errors_open_the_circuit_breaker_for_the_account() {
         "",
     );
     let db = env.producer().await;
-    insert_rows(&db, 1, &threads(1), "fragile").await;
+    insert_rows(&db, 1, &threads(&fake, 1), "fragile").await;
 
     let mut daemon = env.start();
     let line = daemon.wait_for_log("circuit breaker open").await;
@@ -233,8 +233,22 @@ access_token = "quiet-token"
 "#,
     );
     let db = env.producer().await;
-    insert_rows_for(&db, "refused", 5, &threads(5), "refused").await;
-    insert_rows_for(&db, "busy", 50, &threads(50), "busy").await;
+    insert_rows_for(
+        &db,
+        "refused",
+        5,
+        &threads_for(&fake, "revoked-token", 5),
+        "refused",
+    )
+    .await;
+    insert_rows_for(
+        &db,
+        "busy",
+        50,
+        &threads_for(&fake, "busy-token", 50),
+        "busy",
+    )
+    .await;
 
     let mut daemon = env.start();
     daemon
@@ -243,7 +257,14 @@ access_token = "quiet-token"
     wait_for_rows(&db, "account = 'busy' AND status = 'delivered'", 10).await;
 
     // `busy` now waits ~10 s for its window, `refused` 20 s for its pause.
-    insert_rows_for(&db, "quiet", 1, &threads(1), "quiet").await;
+    insert_rows_for(
+        &db,
+        "quiet",
+        1,
+        &threads_for(&fake, "quiet-token", 1),
+        "quiet",
+    )
+    .await;
     let inserted = Instant::now();
     wait_for_rows(&db, "account = 'quiet' AND status = 'delivered'", 1).await;
     println!(
@@ -292,8 +313,8 @@ async fn requests_for_different_accounts_go_out_concurrently_up_to_the_bound() {
             "[accounts.other]\naccess_token = \"other-token\"\n",
         );
         let db = env.producer().await;
-        insert_rows_for(&db, "default", 1, &threads(1), "a").await;
-        insert_rows_for(&db, "other", 1, &threads(1), "b").await;
+        insert_rows_for(&db, "default", 1, &threads(&fake, 1), "a").await;
+        insert_rows_for(&db, "other", 1, &threads_for(&fake, "other-token", 1), "b").await;
 
         let _daemon = env.start();
         wait_for_status(&db, "delivered", 2).await;
@@ -343,7 +364,7 @@ async fn order_per_thread_holds_under_random_retryable_failures() {
         "",
     );
     let db = env.producer().await;
-    let ids = insert_rows(&db, 128, &threads(8), "ordered").await;
+    let ids = insert_rows(&db, 128, &threads(&fake, 8), "ordered").await;
 
     let started = Instant::now();
     let mut daemon = env.start();
@@ -394,7 +415,7 @@ async fn a_408_or_a_413_halves_the_batch() {
         fake.script([fault.clone()]);
         let env = Env::with(&fake.base_url, &[("batch_size", "8")], "");
         let db = env.producer().await;
-        insert_rows(&db, 16, &threads(16), "sized").await;
+        insert_rows(&db, 16, &threads(&fake, 16), "sized").await;
 
         let mut daemon = env.start();
         wait_for_status(&db, "delivered", 16).await;
@@ -417,7 +438,7 @@ async fn a_request_dropped_after_mews_stored_it_is_reconciled_without_a_duplicat
     fake.script([Fault::DropAfterStore]);
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    insert_rows(&db, 10, &threads(10), "once").await;
+    insert_rows(&db, 10, &threads(&fake, 10), "once").await;
 
     let mut daemon = env.start();
     wait_for_status(&db, "delivered", 10).await;
@@ -461,7 +482,7 @@ async fn rows_missing_from_a_200_are_read_back_and_the_rest_is_not_resent() {
     fake.script([Fault::OmitIdentifiers(3)]);
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    insert_rows(&db, 6, &threads(6), "partly").await;
+    insert_rows(&db, 6, &threads(&fake, 6), "partly").await;
 
     let mut daemon = env.start();
     wait_for_status(&db, "delivered", 6).await;
@@ -479,7 +500,7 @@ async fn rows_mews_does_not_have_are_resent_once() {
     fake.script([Fault::DropBeforeStore]);
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    insert_rows(&db, 4, &threads(4), "lost").await;
+    insert_rows(&db, 4, &threads(&fake, 4), "lost").await;
 
     let mut daemon = env.start();
     wait_for_status(&db, "delivered", 4).await;
@@ -498,7 +519,7 @@ async fn when_the_read_back_fails_the_rows_are_resent_and_the_log_says_so() {
     fake.script_get_all([Fault::status(500)]);
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    insert_rows(&db, 3, &threads(3), "unchecked").await;
+    insert_rows(&db, 3, &threads(&fake, 3), "unchecked").await;
 
     let mut daemon = env.start();
     wait_for_status(&db, "delivered", 3).await;
@@ -516,7 +537,7 @@ async fn with_reconcile_off_an_ambiguous_request_is_resent_blindly() {
     fake.script([Fault::DropAfterStore]);
     let env = Env::with(&fake.base_url, &[("reconcile", "false")], "");
     let db = env.producer().await;
-    insert_rows(&db, 2, &threads(2), "twice").await;
+    insert_rows(&db, 2, &threads(&fake, 2), "twice").await;
 
     let _daemon = env.start();
     wait_for_status(&db, "delivered", 2).await;
@@ -530,7 +551,7 @@ async fn rows_a_crash_left_sending_are_read_back_after_restart() {
     fake.script([Fault::StoreThenDelay(Duration::from_secs(60))]);
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    insert_rows(&db, 5, &threads(5), "crashed").await;
+    insert_rows(&db, 5, &threads(&fake, 5), "crashed").await;
 
     let mut daemon = env.start();
     fake.wait_for_accepted(5, WAIT).await; // Mews has them; the answer never comes
@@ -561,7 +582,7 @@ async fn a_systemic_400_pauses_the_account_instead_of_dead_lettering_everything(
     fake.script(std::iter::repeat_n(invalid_client, 7));
     let env = Env::with(&fake.base_url, &[("batch_size", "16")], "");
     let db = env.producer().await;
-    insert_rows(&db, 16, &threads(16), "innocent").await;
+    insert_rows(&db, 16, &threads(&fake, 16), "innocent").await;
 
     let mut daemon = env.start();
     let alert = daemon.wait_for_log("ALERT").await;
@@ -595,7 +616,7 @@ async fn a_few_bad_messages_first_in_the_batch_are_dead_lettered_without_a_pause
     let env = Env::with(&fake.base_url, &[("batch_size", "16")], "");
     let db = env.producer().await;
     let mut tx = db.begin().await.unwrap();
-    for (i, thread) in threads(16).iter().enumerate() {
+    for (i, thread) in threads(&fake, 16).iter().enumerate() {
         let text = if i < 3 {
             format!("{bad} {i}")
         } else {
@@ -633,8 +654,8 @@ async fn dead_letter_commands_list_requeue_and_purge_only_dead_rows() {
     let db = env.producer().await;
     // The fake quotes 40 characters of a poisoned text: both get one error.
     let prefix = format!("bad {}", "x".repeat(40));
-    let bad = insert_rows(&db, 2, &threads(2), &prefix).await;
-    let good = insert_rows(&db, 2, &threads(2), "good").await;
+    let bad = insert_rows(&db, 2, &threads(&fake, 2), &prefix).await;
+    let good = insert_rows(&db, 2, &threads(&fake, 2), "good").await;
 
     let daemon = env.start();
     wait_for_status(&db, "dead", 2).await;

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::support::daemon::{
-    ACCESS_TOKEN, CLIENT_TOKEN, Daemon, Env, WAIT, count, insert_rows, rows, threads,
+    ACCESS_TOKEN, CLIENT_TOKEN, Daemon, Env, WAIT, count, insert_rows, rows, threads, threads_for,
     wait_for_status,
 };
 use crate::support::fake_mews::{FakeMews, FakeOptions, Fault};
@@ -83,7 +83,7 @@ async fn systemd_sees_ready_status_watchdog_reloading_and_stopping() {
     let fake = FakeMews::start().await;
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    insert_rows(&db, 3, &threads(3), "notified").await;
+    insert_rows(&db, 3, &threads(&fake, 3), "notified").await;
     let mut socket = NotifySocket::bind();
 
     let mut daemon = env.start_with_env(&[
@@ -128,7 +128,7 @@ async fn without_notify_socket_nothing_is_sent_and_the_daemon_runs() {
     let fake = FakeMews::start().await;
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    insert_rows(&db, 1, &threads(1), "plain").await;
+    insert_rows(&db, 1, &threads(&fake, 1), "plain").await;
     let mut daemon = env.start().ready().await;
     wait_for_status(&db, "delivered", 1).await;
     daemon.signal("TERM");
@@ -148,12 +148,12 @@ async fn sighup_adds_an_account_without_dropping_the_request_in_flight_and_refus
 
     // A request in flight during the reload: Mews takes a while to answer.
     fake.script([Fault::DelayThenNormal(Duration::from_millis(1500))]);
-    insert_rows(&db, 1, &threads(1), "in flight").await;
+    insert_rows(&db, 1, &threads(&fake, 1), "in flight").await;
     let mut daemon = env.start().ready().await;
     daemon.wait_for_log("messages/add: sending").await;
 
     // Rows of an account the running configuration does not know wait.
-    let thread = threads(1);
+    let thread = threads_for(&fake, "spa-token-SECRET-s1", 1);
     sqlx::query(
         "INSERT INTO outbox (message_thread_id, text, account) VALUES (?1, 'for spa', 'spa')",
     )
@@ -197,7 +197,7 @@ async fn sighup_adds_an_account_without_dropping_the_request_in_flight_and_refus
     .execute(&db)
     .await
     .unwrap();
-    insert_rows(&db, 2, &threads(2), "after the refused reload").await;
+    insert_rows(&db, 2, &threads(&fake, 2), "after the refused reload").await;
     wait_for_status(&db, "delivered", 5).await;
     assert_eq!(daemon.count_log("configuration reloaded"), 1);
 
@@ -281,7 +281,7 @@ async fn under_systemd_the_database_is_created_group_writable_in_the_state_direc
     assert!(!env.db.exists());
     let (status, stdout, _) = env
         .cli_with_env(
-            &["enqueue", "--thread", &threads(1)[0], "--text", "hi"],
+            &["enqueue", "--thread", &threads(&fake, 1)[0], "--text", "hi"],
             &vars,
         )
         .await;
@@ -313,12 +313,12 @@ async fn the_heartbeat_reports_the_queue_and_warns_about_old_and_dead_rows() {
     sqlx::query(
         "INSERT INTO outbox (message_thread_id, text, account) VALUES (?1, 'lost', 'nowhere')",
     )
-    .bind(&threads(1)[0])
+    .bind(&threads(&fake, 1)[0])
     .execute(&db)
     .await
     .unwrap();
     let mut daemon = env.start().ready().await;
-    insert_rows(&db, 1, &threads(1), "poison").await;
+    insert_rows(&db, 1, &threads(&fake, 1), "poison").await;
     wait_for_status(&db, "dead", 1).await;
 
     let dead = daemon.wait_for_log("rows became dead").await;

@@ -6,7 +6,9 @@
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use crate::support::daemon::{Env, rows, threads, wait_for_rows, wait_for_status};
+use crate::support::daemon::{
+    Env, rows, threads, unregistered_threads, wait_for_rows, wait_for_status,
+};
 use crate::support::fake_mews::FakeMews;
 use mews_outbox::store::{Outbox, SqliteStore};
 use sqlx::SqlitePool;
@@ -202,7 +204,7 @@ async fn rows_behind_a_head_of_an_unconfigured_account_say_which_row_holds_them(
     let fake = FakeMews::start().await;
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    let thread = threads(1).remove(0);
+    let thread = threads(&fake, 1).remove(0);
     let mut ids = Vec::new();
     for account in ["nowhere", "default", "default"] {
         let id: i64 = sqlx::query_scalar(
@@ -259,7 +261,7 @@ async fn a_claim_stops_at_the_byte_bound_but_always_takes_one_row() {
         .await
         .unwrap();
     let db = store.pool();
-    let threads = threads(4);
+    let threads = unregistered_threads(4); // no Mews here: a claim only
     let mut ids = Vec::new();
     for (thread, n) in threads.iter().zip([1000, 1000, 1000, 5000]) {
         ids.push(insert_sized(db, thread, &"x".repeat(n)).await);
@@ -299,7 +301,7 @@ async fn large_rows_go_in_several_requests_within_the_bound_and_an_oversize_row_
     let fake = FakeMews::start().await;
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    let threads = threads(10);
+    let threads = threads(&fake, 10);
     // 1 MB of letters, and 700 KB of quotes that JSON doubles to 1.4 MB:
     // the claim counts raw bytes, the worker the bytes as sent.
     let plain = "a".repeat(1_000_000);

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::support::daemon::{
     ACCESS_TOKEN, CLIENT_TOKEN, Env, WAIT, count, hold_write_lock, insert_rows, insert_rows_for,
-    rows, threads, wait_for_rows, wait_for_status,
+    rows, threads, threads_for, wait_for_rows, wait_for_status,
 };
 use crate::support::fake_mews::{
     ADD_PATH, FakeMews, FakeOptions, Fault, GET_ALL_PATH, RequestRecord,
@@ -85,7 +85,7 @@ async fn a_429_on_the_read_back_pauses_the_account_and_releases_the_rows_unsent(
     fake.script_get_all([Fault::status_retry_after(429, "3")]);
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    insert_rows(&db, 3, &threads(3), "read back").await;
+    insert_rows(&db, 3, &threads(&fake, 3), "read back").await;
 
     let mut daemon = env.start();
     let line = daemon
@@ -131,7 +131,7 @@ async fn rows_claimed_for_a_bisection_are_released_when_a_429_pauses_the_account
     fake.script([Fault::status(400), Fault::status_retry_after(429, "3")]);
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    insert_rows(&db, 4, &threads(4), "halves").await;
+    insert_rows(&db, 4, &threads(&fake, 4), "halves").await;
 
     let mut daemon = env.start();
     daemon
@@ -178,14 +178,14 @@ async fn the_rate_window_survives_a_restart_of_the_daemon() {
         "",
     );
     let db = env.producer().await;
-    insert_rows(&db, 3, &threads(3), "before").await;
+    insert_rows(&db, 3, &threads(&fake, 3), "before").await;
     let mut daemon = env.start();
     wait_for_status(&db, "delivered", 3).await;
     daemon.signal("TERM");
     assert!(daemon.wait_exit(WAIT).await.success());
 
     // The window is full: a daemon starting afresh would send at once.
-    insert_rows(&db, 3, &threads(3), "after").await;
+    insert_rows(&db, 3, &threads(&fake, 3), "after").await;
     let _restarted = env.start();
     wait_for_status(&db, "delivered", 6).await;
 
@@ -210,8 +210,8 @@ async fn with_the_rate_limit_off_no_request_log_is_kept() {
         "[accounts.free]\naccess_token = \"free-token\"\nrate_limit = \"off\"\n",
     );
     let db = env.producer().await;
-    insert_rows(&db, 3, &threads(3), "counted").await;
-    insert_rows_for(&db, "free", 3, &threads(3), "free").await;
+    insert_rows(&db, 3, &threads(&fake, 3), "counted").await;
+    insert_rows_for(&db, "free", 3, &threads_for(&fake, "free-token", 3), "free").await;
 
     let mut daemon = env.start();
     wait_for_status(&db, "delivered", 6).await;
@@ -257,7 +257,7 @@ async fn stored_row_behind(fillers: usize) -> (FakeMews, Env, SqlitePool) {
     fake.script([Fault::StoreThenDelay(Duration::from_secs(120))]);
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    let thread = threads(1);
+    let thread = threads(&fake, 1);
     insert_rows(&db, 1, &thread, "the guest's message").await;
     let mut daemon = env.start();
     fake.wait_for_accepted(1, WAIT).await;
@@ -343,7 +343,7 @@ async fn sigterm_during_a_bisection_releases_the_half_not_yet_sent() {
     ]);
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    let ids = insert_rows(&db, 4, &threads(4), "split").await;
+    let ids = insert_rows(&db, 4, &threads(&fake, 4), "split").await;
 
     let mut daemon = env.start();
     daemon.wait_for_log_count("messages/add: sending", 2).await;
@@ -380,7 +380,7 @@ async fn rows_stay_sending_when_the_database_fails_at_shutdown_and_are_read_back
     fake.script([Fault::DelayThenNormal(Duration::from_millis(1500))]);
     let env = Env::with(&fake.base_url, &[("busy_timeout", "\"100ms\"")], "");
     let db = env.producer().await;
-    insert_rows(&db, 2, &threads(2), "unrecorded").await;
+    insert_rows(&db, 2, &threads(&fake, 2), "unrecorded").await;
 
     let mut daemon = env.start();
     daemon.wait_for_log("messages/add: sending").await;
@@ -419,7 +419,7 @@ async fn a_409_is_an_attempt_a_202_is_read_back_and_both_count_toward_the_breake
     fake.script([Fault::status(409), Fault::status(202)]);
     let env = Env::with(&fake.base_url, &[("breaker_failures", "2")], "");
     let db = env.producer().await;
-    insert_rows(&db, 1, &threads(1), "conflicted").await;
+    insert_rows(&db, 1, &threads(&fake, 1), "conflicted").await;
 
     let mut daemon = env.start();
     wait_for_status(&db, "delivered", 1).await;
@@ -447,7 +447,7 @@ async fn a_failed_read_back_does_not_count_toward_the_breaker() {
     fake.script_get_all([Fault::status(500), Fault::status(500)]);
     let env = Env::with(&fake.base_url, &[("breaker_failures", "2")], "");
     let db = env.producer().await;
-    insert_rows(&db, 1, &threads(1), "checked").await;
+    insert_rows(&db, 1, &threads(&fake, 1), "checked").await;
 
     let mut daemon = env.start();
     wait_for_status(&db, "delivered", 1).await;
@@ -473,7 +473,7 @@ async fn the_batch_limit_grows_back_after_eight_accepted_requests() {
     fake.script([Fault::status(413)]);
     let env = Env::with(&fake.base_url, &[("batch_size", "8")], "");
     let db = env.producer().await;
-    insert_rows(&db, 48, &threads(48), "regrow").await;
+    insert_rows(&db, 48, &threads(&fake, 48), "regrow").await;
 
     let mut daemon = env.start();
     wait_for_status(&db, "delivered", 48).await;
@@ -501,7 +501,7 @@ async fn housekeeping_at_start_deletes_only_rows_delivered_before_the_retention(
     let fake = FakeMews::start().await;
     let env = Env::with(&fake.base_url, &[], "[retention]\ndelivered = \"1day\"\n");
     let db = env.producer().await;
-    let ids = insert_rows(&db, 4, &threads(4), "kept or not").await;
+    let ids = insert_rows(&db, 4, &threads(&fake, 4), "kept or not").await;
     // Rows as earlier runs left them (the daemon's columns, for the test).
     let two_days_ago = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-2 days')";
     let an_hour_ago = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 hour')";

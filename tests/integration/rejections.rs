@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use crate::support::daemon::{
-    Env, count, insert_rows, rows, threads, wait_for_rows, wait_for_status,
+    Env, count, insert_rows, rows, threads, unregistered_threads, wait_for_rows, wait_for_status,
 };
 use crate::support::fake_mews::{FakeMews, Fault, GET_ALL_PATH, RetryAfter};
 
@@ -55,7 +55,7 @@ async fn requests_during_a_stretch_of_429s(
         "",
     );
     let db = env.producer().await;
-    insert_rows(&db, 1, &threads(1), "throttled").await;
+    insert_rows(&db, 1, &threads(&fake, 1), "throttled").await;
     if read_back_first {
         // As if a previous request carrying it timed out: it is read back
         // (messages/getAll) before it is sent again.
@@ -179,8 +179,8 @@ fn quiet_account(base_url: &str) -> Env {
     )
 }
 
-async fn enqueue_one(db: &sqlx::SqlitePool, text: &str) -> i64 {
-    insert_rows(db, 1, &threads(1), text).await[0]
+async fn enqueue_one(fake: &FakeMews, db: &sqlx::SqlitePool, text: &str) -> i64 {
+    insert_rows(db, 1, &threads(fake, 1), text).await[0]
 }
 
 #[tokio::test]
@@ -199,7 +199,7 @@ async fn a_quiet_account_whose_every_request_is_refused_pauses_instead_of_dead_l
     // One message at a time, each after the previous one was answered: no
     // batch ever holds three, so only a memory across requests can tell.
     for i in 0..2 {
-        let id = enqueue_one(&db, &format!("quiet {i}")).await;
+        let id = enqueue_one(&fake, &db, &format!("quiet {i}")).await;
         wait_for_rows(&db, &format!("id = {id} AND last_error IS NOT NULL"), 1).await;
         let error = rows(&db)
             .await
@@ -214,7 +214,7 @@ async fn a_quiet_account_whose_every_request_is_refused_pauses_instead_of_dead_l
             "{error}"
         );
     }
-    enqueue_one(&db, "quiet 2").await;
+    enqueue_one(&fake, &db, "quiet 2").await;
     let alert = daemon.wait_for_log("ALERT").await;
     assert!(
         alert.contains("HTTP 403: The integration is not permitted"),
@@ -233,8 +233,8 @@ async fn a_quiet_account_whose_every_request_is_refused_pauses_instead_of_dead_l
 
     // Two more arrive while it is paused; the probes after the pauses are
     // refused alike, so it pauses again.
-    enqueue_one(&db, "quiet 3").await;
-    enqueue_one(&db, "quiet 4").await;
+    enqueue_one(&fake, &db, "quiet 3").await;
+    enqueue_one(&fake, &db, "quiet 4").await;
     daemon
         .wait_for_log("the probe after the pause was rejected again")
         .await;
@@ -258,14 +258,14 @@ async fn one_bad_message_on_a_quiet_account_is_dead_with_mews_reason_once_a_good
     let db = env.producer().await;
     let daemon = env.start();
 
-    let bad = enqueue_one(&db, "bad").await;
+    let bad = enqueue_one(&fake, &db, "bad").await;
     wait_for_rows(&db, &format!("id = {bad} AND last_error IS NOT NULL"), 1).await;
     assert_eq!(
         count(&db, "dead").await,
         0,
         "held until the account is judged"
     );
-    enqueue_one(&db, "good").await;
+    enqueue_one(&fake, &db, "good").await;
     wait_for_status(&db, "delivered", 1).await;
     wait_for_status(&db, "dead", 1).await;
 
@@ -301,7 +301,7 @@ async fn failed_requests_count_in_our_rate_limit_as_they_do_at_mews() {
         "",
     );
     let db = env.producer().await;
-    insert_rows(&db, 8, &threads(8), "counted").await;
+    insert_rows(&db, 8, &threads(&fake, 8), "counted").await;
     let _daemon = env.start();
     wait_for_status(&db, "delivered", 8).await;
 
@@ -315,4 +315,54 @@ async fn failed_requests_count_in_our_rate_limit_as_they_do_at_mews() {
     assert_eq!(failed, 8, "the scripted failures were sent");
     assert_eq!(refused, 0, "our window counted the failed requests too");
     assert_eq!(fake.retry_after_violations(), 0);
+}
+
+/// Mews adds messages only to threads this client created, and judges a
+/// request as a whole: a row for a thread the client did not create gets
+/// Mews's 403 and is dead with Mews's reason, while the account's rows for
+/// its own threads, sent in the same first request, are delivered.
+#[tokio::test]
+async fn a_row_for_a_thread_this_client_did_not_create_is_dead_and_the_rest_delivered() {
+    let fake = FakeMews::start().await;
+    let env = Env::new(&fake.base_url);
+    let db = env.producer().await;
+    let own = threads(&fake, 4);
+    let foreign = unregistered_threads(1).remove(0);
+    insert_rows(&db, 2, &own[..2], "before").await;
+    let bad = insert_rows(&db, 1, std::slice::from_ref(&foreign), "foreign").await[0];
+    insert_rows(&db, 2, &own[2..], "after").await;
+
+    let _daemon = env.start();
+    wait_for_status(&db, "delivered", 4).await;
+    wait_for_status(&db, "dead", 1).await;
+
+    let rows = rows(&db).await;
+    let dead = rows.iter().find(|r| r.id == bad).unwrap();
+    assert_eq!(dead.status, "dead");
+    let reason = dead.last_error.as_deref().unwrap();
+    let mews_says = format!("Message thread {foreign} was not created by this client");
+    assert!(
+        reason.contains("HTTP 403") && reason.contains(&mews_says),
+        "{reason}"
+    );
+    assert!(
+        rows.iter()
+            .filter(|r| r.id != bad)
+            .all(|r| r.status == "delivered"),
+        "{rows:?}"
+    );
+    let accepted = fake.accepted();
+    assert_eq!(
+        accepted.len(),
+        4,
+        "each own row once, the foreign one never"
+    );
+    assert!(
+        accepted
+            .iter()
+            .all(|m| m.message_thread_id.to_string() != foreign)
+    );
+    // The first request carried all five and was refused whole.
+    let first = &fake.add_requests()[0];
+    assert_eq!((first.status, first.message_count), (403, 5));
 }

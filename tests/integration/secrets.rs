@@ -5,7 +5,7 @@
 use std::os::unix::fs::PermissionsExt;
 
 use crate::support::daemon::{
-    ACCESS_TOKEN, CLIENT_TOKEN, Env, WAIT, insert_rows, threads, wait_for_status,
+    ACCESS_TOKEN, CLIENT_TOKEN, Env, WAIT, insert_rows, threads, threads_for, wait_for_status,
 };
 use crate::support::fake_mews::{FakeMews, FakeOptions, Fault};
 
@@ -82,10 +82,14 @@ async fn no_token_appears_in_any_output_even_at_trace_level() {
 
     // 200, 500, a dropped connection, a 401, all at trace level.
     fake.script([Fault::status(500), Fault::DropBeforeStore]);
-    insert_rows(&db, 3, &threads(3), "traced").await;
-    for account in ["refused", "filed", "credited"] {
+    insert_rows(&db, 3, &threads(&fake, 3), "traced").await;
+    for (account, token) in [
+        ("refused", BAD_TOKEN),
+        ("filed", FILE_TOKEN),
+        ("credited", CREDENTIAL_TOKEN),
+    ] {
         sqlx::query("INSERT INTO outbox (message_thread_id, text, account) VALUES (?1, 'hi', ?2)")
-            .bind(&threads(1)[0])
+            .bind(&threads_for(&fake, token, 1)[0])
             .bind(account)
             .execute(&db)
             .await

@@ -67,7 +67,7 @@ async fn no_redirect_from_messages_add_is_followed_and_the_row_is_delivered_once
     fake.script(codes.map(|code| redirect(code, &trap.location())));
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    let ids = insert_rows(&db, 1, &threads(1), "redirected").await;
+    let ids = insert_rows(&db, 1, &threads(&fake, 1), "redirected").await;
     let mut daemon = env.start();
 
     wait_for_status(&db, "delivered", 1).await;
@@ -115,7 +115,7 @@ async fn a_redirect_to_a_closed_port_pauses_the_account_and_leaves_the_rows_unto
         "",
     );
     let db = env.producer().await;
-    insert_rows(&db, 3, &threads(3), "closed").await;
+    insert_rows(&db, 3, &threads(&fake, 3), "closed").await;
     let mut daemon = env.start();
 
     let line = daemon.wait_for_log(PAUSED).await;
@@ -159,7 +159,7 @@ async fn a_redirect_from_the_read_back_pauses_instead_of_sending_again() {
     fake.script_get_all([redirect(308, &trap.location())]);
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    insert_rows(&db, 1, &threads(1), "read back").await;
+    insert_rows(&db, 1, &threads(&fake, 1), "read back").await;
     let mut daemon = env.start();
 
     wait_for_status(&db, "delivered", 1).await;
@@ -218,7 +218,7 @@ async fn a_body_that_stalls_is_reported_as_a_body_read_timeout_and_read_back() {
     ))]);
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    insert_rows(&db, 1, &threads(1), "stalled").await;
+    insert_rows(&db, 1, &threads(&fake, 1), "stalled").await;
     let mut daemon = env.start();
 
     let line = daemon
@@ -401,6 +401,6 @@ async fn plain_http_to_another_host_is_refused_by_check_config_run_and_reload() 
     let refused = daemon.wait_for_log("configuration reload REFUSED").await;
     assert!(refused.contains("in clear"), "{refused}");
     // Still delivering, to the loopback fake of the previous configuration.
-    insert_rows(&db, 1, &threads(1), "after the refusal").await;
+    insert_rows(&db, 1, &threads(&fake, 1), "after the refusal").await;
     wait_for_status(&db, "delivered", 1).await;
 }

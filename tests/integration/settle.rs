@@ -81,7 +81,7 @@ async fn a_crash_while_mews_is_still_storing_duplicates_nothing_after_an_immedia
     fake.script([slow_store()]);
     let env = Env::with(&fake.base_url, &[("request_timeout", "\"5s\"")], "");
     let db = env.producer().await;
-    insert_rows(&db, ROWS, &threads(ROWS), "settle").await;
+    insert_rows(&db, ROWS, &threads(&fake, ROWS), "settle").await;
 
     let mut daemon = env.start();
     fake.wait_for_add_arrivals(1, WAIT).await;
@@ -112,7 +112,7 @@ async fn a_reload_that_abandons_a_request_mews_is_still_storing_duplicates_nothi
         "",
     );
     let db = env.producer().await;
-    insert_rows(&db, ROWS, &threads(ROWS), "settle").await;
+    insert_rows(&db, ROWS, &threads(&fake, ROWS), "settle").await;
 
     let mut daemon = env.start();
     fake.wait_for_add_arrivals(1, WAIT).await;
@@ -133,7 +133,7 @@ async fn a_timed_out_request_that_mews_stored_later_is_found_by_the_read_back() 
     fake.script([Fault::DelayThenNormal(Duration::from_secs(3))]);
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    insert_rows(&db, 1, &threads(1), "slow").await;
+    insert_rows(&db, 1, &threads(&fake, 1), "slow").await;
 
     let mut daemon = env.start();
     wait_for_status(&db, "delivered", 1).await;
@@ -166,7 +166,7 @@ async fn older_identical_text_case(clock_offset_ms: i64, stored: bool) {
     .await;
     let env = Env::new(&fake.base_url);
     let db = env.producer().await;
-    let thread = threads(1);
+    let thread = threads(&fake, 1);
     let text = "Your room is ready";
     sqlx::query("INSERT INTO outbox (message_thread_id, text) VALUES (?1, ?2)")
         .bind(&thread[0])
@@ -245,9 +245,11 @@ async fn the_fake_keeps_its_own_clock_and_stores_what_a_departed_client_sent() {
         store_after: Duration::from_millis(300),
         answer_after: None,
     }]);
+    let thread = Uuid::new_v4();
+    fake.register_threads("a", [thread.to_string()]);
     let body = serde_json::json!({
         "ClientToken": "c", "AccessToken": "a", "Client": "settle 1.0",
-        "Messages": [{"MessageThreadId": Uuid::new_v4(), "Text": "x", "Identifier": "1"}],
+        "Messages": [{"MessageThreadId": thread, "Text": "x", "Identifier": "1"}],
     });
     let http = reqwest::Client::new();
     let url = fake.url(crate::support::fake_mews::ADD_PATH);

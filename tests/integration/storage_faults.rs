@@ -72,7 +72,7 @@ async fn a_full_disk_mid_drain_is_retried_until_space_returns() {
     fake.script([Fault::DelayThenNormal(Duration::from_millis(500))]);
     let env = env_in(&disk.path, &fake.base_url);
     let db = env.producer().await;
-    insert_rows(&db, 500, &threads(500), "disk").await;
+    insert_rows(&db, 500, &threads(&fake, 500), "disk").await;
     // An empty WAL: the daemon's next writes need fresh space.
     sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
         .execute(&db)
@@ -102,7 +102,7 @@ async fn a_database_locked_for_long_is_waited_out() {
     fake.script([Fault::DelayThenNormal(Duration::from_millis(300))]);
     let env = Env::with(&fake.base_url, &[("busy_timeout", "\"100ms\"")], "");
     let db = env.producer().await;
-    insert_rows(&db, 50, &threads(50), "locked").await;
+    insert_rows(&db, 50, &threads(&fake, 50), "locked").await;
 
     let mut daemon = env.start();
     daemon.wait_for_log("messages/add: sending").await;

@@ -12,6 +12,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
+use crate::support::fake_mews::FakeMews;
+
 pub const CLIENT_TOKEN: &str = "test-client-token-SECRET-c1";
 pub const ACCESS_TOKEN: &str = "test-access-token-SECRET-a1";
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -386,7 +388,24 @@ pub async fn insert_rows_for(
     ids
 }
 
-pub fn threads(n: usize) -> Vec<String> {
+/// `n` fresh thread ids, registered with `fake` as threads this client
+/// created earlier with the default account's `AccessToken`: Mews adds
+/// messages only to those ([`FakeOptions::enforce_thread_ownership`]).
+///
+/// [`FakeOptions::enforce_thread_ownership`]: crate::support::fake_mews::FakeOptions
+pub fn threads(fake: &FakeMews, n: usize) -> Vec<String> {
+    threads_for(fake, ACCESS_TOKEN, n)
+}
+
+/// [`threads`] for another account's `AccessToken`.
+pub fn threads_for(fake: &FakeMews, access_token: &str, n: usize) -> Vec<String> {
+    let ids = unregistered_threads(n);
+    fake.register_threads(access_token, &ids);
+    ids
+}
+
+/// `n` fresh thread ids no fake knows: Mews refuses messages to them.
+pub fn unregistered_threads(n: usize) -> Vec<String> {
     (0..n).map(|_| uuid::Uuid::new_v4().to_string()).collect()
 }
 

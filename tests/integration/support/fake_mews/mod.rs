@@ -16,6 +16,12 @@
 //!   `Limitation.Cursor`, filtered by thread, `CreatedUtc` interval and the
 //!   request's `AccessToken`.
 //! * `POST /api/connector/v1/configuration/get`: a token check.
+//! * `POST /api/connector/v1/messageThreads/add` and `messageThreads/getAll`:
+//!   threads are kept per `AccessToken`, and (like Mews, by default,
+//!   [`FakeOptions::enforce_thread_ownership`]) `messages/add` refuses the
+//!   whole request with `403` when one of its messages goes to a thread that
+//!   was not created with that token (through `messageThreads/add` or
+//!   [`FakeMews::register_threads`]).
 //! * Any other path: `404`; a known path with a method other than `POST`:
 //!   `405`.
 //!
@@ -26,7 +32,9 @@
 //!
 //! Misbehaviour is scripted with [`FakeMews::script`] (one [`Fault`] per
 //! `messages/add` request), [`FakeMews::script_get_all`] (one per
-//! `messages/getAll` request), with a per-`AccessToken` sliding-window rate
+//! `messages/getAll` request), [`FakeMews::script_configuration`],
+//! [`FakeMews::script_threads_add`] and [`FakeMews::script_threads_get_all`]
+//! (one per request of those routes), with a per-`AccessToken` sliding-window rate
 //! limit ([`FakeOptions::rate_limit`]), with a stretch of `429`s on every
 //! endpoint ([`FakeMews::throttle_until`]) and with a "poison" predicate on
 //! message texts ([`FakeOptions::poison`]).
@@ -64,13 +72,20 @@ use std::time::Duration;
 
 pub use faults::{Fault, RetryAfter};
 pub use options::FakeOptions;
-pub use records::{RequestRecord, StoredMessage};
+pub use records::{RequestRecord, StoredMessage, StoredThread};
 pub use server::FakeMews;
 
 /// Path of the operation the daemon calls.
 pub const ADD_PATH: &str = "/api/connector/v1/messages/add";
 /// Path of the read-back operation.
 pub const GET_ALL_PATH: &str = "/api/connector/v1/messages/getAll";
+/// Path of the thread creation.
+pub const THREADS_ADD_PATH: &str = "/api/connector/v1/messageThreads/add";
+/// Path of the thread read-back.
+pub const THREADS_GET_ALL_PATH: &str = "/api/connector/v1/messageThreads/getAll";
+/// Longest `CreatedUtc` interval `messageThreads/getAll` accepts ("three
+/// months", `x-max-interval-in-months: 3`).
+pub const MAX_THREADS_GET_ALL_INTERVAL: Duration = Duration::from_secs(92 * 24 * 3600);
 /// Path of the harmless token check.
 pub const CONFIGURATION_PATH: &str = "/api/connector/v1/configuration/get";
 /// Maximum number of items in `Messages` (add) and `MessageThreadIds` /

@@ -47,6 +47,11 @@ pub struct FakeOptions {
     /// (positive: ahead), as for a Mews whose clock differs from ours. It
     /// shifts `CreatedUtc`, the `getAll` filter and the `Date` header alike.
     pub clock_offset_ms: i64,
+    /// Like Mews, `messages/add` only adds to threads created with the
+    /// request's `AccessToken` (by `messageThreads/add` or
+    /// [`FakeMews::register_threads`]); a request with a message for any
+    /// other thread gets `403` naming it and stores nothing. Default `true`.
+    pub enforce_thread_ownership: bool,
 }
 
 impl Default for FakeOptions {
@@ -61,6 +66,7 @@ impl Default for FakeOptions {
             verbose: false,
             cursor_on_last_page: false,
             clock_offset_ms: 0,
+            enforce_thread_ownership: true,
         }
     }
 }
@@ -77,6 +83,7 @@ impl fmt::Debug for FakeOptions {
             .field("verbose", &self.verbose)
             .field("cursor_on_last_page", &self.cursor_on_last_page)
             .field("clock_offset_ms", &self.clock_offset_ms)
+            .field("enforce_thread_ownership", &self.enforce_thread_ownership)
             .finish()
     }
 }

@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use axum::http::HeaderMap;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -22,6 +23,19 @@ pub struct StoredMessage {
     /// `Identifier` sent with it (Mews does not store it; the fake keeps it
     /// for assertions only and never returns it from `getAll`).
     pub identifier: Option<String>,
+}
+
+/// A message thread the fake knows (created by `messageThreads/add` or
+/// registered with [`FakeMews::register_threads`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredThread {
+    pub id: Uuid,
+    /// `AccessToken` it was created with: only that token may add to it.
+    pub access_token: String,
+    pub original_sender: String,
+    pub subject: String,
+    /// `YYYY-MM-DDTHH:MM:SSZ`, second precision like Mews.
+    pub created_utc: String,
 }
 
 /// One request received by the fake.
@@ -60,6 +74,17 @@ pub struct RequestRecord {
     /// It arrived before the end of the latest `Retry-After` the fake had
     /// sent for its `AccessToken` (on any endpoint).
     pub early: bool,
+    /// The request's headers as received (`Content-Type`, `User-Agent`, ...).
+    /// The fake reads tokens and everything else from the body, never from
+    /// a header.
+    pub headers: HeaderMap,
+}
+
+impl RequestRecord {
+    /// The value of header `name` (case-insensitive), if present and text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
 }
 
 /// A validated `Messages` item.

@@ -21,7 +21,7 @@ use super::routes::handle;
 use super::state::{ServerState, Shared, StoredEntry, whole_seconds};
 use super::{
     ADD_PATH, FakeOptions, Fault, GET_ALL_PATH, MAX_REQUEST_BODY, RequestRecord, RetryAfter,
-    StoredMessage,
+    StoredMessage, StoredThread,
 };
 
 /// A running fake Mews server. The server task is aborted and all its
@@ -71,7 +71,10 @@ impl FakeMews {
                 faults: VecDeque::new(),
                 get_all_faults: VecDeque::new(),
                 configuration_faults: VecDeque::new(),
+                threads_add_faults: VecDeque::new(),
+                threads_get_all_faults: VecDeque::new(),
                 stored: Vec::new(),
+                threads: Vec::new(),
                 requests: Vec::new(),
                 add_arrivals: 0,
                 windows: Default::default(),
@@ -135,6 +138,52 @@ impl FakeMews {
     /// `Status` and `Redirect` mean something there.
     pub fn script_configuration(&self, faults: impl IntoIterator<Item = Fault>) {
         self.shared.state().configuration_faults.extend(faults);
+    }
+
+    /// Queues faults for `messageThreads/add` requests, one per request.
+    /// Only those acting at arrival (`Status`, `StatusRetryAt`, `Raw`,
+    /// `Redirect`, `DropBeforeStore`, `DelayThenNormal`) mean something
+    /// there; any other fault is consumed and ignored.
+    pub fn script_threads_add(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.shared.state().threads_add_faults.extend(faults);
+    }
+
+    /// Queues faults for `messageThreads/getAll` requests, one per request,
+    /// with the same meaning as [`FakeMews::script_threads_add`].
+    pub fn script_threads_get_all(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.shared.state().threads_get_all_faults.extend(faults);
+    }
+
+    /// Registers threads as created "earlier by this client" with
+    /// `access_token` (as `messageThreads/add` would have): `messages/add`
+    /// with that token may then add to them. Panics on an id that is not a
+    /// uuid (a test's mistake).
+    pub fn register_threads<I>(&self, access_token: &str, ids: I)
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        for id in ids {
+            let id = id.as_ref();
+            let uuid = Uuid::parse_str(id)
+                .unwrap_or_else(|e| panic!("register_threads: {id:?} is not a uuid: {e}"));
+            self.shared.add_thread(
+                access_token,
+                uuid,
+                "Registered by the test",
+                "Registered thread",
+            );
+        }
+    }
+
+    /// Every thread known (created or registered), in creation order.
+    pub fn message_threads(&self) -> Vec<StoredThread> {
+        self.shared
+            .state()
+            .threads
+            .iter()
+            .map(|e| e.thread.clone())
+            .collect()
     }
 
     /// Number of scripted faults not consumed yet.

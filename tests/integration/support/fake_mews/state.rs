@@ -15,7 +15,7 @@ use super::faults::ceil_secs;
 use super::records::NewMessage;
 use super::reply::Reply;
 use super::routes::Envelope;
-use super::{FakeOptions, Fault, RequestRecord, RetryAfter, StoredMessage};
+use super::{FakeOptions, Fault, RequestRecord, RetryAfter, StoredMessage, StoredThread};
 
 pub(super) struct Shared {
     pub(super) state: Mutex<ServerState>,
@@ -33,7 +33,11 @@ pub(super) struct ServerState {
     pub(super) faults: VecDeque<Fault>,
     pub(super) get_all_faults: VecDeque<Fault>,
     pub(super) configuration_faults: VecDeque<Fault>,
+    pub(super) threads_add_faults: VecDeque<Fault>,
+    pub(super) threads_get_all_faults: VecDeque<Fault>,
     pub(super) stored: Vec<StoredEntry>,
+    /// Every thread known, in creation order (each with its `AccessToken`).
+    pub(super) threads: Vec<ThreadEntry>,
     pub(super) requests: Vec<(u64, RequestRecord)>,
     /// `messages/add` requests that have arrived, answered or not.
     pub(super) add_arrivals: usize,
@@ -47,6 +51,11 @@ pub(super) struct ServerState {
 
 pub(super) struct StoredEntry {
     pub(super) msg: StoredMessage,
+    pub(super) created: SystemTime,
+}
+
+pub(super) struct ThreadEntry {
+    pub(super) thread: StoredThread,
     pub(super) created: SystemTime,
 }
 
@@ -165,6 +174,44 @@ impl Shared {
         }
         admitted.push_back(now);
         Ok(())
+    }
+
+    /// Adds a thread owned by `access_token`, created now (fake clock).
+    pub(super) fn add_thread(
+        &self,
+        access_token: &str,
+        id: Uuid,
+        original_sender: &str,
+        subject: &str,
+    ) -> StoredThread {
+        let created = whole_seconds(self.now());
+        let thread = StoredThread {
+            id,
+            access_token: access_token.to_owned(),
+            original_sender: original_sender.to_owned(),
+            subject: subject.to_owned(),
+            created_utc: humantime::format_rfc3339_seconds(created).to_string(),
+        };
+        self.state().threads.push(ThreadEntry {
+            thread: thread.clone(),
+            created,
+        });
+        self.notify();
+        thread
+    }
+
+    /// The first of `threads` not created with `access_token`, if any.
+    pub(super) fn foreign_thread(
+        &self,
+        access_token: &str,
+        threads: impl IntoIterator<Item = Uuid>,
+    ) -> Option<Uuid> {
+        let st = self.state();
+        threads.into_iter().find(|id| {
+            !st.threads
+                .iter()
+                .any(|e| e.thread.id == *id && e.thread.access_token == access_token)
+        })
     }
 
     /// Stores `messages` with fresh ids and the current second as

@@ -86,6 +86,17 @@ pub(super) async fn add(
         Err(reply) => return reply,
     };
     let opts = shared.opts();
+    // Mews adds only to threads this client created, and judges the
+    // request as a whole: one foreign thread refuses every message.
+    if opts.enforce_thread_ownership
+        && let Some(foreign) =
+            shared.foreign_thread(&env.access_token, messages.iter().map(|m| m.thread))
+    {
+        return Reply::error(
+            StatusCode::FORBIDDEN,
+            format!("Message thread {foreign} was not created by this client"),
+        );
+    }
     if let Some(poison) = &opts.poison
         && let Some(bad) = messages.iter().find(|m| poison(&m.text))
     {

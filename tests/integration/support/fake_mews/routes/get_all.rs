@@ -48,13 +48,19 @@ fn parse_timestamp(s: &str) -> Option<SystemTime> {
 /// `CreatedUtc` filter of `messages/getAll`, following Mews'
 /// `TimeFilterInterval` rules: `Start == End` means equality, otherwise
 /// `Start <= CreatedUtc < End`; either bound may be absent.
-struct TimeFilter {
+pub(super) struct TimeFilter {
     start: Option<SystemTime>,
     end: Option<SystemTime>,
 }
 
 impl TimeFilter {
-    fn parse(value: Option<&Value>) -> Result<Option<TimeFilter>, Reply> {
+    /// Parses the filter; an interval longer than `max` (`max_text` in the
+    /// error) is refused.
+    pub(super) fn parse(
+        value: Option<&Value>,
+        max: Duration,
+        max_text: &str,
+    ) -> Result<Option<TimeFilter>, Reply> {
         let map = match value {
             None | Some(Value::Null) => return Ok(None),
             Some(Value::Object(map)) => map,
@@ -75,10 +81,10 @@ impl TimeFilter {
                         "Invalid CreatedUtc: EndUtc is before StartUtc",
                     ));
                 }
-                Ok(d) if d > MAX_GET_ALL_INTERVAL => {
-                    return Err(Reply::bad_request(
-                        "Invalid CreatedUtc: the interval is longer than one month",
-                    ));
+                Ok(d) if d > max => {
+                    return Err(Reply::bad_request(format!(
+                        "Invalid CreatedUtc: the interval is longer than {max_text}"
+                    )));
                 }
                 Ok(_) => {}
             }
@@ -86,7 +92,7 @@ impl TimeFilter {
         Ok(Some(TimeFilter { start, end }))
     }
 
-    fn matches(&self, t: SystemTime) -> bool {
+    pub(super) fn matches(&self, t: SystemTime) -> bool {
         match (self.start, self.end) {
             (Some(s), Some(e)) if s == e => t == s,
             (s, e) => s.is_none_or(|s| t >= s) && e.is_none_or(|e| t < e),
@@ -117,10 +123,11 @@ pub(super) async fn get_all(
         }
         _ => return Reply::bad_request("Invalid MessageThreadIds"),
     };
-    let filter = match TimeFilter::parse(env.map.get("CreatedUtc")) {
-        Ok(filter) => filter,
-        Err(reply) => return reply,
-    };
+    let filter =
+        match TimeFilter::parse(env.map.get("CreatedUtc"), MAX_GET_ALL_INTERVAL, "one month") {
+            Ok(filter) => filter,
+            Err(reply) => return reply,
+        };
     let Some(Value::Object(limitation)) = env.map.get("Limitation") else {
         return Reply::bad_request("Invalid Limitation");
     };

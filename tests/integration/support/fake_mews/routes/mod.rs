@@ -5,6 +5,7 @@
 mod add;
 mod configuration;
 mod get_all;
+mod threads;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -14,7 +15,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::connect_info::ConnectInfo;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
@@ -25,6 +26,7 @@ use super::reply::{Reply, status_or_500};
 use super::state::Shared;
 use super::{
     ADD_PATH, CONFIGURATION_PATH, Fault, GET_ALL_PATH, RequestRecord, RetryAfter, StoredMessage,
+    THREADS_ADD_PATH, THREADS_GET_ALL_PATH,
 };
 
 /// The single entry point: hands the request to a task of its own, so that
@@ -35,10 +37,13 @@ pub(super) async fn handle(
     ConnectInfo(conn): ConnectInfo<ConnHandle>,
     method: Method,
     uri: Uri,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let arrived = Instant::now();
-    let task = tokio::spawn(handle_detached(shared, conn, method, uri, body, arrived));
+    let task = tokio::spawn(handle_detached(
+        shared, conn, method, uri, headers, body, arrived,
+    ));
     match task.await {
         Ok(response) => response,
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
@@ -51,6 +56,7 @@ async fn handle_detached(
     conn: ConnHandle,
     method: Method,
     uri: Uri,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
     arrived: Instant,
 ) -> Response {
@@ -82,6 +88,7 @@ async fn handle_detached(
         stored_ids: Vec::new(),
         retry_after: None,
         early: false,
+        headers,
     };
     let mut stored = Vec::new();
     if let Some(Value::Object(map)) = &json {
@@ -107,7 +114,14 @@ async fn handle_detached(
         }
     }
 
-    let known = [ADD_PATH, GET_ALL_PATH, CONFIGURATION_PATH].contains(&path.as_str());
+    let known = [
+        ADD_PATH,
+        GET_ALL_PATH,
+        CONFIGURATION_PATH,
+        THREADS_ADD_PATH,
+        THREADS_GET_ALL_PATH,
+    ]
+    .contains(&path.as_str());
     let token = record.access_token.clone();
     if !token.is_empty() {
         record.early = shared
@@ -162,6 +176,10 @@ async fn handle_detached(
         .await
     } else if path == GET_ALL_PATH {
         get_all::get_all(&shared, &conn, json.as_ref(), &mut record).await
+    } else if path == THREADS_ADD_PATH {
+        threads::add(&shared, &conn, json.as_ref(), &mut record).await
+    } else if path == THREADS_GET_ALL_PATH {
+        threads::get_all(&shared, &conn, json.as_ref(), &mut record).await
     } else {
         configuration::configuration(&shared, &conn, json.as_ref(), &mut record).await
     };
@@ -203,12 +221,14 @@ async fn handle_detached(
     reply.into_response(&request_id, shared.now())
 }
 
-/// The three routes, each with its own queue of scripted faults.
+/// The routes, each with its own queue of scripted faults.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Route {
     Add,
     GetAll,
     Configuration,
+    ThreadsAdd,
+    ThreadsGetAll,
 }
 
 impl Route {
@@ -219,6 +239,8 @@ impl Route {
             Route::Add => &mut st.faults,
             Route::GetAll => &mut st.get_all_faults,
             Route::Configuration => &mut st.configuration_faults,
+            Route::ThreadsAdd => &mut st.threads_add_faults,
+            Route::ThreadsGetAll => &mut st.threads_get_all_faults,
         };
         queue.pop_front()
     }
