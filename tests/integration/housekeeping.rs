@@ -28,16 +28,35 @@ async fn store(dir: &Path) -> SqliteStore {
 /// returns their ids. (Delivery itself is tested elsewhere; here only the
 /// rows' life after it matters.)
 async fn rows_in_state(store: &SqliteStore, n: usize, status: &str, at: SystemTime) -> Vec<i64> {
-    let mut tx = store.pool().begin().await.unwrap();
+    let ids = insert_in_state(store.pool(), n, status, at, "default").await;
+    // The update rewrote every page of the burst: have them in the file (the
+    // WAL would hide them from the size measured).
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    ids
+}
+
+/// [`rows_in_state`] for rows of `account`, without the checkpoint.
+async fn insert_in_state(
+    pool: &sqlx::SqlitePool,
+    n: usize,
+    status: &str,
+    at: SystemTime,
+    account: &str,
+) -> Vec<i64> {
+    let mut tx = pool.begin().await.unwrap();
     let ids: Vec<i64> = sqlx::query_scalar(
         "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1)
-         INSERT INTO outbox (message_thread_id, text)
+         INSERT INTO outbox (message_thread_id, text, account)
          SELECT lower(hex(randomblob(4))) || '-0000-4000-8000-' || lower(hex(randomblob(6))),
-                hex(randomblob(500))
+                hex(randomblob(500)), ?2
          FROM n
          RETURNING id",
     )
     .bind(i64::try_from(n).unwrap())
+    .bind(account)
     .fetch_all(&mut *tx)
     .await
     .unwrap();
@@ -58,12 +77,6 @@ async fn rows_in_state(store: &SqliteStore, n: usize, status: &str, at: SystemTi
     .await
     .unwrap();
     tx.commit().await.unwrap();
-    // The update rewrote every page of the burst: have them in the file (the
-    // WAL would hide them from the size measured).
-    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-        .execute(store.pool())
-        .await
-        .unwrap();
     ids
 }
 
@@ -180,48 +193,17 @@ async fn under_a_steady_flow_the_file_stays_bounded_and_shrinks_after_a_burst() 
     println!("steady sizes {sizes:?} B; burst peak {peak} B, after prune {after} B");
 }
 
-/// Inserts `n` rows of the unconfigured account `elsewhere` (so no daemon
-/// claims them) and, in the same transaction, makes them `status` as of
-/// `at`; returns the first and last id.
+/// Rows of the unconfigured account `elsewhere` (no daemon claims them),
+/// made `status` as of `at` in the transaction that inserts them: their
+/// first and last id.
 async fn daemon_rows(
     pool: &sqlx::SqlitePool,
     n: usize,
     status: &str,
     at: SystemTime,
 ) -> (i64, i64) {
-    let mut tx = pool.begin().await.unwrap();
-    let ids: Vec<i64> = sqlx::query_scalar(
-        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1)
-         INSERT INTO outbox (message_thread_id, text, account)
-         SELECT lower(hex(randomblob(4))) || '-0000-4000-8000-' || lower(hex(randomblob(6))),
-                'old news', 'elsewhere'
-         FROM n
-         RETURNING id",
-    )
-    .bind(i64::try_from(n).unwrap())
-    .fetch_all(&mut *tx)
-    .await
-    .unwrap();
-    let (first, last) = (ids[0], ids[ids.len() - 1]);
-    if status != "pending" {
-        sqlx::query(
-            "UPDATE outbox SET status = ?1,
-                 delivered_at = CASE WHEN ?1 = 'delivered' THEN ?2 END,
-                 mews_message_id = CASE WHEN ?1 = 'delivered' THEN lower(hex(randomblob(16))) END,
-                 dead_at = CASE WHEN ?1 = 'dead' THEN ?2 END,
-                 last_error = CASE WHEN ?1 = 'dead' THEN 'refused' END
-             WHERE id BETWEEN ?3 AND ?4",
-        )
-        .bind(status)
-        .bind(timestamp(at))
-        .bind(first)
-        .bind(last)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    }
-    tx.commit().await.unwrap();
-    (first, last)
+    let ids = insert_in_state(pool, n, status, at, "elsewhere").await;
+    (ids[0], ids[ids.len() - 1])
 }
 
 /// Waits until no row has an id in `range`; returns when that was seen.
