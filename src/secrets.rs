@@ -20,9 +20,9 @@ pub const CLIENT_TOKEN_CREDENTIAL: &str = "mews-outbox.client_token";
 /// Prefix of each account's AccessToken credential: `mews-outbox.access_token.<account>`.
 pub const ACCESS_TOKEN_CREDENTIAL_PREFIX: &str = "mews-outbox.access_token.";
 
-/// Credential holding the PostgreSQL password (`LoadCredential=database-password:...`),
+/// Credential holding the PostgreSQL password (`LoadCredential=mews-outbox.database_password:...`),
 /// for a `database.url` without one.
-pub const DATABASE_PASSWORD_CREDENTIAL: &str = "database-password";
+pub const DATABASE_PASSWORD_CREDENTIAL: &str = "mews-outbox.database_password";
 
 /// The credential name of an account's AccessToken.
 pub fn access_token_credential(account: &str) -> String {

@@ -132,7 +132,7 @@ pub const MIN_LEASE: Duration = Duration::from_secs(3);
 #[derive(Clone)]
 pub struct PostgresSettings {
     /// The connection URL, with the password when one was given (in the URL,
-    /// `database.password_file` or the `database-password` credential).
+    /// `database.password_file` or the `mews-outbox.database_password` credential).
     /// Never shown: [`PostgresSettings::redacted_url`] is.
     pub url: SecretString,
     /// How long an account lease lasts unless renewed.

@@ -419,7 +419,10 @@ fn the_database_password_comes_from_the_url_a_file_or_a_credential_but_one_only(
     let file = dir.path().join("pw");
     write_private(&file, "PW-FILE-4\n");
     let creds = tempfile::tempdir().unwrap();
-    write_private(&creds.path().join("database-password"), "PW-CRED-5");
+    write_private(
+        &creds.path().join("mews-outbox.database_password"),
+        "PW-CRED-5",
+    );
     let creds = creds.path().to_str().unwrap();
     let url_of = |s: Settings| s.database.postgres.unwrap().url.expose_secret().to_owned();
 

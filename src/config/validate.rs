@@ -199,7 +199,7 @@ pub(super) fn validate_log(log: &LogSettings) -> Result<(), ConfigError> {
 }
 
 /// `[database]`: PostgreSQL when `url` is given (with its password from the
-/// URL, `password_file` or the `database-password` credential), else the
+/// URL, `password_file` or the `mews-outbox.database_password` credential), else the
 /// SQLite file at `path` (by default under systemd's state directory or the
 /// working directory); not both.
 pub(super) fn validate_database(
