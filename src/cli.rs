@@ -7,10 +7,12 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Settings, Sources};
+use crate::config::{DatabaseTarget, Settings, Sources};
 use crate::dead::DeadReport;
 use crate::status::StatusReport;
+use crate::store::postgres::{PgOptions, PgStore};
 use crate::store::{Enqueued, NewMessage, OperatorStore, Requeue, SqliteStore};
+use secrecy::ExposeSecret;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -212,20 +214,39 @@ pub async fn execute(command: Command, settings: Settings, sources: Sources) -> 
     Ok(())
 }
 
-/// `run`: opens the store for the daemon, then runs the daemon on it. The
-/// daemon is generic over its store: another kind of store (PostgreSQL,
-/// once the configuration can name it) is one more arm here, opening its
-/// store and calling the same [`crate::daemon::run`].
+/// `run`: opens the store the configuration names (the SQLite file, locked
+/// for this daemon; or the shared PostgreSQL outbox), then runs the same
+/// [`crate::daemon::run`] on it.
 async fn run_daemon(
     settings: Settings,
     sources: Sources,
     shutdown: CancellationToken,
     reloads: tokio::sync::mpsc::Receiver<()>,
 ) -> anyhow::Result<()> {
-    let store =
-        SqliteStore::open_for_daemon(&settings.database.path, settings.database.busy_timeout)
-            .await?;
-    crate::daemon::run(store, settings, sources, shutdown, reloads).await?;
+    match settings.database.target() {
+        DatabaseTarget::Sqlite { path, busy_timeout } => {
+            let store = SqliteStore::open_for_daemon(path, busy_timeout).await?;
+            crate::daemon::run(store, settings, sources, shutdown, reloads).await?;
+        }
+        DatabaseTarget::Postgres(postgres) => {
+            let options = PgOptions {
+                lease: postgres.lease,
+                settle: settings.mews.request_timeout,
+                connect_timeout: postgres.connect_timeout,
+            };
+            // The error names the URL with its password redacted (the store's
+            // errors never carry it); systemd restarts the daemon.
+            let store = PgStore::connect(postgres.url.expose_secret(), options)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot open the PostgreSQL outbox {}",
+                        postgres.redacted_url()
+                    )
+                })?;
+            crate::daemon::run(store, settings, sources, shutdown, reloads).await?;
+        }
+    }
     Ok(())
 }
 
