@@ -76,16 +76,22 @@ breaker_failures = 5
                 access_token(account)
             );
         }
-        std::fs::write(&config, text).expect("write config");
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600))
-            .expect("chmod config");
-        Fleet { dir, config }
+        let fleet = Fleet { dir, config };
+        fleet.rewrite(&text);
+        fleet
     }
 
     fn start(&self) -> Daemon {
-        let _ = self.dir.path();
         Daemon::start(&self.config, &["run"])
+    }
+
+    /// Replaces the configuration (kept private: it holds tokens).
+    fn rewrite(&self, text: &str) {
+        std::fs::write(&self.config, text).expect("write config");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&self.config, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod config");
+        let _ = self.dir.path();
     }
 }
 
@@ -336,7 +342,8 @@ async fn a_daemon_frozen_past_its_lease_is_refused_when_it_wakes_and_nothing_is_
     assert_delivered_once(&pool, &fake, &rows).await;
     // Its request in flight came back; the outcome was refused once, not
     // retried: another daemon owns those rows.
-    a.wait_for_log("this daemon no longer owns the account").await;
+    a.wait_for_log("this daemon no longer owns the account")
+        .await;
     assert_eq!(
         a.count_log("cannot record delivery outcomes; retrying"),
         0,
@@ -348,4 +355,35 @@ async fn a_daemon_frozen_past_its_lease_is_refused_when_it_wakes_and_nothing_is_
     stop(&mut a).await;
     stop(&mut b).await;
     assert_delivered_once(&pool, &fake, &rows).await;
+}
+
+#[tokio::test]
+async fn a_daemon_that_cannot_reach_postgresql_exits_non_zero_with_one_line_and_no_password() {
+    let fake = FakeMews::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Nothing listens on the socket folder's port 1.
+    let db = TestDb {
+        url: format!(
+            "postgres://outbox:PG-SECRET-77@localhost:1/outbox?host={}",
+            dir.path().display()
+        ),
+        name: "outbox".into(),
+    };
+    let fleet = Fleet::new(&fake, &db, "3s", "off", 10);
+    let config = std::fs::read_to_string(&fleet.config).expect("config");
+    fleet.rewrite(&config.replace("lease = \"3s\"", "lease = \"3s\"\nconnect_timeout = \"2s\""));
+    let mut daemon = fleet.start();
+    let status = daemon.wait_exit(Duration::from_secs(30)).await;
+    let log = daemon.log();
+    assert!(!status.success(), "{log}");
+    assert!(!log.contains("PG-SECRET-77"), "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("cannot open the PostgreSQL outbox"))
+        .unwrap_or_else(|| panic!("no line naming the database:\n{log}"));
+    assert!(
+        line.contains("postgres://outbox:***@localhost:1/outbox"),
+        "{line}"
+    );
+    assert_eq!(daemon.count_log("ready: delivering"), 0);
 }
