@@ -7,6 +7,12 @@
 //! new configuration first (a bad one is refused and the running one kept),
 //! then lets the old generation finish its requests in flight, and starts a
 //! new one: no request is cut off and no row is left `sending`.
+//!
+//! On a shared store (PostgreSQL) accounts are leased: every
+//! `renew_every` an ownership round ([`Generation::own`]) renews them,
+//! stops the loops of those another daemon took over, and takes a share of
+//! the free ones. A loop whose write is refused for a lost lease stops
+//! itself. SQLite takes every account at start and never runs a round.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

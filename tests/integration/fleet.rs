@@ -387,3 +387,72 @@ async fn a_daemon_that_cannot_reach_postgresql_exits_non_zero_with_one_line_and_
     );
     assert_eq!(daemon.count_log("ready: delivering"), 0);
 }
+
+impl Fleet {
+    /// Runs a CLI command to completion: (success, stdout, stderr).
+    async fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = crate::support::daemon::mews_outbox_command()
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .await
+            .expect("run mews-outbox");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+#[tokio::test]
+async fn the_commands_use_the_postgresql_outbox_when_database_url_is_set() {
+    let db = database().await;
+    let fake = FakeMews::start().await;
+    let fleet = Fleet::new(&fake, &db, "3s", "off", 10);
+    let (ok, stdout, stderr) = fleet.cli(&["migrate"]).await;
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.starts_with("migrations applied to postgres://"),
+        "{stdout}"
+    );
+    let thread = fleet_threads(&fake, 1).remove(0);
+    let (ok, stdout, stderr) = fleet
+        .cli(&[
+            "enqueue",
+            "--thread",
+            &thread,
+            "--text",
+            "hi",
+            "--account",
+            "acc1",
+        ])
+        .await;
+    assert!(ok, "{stderr}");
+    let id: i64 = stdout.trim().parse().expect("a row id");
+    let (ok, stdout, stderr) = fleet.cli(&["status", "--json"]).await;
+    assert!(ok, "{stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    assert!(stdout.contains("acc1"), "{status:#}");
+    let pool = PgPool::connect(&db.url).await.expect("pool");
+    sqlx::query(
+        "UPDATE outbox SET status = 'dead', dead_at = now(), last_error = 'x' WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&pool)
+    .await
+    .expect("kill the row");
+    let (ok, stdout, stderr) = fleet.cli(&["dead", "list", "--json"]).await;
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains(&thread), "{stdout}");
+    let (ok, stdout, stderr) = fleet
+        .cli(&["dead", "requeue", "--id", &id.to_string()])
+        .await;
+    assert!(ok, "{stderr}");
+    assert!(stdout.starts_with("requeued 1 dead rows"), "{stdout}");
+    let mut daemon = fleet.start();
+    fake.wait_for_accepted(1, DRAIN).await;
+    wait_delivered(&pool, 1, DRAIN).await;
+    stop(&mut daemon).await;
+}
