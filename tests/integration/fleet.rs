@@ -456,3 +456,42 @@ async fn the_commands_use_the_postgresql_outbox_when_database_url_is_set() {
     wait_delivered(&pool, 1, DRAIN).await;
     stop(&mut daemon).await;
 }
+
+#[tokio::test]
+async fn a_reload_on_postgresql_restarts_the_loops_takes_a_new_account_and_keeps_the_lease() {
+    let db = database().await;
+    let fake = FakeMews::start().await;
+    let fleet = Fleet::new(&fake, &db, "3s", "off", 10);
+    let pool = producer(&db).await;
+    let mut daemon = fleet.start();
+    daemon.wait_for_log_count(TAKEN, ACCOUNTS.len()).await;
+
+    let config = std::fs::read_to_string(&fleet.config).expect("config");
+    fleet.rewrite(
+        &(config.replace("lease = \"3s\"", "lease = \"6s\"")
+            + "\n[accounts.acc4]\naccess_token = \"test-access-token-acc4\"\n"),
+    );
+    daemon.signal("HUP");
+    daemon.wait_for_log("configuration reloaded").await;
+    let warned = daemon
+        .wait_for_log("take effect only at the next restart")
+        .await;
+    assert!(warned.contains("database.lease"), "{warned}");
+    assert!(!warned.contains("database.url"), "{warned}");
+    // The new account is taken at a round after the reload (or at it).
+    daemon.wait_for_log_count(TAKEN, ACCOUNTS.len() + 1).await;
+
+    let thread = fleet_threads(&fake, 1).remove(0);
+    sqlx::query("INSERT INTO outbox (message_thread_id, text, account) VALUES ($1, 'new', 'acc4')")
+        .bind(&thread)
+        .execute(&pool)
+        .await
+        .expect("insert");
+    let rows = insert(&pool, 40, &fleet_threads(&fake, 8)).await;
+    fake.wait_for_accepted(rows.len() + 1, DRAIN).await;
+    wait_delivered(&pool, rows.len() as i64 + 1, DRAIN).await;
+    let held = owners(&pool).await;
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held.values().next().map(Vec::len), Some(5), "{held:?}");
+    stop(&mut daemon).await;
+}
