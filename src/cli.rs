@@ -7,10 +7,12 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Settings, Sources};
+use crate::config::{DatabaseTarget, PostgresSettings, Settings, Sources};
 use crate::dead::DeadReport;
 use crate::status::StatusReport;
-use crate::store::{Enqueued, NewMessage, OperatorStore, Requeue, SqliteStore};
+use crate::store::postgres::{PgOptions, PgStore};
+use crate::store::{DaemonStore, Enqueued, NewMessage, OperatorStore, Requeue, SqliteStore};
+use secrecy::ExposeSecret;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -157,37 +159,39 @@ pub async fn execute(command: Command, settings: Settings, sources: Sources) -> 
                         .join(", ")
                 );
             }
-            let store = open(&settings).await?;
             let message = NewMessage {
                 message_thread_id: thread.hyphenated().to_string(),
                 text,
                 identifier,
                 account,
             };
-            match store.enqueue(&message).await? {
-                Enqueued::Inserted(id) => out(&id.to_string())?,
-                Enqueued::AlreadyThere(id) => {
-                    eprintln!("a row with this identifier exists already; nothing inserted");
-                    out(&id.to_string())?;
-                }
+            match open_postgres(&settings).await? {
+                Some(store) => enqueue(&store, &message).await?,
+                None => enqueue(&open(&settings).await?, &message).await?,
             }
         }
-        Command::Status { json } => {
-            let store = open_read_only(&settings).await?;
-            let now = SystemTime::now();
-            let report = StatusReport::read(&store, now).await?;
-            if json {
-                out(&serde_json::to_string_pretty(&report)?)?;
-            } else {
-                out(&report.render_text(now))?;
+        Command::Status { json } => match open_postgres(&settings).await? {
+            Some(store) => status(&store, json).await?,
+            None => status(&open_read_only(&settings).await?, json).await?,
+        },
+        Command::Dead { command } => match open_postgres(&settings).await? {
+            Some(store) => dead(&store, command).await?,
+            None => {
+                let store = match &command {
+                    DeadCommand::List { .. } => open_read_only(&settings).await?,
+                    _ => open(&settings).await?,
+                };
+                dead(&store, command).await?;
             }
-        }
-        Command::Dead { command } => dead(command, &settings).await?,
-        Command::Migrate => {
-            crate::store::sqlite::file::check_local_filesystem(&settings.database.path)?;
-            let store = create_or_open(&settings).await?;
-            out(&format!("migrations applied to {}", store.path().display()))?;
-        }
+        },
+        Command::Migrate => match open_postgres(&settings).await? {
+            Some(store) => out(&format!("migrations applied to {}", store.describe()))?,
+            None => {
+                crate::store::sqlite::file::check_local_filesystem(&settings.database.path)?;
+                let store = create_or_open(&settings).await?;
+                out(&format!("migrations applied to {}", store.path().display()))?;
+            }
+        },
         Command::CheckConfig { online } => {
             out(&format!(
                 "# configuration is valid; effective settings (tokens redacted):\n{settings}"
@@ -212,29 +216,85 @@ pub async fn execute(command: Command, settings: Settings, sources: Sources) -> 
     Ok(())
 }
 
-/// `run`: opens the store for the daemon, then runs the daemon on it. The
-/// daemon is generic over its store: another kind of store (PostgreSQL,
-/// once the configuration can name it) is one more arm here, opening its
-/// store and calling the same [`crate::daemon::run`].
+/// `run`: opens the store the configuration names (the SQLite file, locked
+/// for this daemon; or the shared PostgreSQL outbox), then runs the same
+/// [`crate::daemon::run`] on it.
 async fn run_daemon(
     settings: Settings,
     sources: Sources,
     shutdown: CancellationToken,
     reloads: tokio::sync::mpsc::Receiver<()>,
 ) -> anyhow::Result<()> {
-    let store =
-        SqliteStore::open_for_daemon(&settings.database.path, settings.database.busy_timeout)
-            .await?;
-    crate::daemon::run(store, settings, sources, shutdown, reloads).await?;
+    match settings.database.target() {
+        DatabaseTarget::Sqlite { path, busy_timeout } => {
+            let store = SqliteStore::open_for_daemon(path, busy_timeout).await?;
+            crate::daemon::run(store, settings, sources, shutdown, reloads).await?;
+        }
+        DatabaseTarget::Postgres(postgres) => {
+            let store = connect_postgres(postgres, &settings).await?;
+            crate::daemon::run(store, settings, sources, shutdown, reloads).await?;
+        }
+    }
     Ok(())
 }
 
-async fn dead(command: DeadCommand, settings: &Settings) -> anyhow::Result<()> {
+/// Connects to (and migrates) the PostgreSQL outbox. The error names the
+/// URL with its password redacted (the store's errors never carry it).
+async fn connect_postgres(
+    postgres: &PostgresSettings,
+    settings: &Settings,
+) -> anyhow::Result<PgStore> {
+    let options = PgOptions {
+        lease: postgres.lease,
+        settle: settings.mews.request_timeout,
+        connect_timeout: postgres.connect_timeout,
+    };
+    PgStore::connect(postgres.url.expose_secret(), options)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot open the PostgreSQL outbox {}",
+                postgres.redacted_url()
+            )
+        })
+}
+
+/// The PostgreSQL outbox when `database.url` is set (connected and
+/// migrated, for every command alike), else `None`: the SQLite file.
+async fn open_postgres(settings: &Settings) -> anyhow::Result<Option<PgStore>> {
+    match settings.database.target() {
+        DatabaseTarget::Postgres(postgres) => Ok(Some(connect_postgres(postgres, settings).await?)),
+        DatabaseTarget::Sqlite { .. } => Ok(None),
+    }
+}
+
+async fn enqueue<S: OperatorStore>(store: &S, message: &NewMessage) -> anyhow::Result<()> {
+    match store.enqueue(message).await? {
+        Enqueued::Inserted(id) => out(&id.to_string())?,
+        Enqueued::AlreadyThere(id) => {
+            eprintln!("a row with this identifier exists already; nothing inserted");
+            out(&id.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+async fn status<S: OperatorStore>(store: &S, json: bool) -> anyhow::Result<()> {
+    let now = SystemTime::now();
+    let report = StatusReport::read(store, now).await?;
+    if json {
+        out(&serde_json::to_string_pretty(&report)?)?;
+    } else {
+        out(&report.render_text(now))?;
+    }
+    Ok(())
+}
+
+async fn dead<S: OperatorStore>(store: &S, command: DeadCommand) -> anyhow::Result<()> {
     let now = SystemTime::now();
     match command {
         DeadCommand::List { account, json } => {
-            let store = open_read_only(settings).await?;
-            let report = DeadReport::read(&store, account.as_deref(), now).await?;
+            let report = DeadReport::read(store, account.as_deref(), now).await?;
             if json {
                 out(&serde_json::to_string_pretty(&report)?)?;
             } else {
@@ -242,7 +302,6 @@ async fn dead(command: DeadCommand, settings: &Settings) -> anyhow::Result<()> {
             }
         }
         DeadCommand::Requeue { ids, all, account } => {
-            let store = open(settings).await?;
             let which = if all { Requeue::All } else { Requeue::Ids(ids) };
             let requeued = store.requeue_dead(&which, account.as_deref(), now).await?;
             if requeued.is_empty() {
@@ -268,7 +327,6 @@ async fn dead(command: DeadCommand, settings: &Settings) -> anyhow::Result<()> {
             older_than,
             account,
         } => {
-            let store = open(settings).await?;
             let cutoff = now
                 .checked_sub(older_than)
                 .unwrap_or(SystemTime::UNIX_EPOCH);

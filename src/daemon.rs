@@ -7,8 +7,14 @@
 //! new configuration first (a bad one is refused and the running one kept),
 //! then lets the old generation finish its requests in flight, and starts a
 //! new one: no request is cut off and no row is left `sending`.
+//!
+//! On a shared store (PostgreSQL) accounts are leased: every
+//! `renew_every` an ownership round ([`Generation::own`]) renews them,
+//! stops the loops of those another daemon took over, and takes a share of
+//! the free ones. A loop whose write is refused for a lost lease stops
+//! itself. SQLite takes every account at start and never runs a round.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -58,13 +64,12 @@ pub async fn run<S: DaemonStore + Upkeep>(
     let notifier = Notifier::from_env();
     // The previous run may have died during a request that Mews is still
     // storing: those rows settle as after a timeout (from the request's start).
-    let mut recovered = store
+    let recovered = store
         .recover_abandoned(settings.mews.request_timeout, SystemTime::now())
         .await?;
     let client = MewsClient::new(&settings.mews)?;
     // The accounts this daemon delivers for (SQLite: every configured one).
     let mut held = BTreeSet::new();
-    recovered += acquire(&store, &settings, &mut held).await?;
     log_start(&store, &settings, recovered);
 
     let liveness = Liveness::default();
@@ -85,6 +90,7 @@ pub async fn run<S: DaemonStore + Upkeep>(
     tracing::info!(accounts = settings.accounts.len(), "ready: delivering");
 
     let mut beats = heartbeat_interval(&settings);
+    let mut ownership = ownership_interval(&settings);
     let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut file_check = tokio::time::interval(FILE_CHECK_INTERVAL);
@@ -110,6 +116,9 @@ pub async fn run<S: DaemonStore + Upkeep>(
                     reload(&store, settings, &sources, generation, &liveness, &mut held).await?;
                 beats = heartbeat_interval(&settings);
                 notify_ready(&notifier, &store, &liveness).await;
+            }
+            _ = tick(&mut ownership) => {
+                generation.own(&store, &settings, &mut held).await;
             }
             _ = tick(&mut beats) => {
                 if let Err(e) = heartbeat.beat(&store, settings.alert.max_pending_age, SystemTime::now()).await {
@@ -148,55 +157,63 @@ pub async fn run<S: DaemonStore + Upkeep>(
 }
 
 /// The loops running for one configuration.
-struct Generation {
+struct Generation<S> {
     /// Cancelled to stop these loops: each finishes its request in flight.
     stop: CancellationToken,
-    /// The account loops, the change watcher's users and housekeeping.
+    /// The change watcher's users and housekeeping.
     tasks: JoinSet<()>,
+    /// One delivery loop per account this daemon holds, each with its own
+    /// token (a child of `stop`): a lost account's loop stops alone.
+    workers: BTreeMap<String, Worker>,
+    /// What a new account loop is started with.
+    context: WorkerContext<S>,
+    liveness: Liveness,
 }
 
-/// Takes the configured accounts not held yet into `held`; returns the rows
-/// their previous owner left `sending` (PostgreSQL; SQLite: 0).
-async fn acquire<S: DaemonStore>(
-    store: &S,
-    settings: &Settings,
-    held: &mut BTreeSet<String>,
-) -> Result<u64, StoreError> {
-    let configured: Vec<&str> = settings.accounts.keys().map(String::as_str).collect();
-    let mut recovered = 0;
-    for acquired in store
-        .acquire_accounts(&configured, configured.len())
-        .await?
-    {
-        recovered += acquired.recovered;
-        held.insert(acquired.account);
+/// One account's delivery loop.
+struct Worker {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How many accounts one ownership round may take. SQLite: all (the file
+/// lock made this daemon the only one). PostgreSQL: half the configured
+/// accounts (at least one), so that daemons starting together share them;
+/// the rest are taken at the next rounds if nobody else took them (see
+/// docs/postgres.md, "Which daemon takes which account").
+fn accounts_per_round(settings: &Settings) -> usize {
+    let configured = settings.accounts.len();
+    if settings.database.postgres.is_some() {
+        (configured / 2).max(1)
+    } else {
+        configured
     }
-    Ok(recovered)
 }
 
-impl Generation {
-    /// Starts one loop per configured account this daemon holds (taking the
-    /// configured accounts not held yet first), and housekeeping.
-    async fn start<S: DaemonStore + Upkeep>(
+/// How often the daemon renews its accounts and takes free ones: a third of
+/// the PostgreSQL lease; never on SQLite (it cannot lose an account).
+fn ownership_interval(settings: &Settings) -> Option<tokio::time::Interval> {
+    let every = settings.database.postgres.as_ref()?.renew_every();
+    let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    Some(interval)
+}
+
+impl<S: DaemonStore + Upkeep> Generation<S> {
+    /// Starts housekeeping, then takes accounts and starts their loops
+    /// ([`Generation::own`]).
+    async fn start(
         store: &S,
         settings: &Settings,
         client: MewsClient,
         liveness: &Liveness,
         held: &mut BTreeSet<String>,
-    ) -> Result<Generation, DaemonError> {
-        let recovered = acquire(store, settings, held).await?;
-        if recovered > 0 {
-            tracing::warn!(
-                rows = recovered,
-                "rows left `sending` by the accounts' previous owner are pending again; they are read back before being sent again"
-            );
-        }
+    ) -> Result<Generation<S>, DaemonError> {
         let stop = CancellationToken::new();
         let changes = store
             .watch_changes(settings.delivery.poll_interval, stop.clone())
             .await?;
         let requests = Arc::new(Semaphore::new(settings.delivery.max_concurrent_requests));
-        let pauses = store.pauses().await?;
         let mut tasks = JoinSet::new();
         let context = WorkerContext {
             store: store.clone(),
@@ -207,20 +224,6 @@ impl Generation {
             changes,
             shutdown: stop.clone(),
         };
-        for (name, account) in settings
-            .accounts
-            .iter()
-            .filter(|(name, _)| held.contains(*name))
-        {
-            let worker = AccountWorker::new(
-                context.clone(),
-                name.clone(),
-                account,
-                pauses.iter().find(|p| &p.account == name).cloned(),
-            )
-            .with_pulse(liveness.register(format!("account {name}")));
-            tasks.spawn(worker.run());
-        }
         tasks.spawn(crate::housekeeping::run(
             store.clone(),
             store.describe(),
@@ -229,19 +232,130 @@ impl Generation {
             liveness.register("housekeeping"),
             stop.clone(),
         ));
-        Ok(Generation { stop, tasks })
+        let mut generation = Generation {
+            stop,
+            tasks,
+            workers: BTreeMap::new(),
+            context,
+            liveness: liveness.clone(),
+        };
+        generation.take_accounts(store, settings, held).await?;
+        Ok(generation)
+    }
+
+    /// One ownership round: renews the accounts held and stops the loops
+    /// of those lost, then takes free configured accounts and starts their
+    /// loops. A store error is logged; the next round tries again.
+    async fn own(&mut self, store: &S, settings: &Settings, held: &mut BTreeSet<String>) {
+        match store.renew_accounts().await {
+            Ok(lost) => {
+                for account in lost {
+                    tracing::warn!(
+                        account = %account,
+                        "lost the lease on this account: another daemon owns it now (this one did not renew it within database.lease); its delivery loop stops after its request in flight, whose outcome is refused"
+                    );
+                    held.remove(&account);
+                    if let Some(worker) = self.workers.get(&account) {
+                        worker.stop.cancel();
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot renew the accounts' leases; trying again at the next round");
+                return;
+            }
+        }
+        if let Err(e) = self.take_accounts(store, settings, held).await {
+            tracing::warn!(error = %e, "cannot take free accounts; trying again at the next round");
+        }
+    }
+
+    /// Takes configured accounts nobody holds (a share of them:
+    /// [`accounts_per_round`]) into `held` and starts a loop for each held
+    /// account that has none (newly taken, or whose loop ended).
+    async fn take_accounts(
+        &mut self,
+        store: &S,
+        settings: &Settings,
+        held: &mut BTreeSet<String>,
+    ) -> Result<(), StoreError> {
+        // A loop that ended (its lease was lost, or it stopped for a lost
+        // account) is gone; a lost account's loop still finishing keeps the
+        // account from being taken again until it is done.
+        self.workers.retain(|_, worker| !worker.task.is_finished());
+        let free: Vec<&str> = settings
+            .accounts
+            .keys()
+            .filter(|a| !held.contains(*a) && !self.workers.contains_key(*a))
+            .map(String::as_str)
+            .collect();
+        let mut recovered = 0;
+        for acquired in store
+            .acquire_accounts(&free, accounts_per_round(settings))
+            .await?
+        {
+            recovered += acquired.recovered;
+            tracing::info!(account = %acquired.account, "delivering for this account");
+            held.insert(acquired.account);
+        }
+        if recovered > 0 {
+            tracing::warn!(
+                rows = recovered,
+                "rows left `sending` by the accounts' previous owner are pending again; they are read back before being sent again"
+            );
+        }
+        let to_start: Vec<&String> = settings
+            .accounts
+            .keys()
+            .filter(|a| held.contains(*a) && !self.workers.contains_key(*a))
+            .collect();
+        if to_start.is_empty() {
+            return Ok(());
+        }
+        // Read after the acquisition: the previous owner's pause holds here.
+        let pauses = store.pauses().await?;
+        for name in to_start {
+            let Some(account) = settings.accounts.get(name) else {
+                continue;
+            };
+            let stop = self.stop.child_token();
+            let context = WorkerContext {
+                shutdown: stop.clone(),
+                ..self.context.clone()
+            };
+            let worker = AccountWorker::new(
+                context,
+                name.clone(),
+                account,
+                pauses.iter().find(|p| &p.account == name).cloned(),
+            )
+            .with_pulse(self.liveness.register(format!("account {name}")));
+            let task = tokio::spawn(worker.run());
+            self.workers.insert(name.clone(), Worker { stop, task });
+        }
+        Ok(())
     }
 
     /// Stops the loops after their requests in flight, waiting at most
     /// `drain_timeout`; then aborts what is left. True when all finished.
     async fn stop(mut self, drain_timeout: Duration) -> bool {
         self.stop.cancel();
+        let mut workers = std::mem::take(&mut self.workers);
         let drained = tokio::time::timeout(drain_timeout, async {
+            for worker in workers.values_mut() {
+                let _ = (&mut worker.task).await;
+            }
             while self.tasks.join_next().await.is_some() {}
         })
         .await
         .is_ok();
         if !drained {
+            for worker in workers.values() {
+                worker.task.abort();
+            }
+            for worker in workers.into_values() {
+                let _ = worker.task.await;
+            }
             self.tasks.abort_all();
             while self.tasks.join_next().await.is_some() {}
         }
@@ -256,10 +370,10 @@ async fn reload<S: DaemonStore + Upkeep>(
     store: &S,
     current: Settings,
     sources: &Sources,
-    generation: Generation,
+    generation: Generation<S>,
     liveness: &Liveness,
     held: &mut BTreeSet<String>,
-) -> Result<(Settings, Generation), DaemonError> {
+) -> Result<(Settings, Generation<S>), DaemonError> {
     let prepared = Settings::load(sources)
         .map_err(ReloadError::Config)
         .and_then(|new| {
@@ -330,6 +444,19 @@ fn warn_restart_needed(current: &Settings, new: &Settings) {
     }
     if new.database.busy_timeout != current.database.busy_timeout {
         ignored.push("database.busy_timeout");
+    }
+    let (old_pg, new_pg) = (&current.database.postgres, &new.database.postgres);
+    // The URL is compared whole (password included) but never printed.
+    if old_pg.as_ref().map(|p| p.url.expose_secret())
+        != new_pg.as_ref().map(|p| p.url.expose_secret())
+    {
+        ignored.push("database.url");
+    }
+    if old_pg.as_ref().map(|p| p.lease) != new_pg.as_ref().map(|p| p.lease) {
+        ignored.push("database.lease");
+    }
+    if old_pg.as_ref().map(|p| p.connect_timeout) != new_pg.as_ref().map(|p| p.connect_timeout) {
+        ignored.push("database.connect_timeout");
     }
     if new.log.format != current.log.format {
         ignored.push("log.format");

@@ -2,9 +2,9 @@
 //! [`Outbox`] (the delivery loop), [`DaemonStore`] (the daemon: accounts,
 //! recovery, waking, the queue's summary), [`Upkeep`] (housekeeping) and
 //! [`OperatorStore`] (the operator's commands). [`sqlite::SqliteStore`]
-//! implements them all; the PostgreSQL store ([`postgres`]: several
-//! daemons claiming with `FOR UPDATE SKIP LOCKED`, leases instead of
-//! start-up recovery) implements [`Outbox`] so far.
+//! implements them all, and so does the PostgreSQL store ([`postgres`]:
+//! several daemons over one database, account leases with fencing tokens
+//! instead of a file lock and start-up recovery).
 
 #[cfg(test)]
 pub mod memory;

@@ -137,6 +137,9 @@ pub struct AccountWorker<S: Outbox> {
     clock: Option<(ClockOffset, std::time::Instant)>,
     /// The latest start stamp committed ([`Outbox::request_starting`]).
     started_by: Option<SystemTime>,
+    /// Set once a write was refused with [`StoreError::LeaseLost`]: another
+    /// daemon owns the account now, this loop stops (logged once).
+    lease_lost: std::sync::atomic::AtomicBool,
 }
 
 impl<S: Outbox> AccountWorker<S> {
@@ -181,7 +184,31 @@ impl<S: Outbox> AccountWorker<S> {
             envelope_bytes,
             clock: None,
             started_by: None,
+            lease_lost: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether `e` says another daemon owns the account now. The first time,
+    /// logs it and stops this loop (its `shutdown` is this account's own
+    /// token): it finishes what it is doing without retrying, since every
+    /// later write for the account is refused anyway. The daemon's next
+    /// renewal forgets the account.
+    fn lost_lease(&self, e: &StoreError) -> bool {
+        if !matches!(e, StoreError::LeaseLost { .. }) {
+            return false;
+        }
+        if !self
+            .lease_lost
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                account = %self.account,
+                error = %e,
+                "this daemon no longer owns the account: its delivery loop stops; the rows it had claimed are the new owner's, read back from Mews before any resend"
+            );
+            self.shutdown.cancel();
+        }
+        true
     }
 
     /// Reports liveness to the watchdog through `pulse`.
@@ -273,6 +300,7 @@ impl<S: Outbox> AccountWorker<S> {
             .await
         {
             Ok(rows) => rows,
+            Err(e) if self.lost_lease(&e) => return Step::Stopping,
             Err(e) => {
                 self.store_failed("claim rows", &e);
                 return Step::StoreFailed;
@@ -281,6 +309,7 @@ impl<S: Outbox> AccountWorker<S> {
         if rows.is_empty() {
             return match self.store.next_due(&self.account, now).await {
                 Ok(next_due) => Step::Idle { next_due },
+                Err(e) if self.lost_lease(&e) => Step::Stopping,
                 Err(e) => {
                     self.store_failed("find the next due row", &e);
                     Step::StoreFailed
@@ -528,6 +557,7 @@ impl<S: Outbox> AccountWorker<S> {
                 account = %self.account, rows, error = %dead.first().map_or("", |(_, e)| e.as_str()),
                 "held rejected messages are dead: Mews accepted a request of this account since, so the rejection was theirs; see `mews-outbox dead list`"
             ),
+            Err(e) if self.lost_lease(&e) => {}
             // They stay pending, held: sent again when due and judged then.
             Err(e) => {
                 tracing::error!(account = %self.account, rows = dead.len(), error = %e, "stopping before held rejected messages could be dead-lettered; they are sent again after restart")
@@ -573,7 +603,9 @@ impl<S: Outbox> AccountWorker<S> {
             AccountAction::Continue => {
                 if accepted && self.pause.is_some() {
                     self.pause = None;
-                    if let Err(e) = self.store.clear_pause(&self.account).await {
+                    if let Err(e) = self.store.clear_pause(&self.account).await
+                        && !self.lost_lease(&e)
+                    {
                         tracing::warn!(account = %self.account, error = %e, "cannot clear the account's remembered pause");
                     }
                 }
@@ -597,7 +629,9 @@ impl<S: Outbox> AccountWorker<S> {
             reason: format!("{}: {reason}", kind.label()),
             streak,
         };
-        if let Err(e) = self.store.save_pause(&pause).await {
+        if let Err(e) = self.store.save_pause(&pause).await
+            && !self.lost_lease(&e)
+        {
             tracing::warn!(account = %pause.account, error = %e, "cannot remember the account's pause; a restart would forget it");
         }
         let wait = humantime::format_duration(Duration::from_millis(
@@ -647,13 +681,17 @@ impl<S: Outbox> AccountWorker<S> {
                 self.store.record(outcomes, SystemTime::now())
             })
             .await;
-        if let Err(e) = result {
+        if let Err(e) = result
+            && !self.lost_lease(&e)
+        {
             tracing::error!(account = %self.account, rows = outcomes.len(), error = %e, "stopping before the outcomes could be recorded; these rows stay `sending` and are taken up after restart (read back from Mews first)");
         }
     }
 
     /// Runs a write of outcomes for `rows` rows until it succeeds, backing
-    /// off while the database fails; gives up only when shutting down.
+    /// off while the database fails; gives up when shutting down, and at
+    /// once on [`StoreError::LeaseLost`] (no retry can succeed: another
+    /// daemon owns the account).
     async fn until_stored<T, Write, Fut>(
         &self,
         rows: usize,
@@ -676,7 +714,9 @@ impl<S: Outbox> AccountWorker<S> {
                     .without_max_times(),
             )
             .sleep(tokio::time::sleep)
-            .when(|_| !self.shutdown.is_cancelled())
+            .when(|e| {
+                !self.shutdown.is_cancelled() && !matches!(e, StoreError::LeaseLost { .. })
+            })
             .notify(|e, wait| {
                 tracing::error!(account = %self.account, rows, error = %e, retry_in = ?wait, "cannot record delivery outcomes; retrying");
             })

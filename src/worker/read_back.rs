@@ -58,6 +58,7 @@ impl<S: Outbox> AccountWorker<S> {
         let candidates = reconcile::candidates(&doubtful, &messages, &clock);
         let owned = match self.store.owned_message_ids(&candidates).await {
             Ok(owned) => owned,
+            Err(e) if self.lost_lease(&e) => return None,
             Err(e) => {
                 self.store_failed("look up which Mews messages are already ours", &e);
                 self.record(&release(&doubtful, &send)).await;
@@ -72,6 +73,10 @@ impl<S: Outbox> AccountWorker<S> {
             .collect();
         self.record(&found).await;
         if let Err(e) = self.store.clear_reconcile(&matched.absent).await {
+            if self.lost_lease(&e) {
+                // Another daemon owns these rows now: none is sent from here.
+                return None;
+            }
             // They stay marked and are read back again next time: harmless.
             tracing::warn!(account = %self.account, error = %e, "cannot clear the reconciliation mark of rows Mews does not have");
         }

@@ -61,7 +61,9 @@ impl<S: Outbox> AccountWorker<S> {
         limiter.finish(now);
         let wall = SystemTime::now();
         let ends: Vec<SystemTime> = limiter.ends().map(|end| wall - (now - end)).collect();
-        if let Err(e) = self.store.save_recent_requests(&self.account, &ends).await {
+        if let Err(e) = self.store.save_recent_requests(&self.account, &ends).await
+            && !self.lost_lease(&e)
+        {
             tracing::warn!(account = %self.account, error = %e, "cannot remember the account's recent requests; after a restart the rate limit starts afresh");
         }
     }
@@ -151,6 +153,9 @@ impl<S: Outbox> AccountWorker<S> {
         for _ in 0..4 {
             let by = SystemTime::now() + lead;
             if let Err(e) = self.store.request_starting(&self.account, by).await {
+                if self.lost_lease(&e) {
+                    return false;
+                }
                 tracing::error!(account = %self.account, error = %e, "cannot record that a request is starting, so it is not sent; its rows wait and are tried again");
                 return false;
             }

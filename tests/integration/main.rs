@@ -14,6 +14,7 @@ mod delivery;
 mod error_chains;
 mod fake_mews_selftest;
 mod faults;
+mod fleet;
 mod hostile;
 mod housekeeping;
 mod limits;

@@ -1,6 +1,8 @@
 //! The PostgreSQL outbox: several daemons, on several hosts, over one shared
-//! database, behaving as one daemon (issue 12). Not wired into the daemon
-//! yet: this is the store, tested at store level (`tests/integration/postgres_store.rs`).
+//! database, behaving as one daemon (issue 12). `mews-outbox run` uses it
+//! when `database.url` is set; tested at store level
+//! (`tests/integration/postgres_store.rs`) and with several daemon
+//! processes (`tests/integration/fleet.rs`).
 //!
 //! Accounts are leased, not rows: each account is owned by one daemon at a
 //! time ([`PgStore::acquire_accounts`]), so per-thread order, the rate limit

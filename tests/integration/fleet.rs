@@ -1,0 +1,504 @@
+//! Several `mews-outbox run` processes over one PostgreSQL outbox (issue
+//! 12): the real binary, the throwaway cluster of `support::postgres`, the
+//! fake Mews. Accounts are leased: each is delivered by one daemon at a
+//! time, a dead or frozen daemon's accounts move on after `database.lease`,
+//! and nothing is lost or sent twice.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mews_outbox::store::postgres::{PgOptions, PgStore};
+use sqlx::PgPool;
+
+use crate::support::daemon::{CLIENT_TOKEN, Daemon};
+use crate::support::fake_mews::{FakeMews, Fault, StoredMessage};
+use crate::support::postgres::{TestDb, database};
+
+const ACCOUNTS: [&str; 4] = ["acc0", "acc1", "acc2", "acc3"];
+/// Long enough for a few thousand rows on 2 shared cores.
+const DRAIN: Duration = Duration::from_secs(120);
+/// The log line of an account taken.
+const TAKEN: &str = "delivering for this account";
+
+/// `n` new thread ids, known to `fake` (which, like Mews, takes messages
+/// only into threads the token created). Every thread of these tests goes
+/// through here.
+fn fleet_threads(fake: &FakeMews, n: usize) -> Vec<String> {
+    let ids: Vec<String> = (0..n).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    // A row's account follows its thread's index (see `insert`), and a
+    // reload adds `acc4`: each thread is registered as created by every
+    // account's token, so whichever account sends it, Mews takes it.
+    for account in ACCOUNTS.iter().copied().chain(["acc4"]) {
+        fake.register_threads(&access_token(account), &ids);
+    }
+    ids
+}
+
+fn access_token(account: &str) -> String {
+    format!("test-access-token-{account}")
+}
+
+/// A directory with a configuration for the four accounts on `db`.
+struct Fleet {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl Fleet {
+    fn new(fake: &FakeMews, db: &TestDb, lease: &str, rate_limit: &str, batch: usize) -> Fleet {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("mews-outbox.toml");
+        let mut text = format!(
+            r#"[database]
+url = "{url}"
+lease = "{lease}"
+
+[mews]
+base_url = "{base_url}"
+client_token = "{CLIENT_TOKEN}"
+request_timeout = "2s"
+
+[delivery]
+batch_size = {batch}
+poll_interval = "20ms"
+max_concurrent_requests = 4
+drain_timeout = "5s"
+reconcile = true
+
+[retry]
+base_delay = "20ms"
+max_delay = "200ms"
+max_attempts = 5
+pause_base = "100ms"
+pause_max = "1s"
+breaker_failures = 5
+"#,
+            url = db.url,
+            base_url = fake.base_url,
+        );
+        for account in ACCOUNTS {
+            text += &format!(
+                "\n[accounts.{account}]\naccess_token = \"{}\"\nrate_limit = \"{rate_limit}\"\n",
+                access_token(account)
+            );
+        }
+        let fleet = Fleet { dir, config };
+        fleet.rewrite(&text);
+        fleet
+    }
+
+    fn start(&self) -> Daemon {
+        Daemon::start(&self.config, &["run"])
+    }
+
+    /// Replaces the configuration (kept private: it holds tokens).
+    fn rewrite(&self, text: &str) {
+        std::fs::write(&self.config, text).expect("write config");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&self.config, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod config");
+        let _ = self.dir.path();
+    }
+}
+
+/// Creates the schema (as a daemon would) and returns a producer's pool.
+async fn producer(db: &TestDb) -> PgPool {
+    let options = PgOptions {
+        lease: Duration::from_secs(3),
+        settle: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(10),
+    };
+    let store = PgStore::connect(&db.url, options).await.expect("migrate");
+    store.close().await;
+    PgPool::connect(&db.url).await.expect("producer pool")
+}
+
+/// Inserts `n` rows round-robin over `threads`; thread `i` belongs to
+/// account `i % 4`. Returns (row id, thread) in id order.
+async fn insert(pool: &PgPool, n: usize, threads: &[String]) -> Vec<(i64, String)> {
+    let (mut thread_ids, mut texts, mut accounts) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        let t = i % threads.len();
+        thread_ids.push(threads[t].clone());
+        texts.push(format!("fleet message {i}"));
+        accounts.push(ACCOUNTS[t % ACCOUNTS.len()].to_owned());
+    }
+    let mut rows: Vec<(i64, String)> = sqlx::query_as(
+        "INSERT INTO outbox (message_thread_id, text, account)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+         RETURNING id, message_thread_id",
+    )
+    .bind(&thread_ids)
+    .bind(&texts)
+    .bind(&accounts)
+    .fetch_all(pool)
+    .await
+    .expect("insert");
+    rows.sort();
+    rows
+}
+
+/// Waits until `n` rows are delivered (checked every 50 ms), up to `within`.
+async fn wait_delivered(pool: &PgPool, n: i64, within: Duration) {
+    let waited = tokio::time::timeout(within, async {
+        loop {
+            let have: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = 'delivered'")
+                    .fetch_one(pool)
+                    .await
+                    .expect("count");
+            if have >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    if waited.is_err() {
+        let by: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, count(*) FROM outbox GROUP BY status")
+                .fetch_all(pool)
+                .await
+                .expect("count");
+        panic!("fewer than {n} rows delivered within {within:?}: {by:?}");
+    }
+}
+
+/// Every row delivered exactly once: one stored message per row at the
+/// fake (no Identifier twice), the row's Mews id that message's, and each
+/// thread's messages stored in row order.
+async fn assert_delivered_once(pool: &PgPool, fake: &FakeMews, rows: &[(i64, String)]) {
+    let accepted = fake.accepted();
+    let mut seen: HashMap<String, &StoredMessage> = HashMap::new();
+    for message in &accepted {
+        let identifier = message.identifier.clone().expect("an Identifier");
+        if let Some(first) = seen.insert(identifier.clone(), message) {
+            panic!("row {identifier} stored twice at Mews: {first:?} and {message:?}");
+        }
+    }
+    assert_eq!(accepted.len(), rows.len(), "one message per row at Mews");
+    let stored: Vec<(i64, String, Option<String>)> =
+        sqlx::query_as("SELECT id, status, mews_message_id FROM outbox ORDER BY id")
+            .fetch_all(pool)
+            .await
+            .expect("rows");
+    assert_eq!(stored.len(), rows.len());
+    for (id, status, mews_id) in &stored {
+        assert_eq!(status, "delivered", "row {id}");
+        let message = seen
+            .get(&id.to_string())
+            .unwrap_or_else(|| panic!("row {id} never reached Mews"));
+        assert_eq!(
+            mews_id.as_deref(),
+            Some(message.id.to_string().as_str()),
+            "row {id}"
+        );
+    }
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for message in &accepted {
+        let id: i64 = message
+            .identifier
+            .as_deref()
+            .and_then(|i| i.parse().ok())
+            .expect("a row id as Identifier");
+        let thread = message.message_thread_id.to_string();
+        if let Some(before) = last.insert(thread.clone(), id) {
+            assert!(
+                before < id,
+                "thread {thread}: row {id} stored after {before}"
+            );
+        }
+    }
+}
+
+/// The accounts each lease owner holds now.
+async fn owners(pool: &PgPool) -> BTreeMap<String, Vec<String>> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT lease_owner::text, account FROM outbox_account_state
+         WHERE lease_owner IS NOT NULL AND lease_until > clock_timestamp() ORDER BY account",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("owners");
+    let mut by_owner: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (owner, account) in rows {
+        by_owner.entry(owner).or_default().push(account);
+    }
+    by_owner
+}
+
+async fn stop(daemon: &mut Daemon) {
+    daemon.signal("TERM");
+    let status = daemon.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "{status:?}\n{}", daemon.log());
+}
+
+#[tokio::test]
+async fn two_daemons_share_the_accounts_and_deliver_every_row_once_in_thread_order() {
+    let db = database().await;
+    let fake = FakeMews::start().await;
+    // A long lease: the second daemon starts well within the first one's
+    // first round (a third of it), so each takes half the accounts.
+    let fleet = Fleet::new(&fake, &db, "15s", "off", 50);
+    let pool = producer(&db).await;
+    let rows = insert(&pool, 3000, &fleet_threads(&fake, 120)).await;
+
+    let mut a = fleet.start();
+    let mut b = fleet.start();
+    a.wait_for_log_count(TAKEN, 2).await;
+    b.wait_for_log_count(TAKEN, 2).await;
+    let held = owners(&pool).await;
+    assert_eq!(held.len(), 2, "both daemons hold accounts: {held:?}");
+    assert!(
+        held.values().all(|accounts| accounts.len() == 2),
+        "{held:?}"
+    );
+
+    fake.wait_for_accepted(rows.len(), DRAIN).await;
+    wait_delivered(&pool, rows.len() as i64, DRAIN).await;
+    assert_delivered_once(&pool, &fake, &rows).await;
+    // Each daemon sent for its own accounts only.
+    let tokens: HashSet<String> = fake
+        .add_requests()
+        .iter()
+        .map(|r| r.access_token.clone())
+        .collect();
+    assert_eq!(tokens.len(), ACCOUNTS.len());
+
+    stop(&mut a).await;
+    stop(&mut b).await;
+    assert_eq!(a.count_log("lost the lease"), 0, "{}", a.log());
+    assert_eq!(b.count_log("lost the lease"), 0, "{}", b.log());
+    assert!(
+        owners(&pool).await.is_empty(),
+        "accounts given back at shutdown"
+    );
+}
+
+/// Starts a daemon alone and waits until it holds all four accounts, then
+/// a second one (holding none) beside it; returns (first, second).
+async fn one_owner_and_a_standby(fleet: &Fleet, pool: &PgPool) -> (Daemon, Daemon) {
+    let mut first = fleet.start();
+    first.wait_for_log_count(TAKEN, ACCOUNTS.len()).await;
+    let second = fleet.start().ready().await;
+    let held = owners(pool).await;
+    assert_eq!(held.len(), 1, "{held:?}");
+    (first, second)
+}
+
+#[tokio::test]
+async fn a_killed_daemons_accounts_move_to_the_other_after_the_lease_and_nothing_is_sent_twice() {
+    let db = database().await;
+    let fake = FakeMews::start().await;
+    let fleet = Fleet::new(&fake, &db, "3s", "40/1s", 10);
+    let pool = producer(&db).await;
+    let (mut a, mut b) = one_owner_and_a_standby(&fleet, &pool).await;
+
+    // The first request is stored by Mews but answered late: the daemon
+    // dies with its rows `sending` and a copy at Mews.
+    fake.script([Fault::StoreThenDelay(Duration::from_secs(30))]);
+    let rows = insert(&pool, 2000, &fleet_threads(&fake, 100)).await;
+    fake.wait_for_accepted(1, DRAIN).await;
+    a.crash().await;
+    let stranded: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = 'sending'")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert!(stranded > 0, "the killed daemon left rows `sending`");
+
+    b.wait_for_log_count(TAKEN, ACCOUNTS.len()).await;
+    b.wait_for_log("rows left `sending` by the accounts' previous owner")
+        .await;
+    fake.wait_for_accepted(rows.len(), DRAIN).await;
+    wait_delivered(&pool, rows.len() as i64, DRAIN).await;
+    assert_delivered_once(&pool, &fake, &rows).await;
+    assert!(
+        b.count_log("reconciliation: rows found at Mews") > 0,
+        "the stranded rows were read back: {}",
+        b.log()
+    );
+    stop(&mut b).await;
+}
+
+#[tokio::test]
+async fn a_daemon_frozen_past_its_lease_is_refused_when_it_wakes_and_nothing_is_sent_twice() {
+    let db = database().await;
+    let fake = FakeMews::start().await;
+    // No rate limit: the first write after the request is its outcome's
+    // (with one, saving the limiter's memory is refused first).
+    let fleet = Fleet::new(&fake, &db, "3s", "off", 10);
+    let pool = producer(&db).await;
+    let (mut a, mut b) = one_owner_and_a_standby(&fleet, &pool).await;
+
+    // A request in flight when the daemon freezes: Mews stores it and
+    // answers while the daemon is stopped.
+    fake.script([Fault::StoreThenDelay(Duration::from_millis(300))]);
+    let rows = insert(&pool, 1000, &fleet_threads(&fake, 100)).await;
+    fake.wait_for_accepted(1, DRAIN).await;
+    a.signal("STOP");
+
+    b.wait_for_log_count(TAKEN, ACCOUNTS.len()).await;
+    fake.wait_for_accepted(rows.len(), DRAIN).await;
+    wait_delivered(&pool, rows.len() as i64, DRAIN).await;
+
+    a.signal("CONT");
+    // It learns at its next renewal that all four are gone, and takes none back.
+    a.wait_for_log_count("lost the lease on this account", ACCOUNTS.len())
+        .await;
+    assert_delivered_once(&pool, &fake, &rows).await;
+    // Its request in flight came back; the outcome was refused once, not
+    // retried: another daemon owns those rows.
+    a.wait_for_log("this daemon no longer owns the account")
+        .await;
+    assert_eq!(
+        a.count_log("cannot record delivery outcomes; retrying"),
+        0,
+        "{}",
+        a.log()
+    );
+    let held = owners(&pool).await;
+    assert_eq!(held.len(), 1, "{held:?}");
+    stop(&mut a).await;
+    stop(&mut b).await;
+    assert_delivered_once(&pool, &fake, &rows).await;
+}
+
+#[tokio::test]
+async fn a_daemon_that_cannot_reach_postgresql_exits_non_zero_with_one_line_and_no_password() {
+    let fake = FakeMews::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Nothing listens on the socket folder's port 1.
+    let db = TestDb {
+        url: format!(
+            "postgres://outbox:PG-SECRET-77@localhost:1/outbox?host={}",
+            dir.path().display()
+        ),
+        name: "outbox".into(),
+    };
+    let fleet = Fleet::new(&fake, &db, "3s", "off", 10);
+    let config = std::fs::read_to_string(&fleet.config).expect("config");
+    fleet.rewrite(&config.replace("lease = \"3s\"", "lease = \"3s\"\nconnect_timeout = \"2s\""));
+    let mut daemon = fleet.start();
+    let status = daemon.wait_exit(Duration::from_secs(30)).await;
+    let log = daemon.log();
+    assert!(!status.success(), "{log}");
+    assert!(!log.contains("PG-SECRET-77"), "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("cannot open the PostgreSQL outbox"))
+        .unwrap_or_else(|| panic!("no line naming the database:\n{log}"));
+    assert!(
+        line.contains("postgres://outbox:***@localhost:1/outbox"),
+        "{line}"
+    );
+    assert_eq!(daemon.count_log("ready: delivering"), 0);
+}
+
+impl Fleet {
+    /// Runs a CLI command to completion: (success, stdout, stderr).
+    async fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = crate::support::daemon::mews_outbox_command()
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .await
+            .expect("run mews-outbox");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+#[tokio::test]
+async fn the_commands_use_the_postgresql_outbox_when_database_url_is_set() {
+    let db = database().await;
+    let fake = FakeMews::start().await;
+    let fleet = Fleet::new(&fake, &db, "3s", "off", 10);
+    let (ok, stdout, stderr) = fleet.cli(&["migrate"]).await;
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.starts_with("migrations applied to postgres://"),
+        "{stdout}"
+    );
+    let thread = fleet_threads(&fake, 1).remove(0);
+    let (ok, stdout, stderr) = fleet
+        .cli(&[
+            "enqueue",
+            "--thread",
+            &thread,
+            "--text",
+            "hi",
+            "--account",
+            "acc1",
+        ])
+        .await;
+    assert!(ok, "{stderr}");
+    let id: i64 = stdout.trim().parse().expect("a row id");
+    let (ok, stdout, stderr) = fleet.cli(&["status", "--json"]).await;
+    assert!(ok, "{stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    assert!(stdout.contains("acc1"), "{status:#}");
+    let pool = PgPool::connect(&db.url).await.expect("pool");
+    sqlx::query(
+        "UPDATE outbox SET status = 'dead', dead_at = now(), last_error = 'x' WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&pool)
+    .await
+    .expect("kill the row");
+    let (ok, stdout, stderr) = fleet.cli(&["dead", "list", "--json"]).await;
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains(&thread), "{stdout}");
+    let (ok, stdout, stderr) = fleet
+        .cli(&["dead", "requeue", "--id", &id.to_string()])
+        .await;
+    assert!(ok, "{stderr}");
+    assert!(stdout.starts_with("requeued 1 dead rows"), "{stdout}");
+    let mut daemon = fleet.start();
+    fake.wait_for_accepted(1, DRAIN).await;
+    wait_delivered(&pool, 1, DRAIN).await;
+    stop(&mut daemon).await;
+}
+
+#[tokio::test]
+async fn a_reload_on_postgresql_restarts_the_loops_takes_a_new_account_and_keeps_the_lease() {
+    let db = database().await;
+    let fake = FakeMews::start().await;
+    let fleet = Fleet::new(&fake, &db, "3s", "off", 10);
+    let pool = producer(&db).await;
+    let mut daemon = fleet.start();
+    daemon.wait_for_log_count(TAKEN, ACCOUNTS.len()).await;
+
+    let config = std::fs::read_to_string(&fleet.config).expect("config");
+    fleet.rewrite(
+        &(config.replace("lease = \"3s\"", "lease = \"6s\"")
+            + "\n[accounts.acc4]\naccess_token = \"test-access-token-acc4\"\n"),
+    );
+    daemon.signal("HUP");
+    daemon.wait_for_log("configuration reloaded").await;
+    let warned = daemon
+        .wait_for_log("take effect only at the next restart")
+        .await;
+    assert!(warned.contains("database.lease"), "{warned}");
+    assert!(!warned.contains("database.url"), "{warned}");
+    // The new account is taken at a round after the reload (or at it).
+    daemon.wait_for_log_count(TAKEN, ACCOUNTS.len() + 1).await;
+
+    let thread = fleet_threads(&fake, 1).remove(0);
+    sqlx::query("INSERT INTO outbox (message_thread_id, text, account) VALUES ($1, 'new', 'acc4')")
+        .bind(&thread)
+        .execute(&pool)
+        .await
+        .expect("insert");
+    let rows = insert(&pool, 40, &fleet_threads(&fake, 8)).await;
+    fake.wait_for_accepted(rows.len() + 1, DRAIN).await;
+    wait_delivered(&pool, rows.len() as i64 + 1, DRAIN).await;
+    let held = owners(&pool).await;
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held.values().next().map(Vec::len), Some(5), "{held:?}");
+    stop(&mut daemon).await;
+}
