@@ -9,6 +9,7 @@
 #[cfg(test)]
 pub mod memory;
 pub mod postgres;
+mod report;
 pub mod schema;
 pub mod sqlite;
 
