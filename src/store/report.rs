@@ -1,5 +1,5 @@
 //! Folding the rows of the status and queue queries into what `status`, the
-//! heartbeat and `STATUS=` show. The same for every store: the queries
+//! heartbeat and `STATUS=` show, and why `dead requeue` refuses a row. The same for every store: the queries
 //! (per store, in its dialect) give the values, these functions fold them.
 
 use std::collections::BTreeMap;
@@ -118,4 +118,22 @@ where
     rows.into_iter()
         .map(|row| Ok((row.try_get("account")?, count(row.try_get("n")?))))
         .collect()
+}
+
+/// Why `dead requeue` refuses row `id`: `found` is its status and account
+/// when it exists; `account` the account the command was limited to.
+pub(crate) fn not_requeued(
+    id: i64,
+    found: Option<(String, String)>,
+    account: Option<&str>,
+) -> String {
+    match found {
+        None => format!("row {id} does not exist"),
+        Some((status, owner)) => match account {
+            Some(a) if Status::parse(&status) == Some(Status::Dead) && owner != a => {
+                format!("row {id} belongs to account {owner}, not {a}")
+            }
+            _ => format!("row {id} is {status}, not dead"),
+        },
+    }
 }

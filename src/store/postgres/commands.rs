@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use sqlx::Row;
 
 use super::PgStore;
-use crate::store::report::StatusReport;
+use crate::store::report::{self, StatusReport};
 use crate::store::{AccountStatus, DeadRow, Outbox, Requeue, StoreError, timestamp};
 
 /// A time column as the SQLite store shows it: `2026-11-28T07:21:07.123Z`.
@@ -98,19 +98,11 @@ impl PgStore {
                     .bind(id)
                     .fetch_optional(&mut *tx)
                     .await?;
-                problems.push(match found {
-                    None => format!("row {id} does not exist"),
-                    Some(row) => {
-                        let status: String = row.try_get("status")?;
-                        let owner: String = row.try_get("account")?;
-                        match account {
-                            Some(a) if status == "dead" && owner != a => {
-                                format!("row {id} belongs to account {owner}, not {a}")
-                            }
-                            _ => format!("row {id} is {status}, not dead"),
-                        }
-                    }
-                });
+                let found = match found {
+                    Some(row) => Some((row.try_get("status")?, row.try_get("account")?)),
+                    None => None,
+                };
+                problems.push(report::not_requeued(id, found, account));
             }
             if !problems.is_empty() {
                 tx.rollback().await?;

@@ -5,10 +5,10 @@ use std::time::SystemTime;
 use sqlx::Row;
 
 use super::SqliteStore;
-use crate::store::report::StatusReport;
+use crate::store::report::{self, StatusReport};
 use crate::store::{
-    AccountStatus, DeadRow, Enqueued, NewMessage, OperatorStore, Outbox, Requeue, Status,
-    StoreError, timestamp,
+    AccountStatus, DeadRow, Enqueued, NewMessage, OperatorStore, Outbox, Requeue, StoreError,
+    timestamp,
 };
 
 /// Most common dead-row errors shown per account by `status`.
@@ -87,22 +87,11 @@ impl OperatorStore for SqliteStore {
                         .bind(id)
                         .fetch_optional(&mut *tx)
                         .await?;
-                    problems.push(match found {
-                        None => format!("row {id} does not exist"),
-                        Some(row) => {
-                            let status: String = row.try_get("status")?;
-                            let owner: String = row.try_get("account")?;
-                            match account {
-                                Some(a)
-                                    if Status::parse(&status) == Some(Status::Dead)
-                                        && owner != a =>
-                                {
-                                    format!("row {id} belongs to account {owner}, not {a}")
-                                }
-                                _ => format!("row {id} is {status}, not dead"),
-                            }
-                        }
-                    });
+                    let found = match found {
+                        Some(row) => Some((row.try_get("status")?, row.try_get("account")?)),
+                        None => None,
+                    };
+                    problems.push(report::not_requeued(id, found, account));
                 }
                 tx.rollback().await?;
                 return Err(StoreError::NotDead(problems.join("; ")));
