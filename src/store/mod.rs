@@ -9,6 +9,7 @@
 #[cfg(test)]
 pub mod memory;
 pub mod postgres;
+mod report;
 pub mod schema;
 pub mod sqlite;
 
@@ -512,6 +513,20 @@ pub fn timestamp(t: SystemTime) -> String {
 /// Reads a time column back; `None` for anything that is not one.
 pub fn parse_timestamp(s: &str) -> Option<SystemTime> {
     humantime::parse_rfc3339_weak(s.trim_end_matches('Z')).ok()
+}
+
+/// The limiter memory as `outbox_account_state.recent_requests` holds it:
+/// a JSON array of [`timestamp`]s.
+pub(crate) fn encode_recent_requests(ends: &[SystemTime]) -> String {
+    let ends: Vec<String> = ends.iter().map(|t| timestamp(*t)).collect();
+    serde_json::to_string(&ends).unwrap_or_else(|_| "[]".into())
+}
+
+/// Reads [`encode_recent_requests`]'s text back. Unreadable memory is no
+/// memory: the limiter starts empty.
+pub(crate) fn decode_recent_requests(text: &str) -> Vec<SystemTime> {
+    let ends: Vec<String> = serde_json::from_str(text).unwrap_or_default();
+    ends.iter().filter_map(|t| parse_timestamp(t)).collect()
 }
 
 /// Claimed rows `ids`, one thread each, as unit tests of the delivery logic need them.

@@ -66,6 +66,32 @@ pub struct Decision {
     pub shrink: bool,
 }
 
+/// `rows` were not sent, for `error`: each waits its backoff (as after an
+/// unreachable Mews), and it is not an attempt. `jitter` is in `[0, 1)`.
+pub fn not_sent(
+    rows: &[ClaimedRow],
+    error: &str,
+    retry: &RetrySettings,
+    now: SystemTime,
+    jitter: f64,
+) -> Vec<(i64, RowOutcome)> {
+    rows.iter()
+        .map(|row| {
+            let attempt = row.attempts.saturating_add(1);
+            let delay = retry_delay(attempt, retry.base_delay, retry.max_delay, jitter, None);
+            (
+                row.id,
+                RowOutcome::Retry {
+                    at: now + delay,
+                    error: error.to_owned(),
+                    attempt: false,
+                    maybe_stored: false,
+                },
+            )
+        })
+        .collect()
+}
+
 /// Decides what to store for `rows` after `outcome`. `jitter` is in `[0, 1)`.
 pub fn decide(
     rows: &[ClaimedRow],
@@ -162,17 +188,7 @@ pub fn decide(
         }
         Outcome::Unreachable { error } => {
             // Mews never saw the request: wait, but it is not an attempt.
-            for row in rows {
-                decision.rows.push((
-                    row.id,
-                    RowOutcome::Retry {
-                        at: now + delay(row, None),
-                        error: error.clone(),
-                        attempt: false,
-                        maybe_stored: false,
-                    },
-                ));
-            }
+            decision.rows = not_sent(rows, error, retry, now, jitter);
         }
         Outcome::Transient {
             error,

@@ -42,8 +42,9 @@ use crate::request_size;
 use crate::retry::retry_delay;
 use crate::store::{AccountPause, ClaimedRow, Outbox, RowOutcome, StoreError};
 
-pub use decide::{AccountAction, Decision, PauseKind, decide, pause_length};
+pub use decide::{AccountAction, Decision, PauseKind, decide, not_sent, pause_length};
 use log::warn_on_mismatch;
+use send::Sent;
 
 /// Wait before trying the database again after it failed.
 const STORE_RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -364,16 +365,34 @@ impl<S: Outbox> AccountWorker<S> {
             if batch.is_empty() {
                 continue;
             }
-            let reply = if self.shutdown.is_cancelled() || self.is_paused() {
-                None
+            let sent = if self.shutdown.is_cancelled() || self.is_paused() {
+                Sent::Stopped
             } else {
                 self.send(&batch).await
             };
-            let Some(reply) = reply else {
-                // Stopping or paused: the rows not sent go back untouched.
-                let unsent = watch.held().into_iter().chain(batch.iter().map(|r| r.id));
-                self.halt(Vec::new(), unsent, queue, Halt::Stopping).await;
-                return;
+            let reply = match sent {
+                Sent::Reply(reply) => reply,
+                Sent::Stopped => {
+                    // Stopping or paused: the rows not sent go back untouched.
+                    let unsent = watch.held().into_iter().chain(batch.iter().map(|r| r.id));
+                    self.halt(Vec::new(), unsent, queue, Halt::Stopping).await;
+                    return;
+                }
+                Sent::NotStarted(error) => {
+                    // A failure: the batch waits its backoff, with the reason.
+                    let error =
+                        format!("not sent: cannot record that a request is starting: {error}");
+                    let outcomes = not_sent(
+                        &batch,
+                        &error,
+                        &self.retry,
+                        SystemTime::now(),
+                        fastrand::f64(),
+                    );
+                    let unsent = watch.held().into_iter();
+                    self.halt(outcomes, unsent, queue, Halt::Stopping).await;
+                    return;
+                }
             };
             let mut decision = decide(
                 &batch,

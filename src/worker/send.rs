@@ -13,6 +13,27 @@ use crate::mews::{OutgoingMessage, Reply};
 use crate::reconcile::{self, ClockOffset};
 use crate::store::{ClaimedRow, Outbox};
 
+/// What became of one `messages/add` request.
+pub(super) enum Sent {
+    /// It went, and this came back.
+    Reply(Reply),
+    /// Stopping, paused or the lease lost before it went.
+    Stopped,
+    /// Its start could not be recorded (this database error), so it did
+    /// not go.
+    NotStarted(String),
+}
+
+/// Whether a request's start is recorded ([`AccountWorker::stamp_request_start`]).
+pub(super) enum Stamp {
+    Recorded,
+    /// Not recorded, and no reason to store: stopping (the lease lost), or
+    /// the database too slow (logged).
+    Stopped,
+    /// The database refused the write (the error).
+    Failed(String),
+}
+
 impl<S: Outbox> AccountWorker<S> {
     /// Waits until this account's rate limit lets one more request go;
     /// `false` when stopping meanwhile.
@@ -89,9 +110,9 @@ impl<S: Outbox> AccountWorker<S> {
         }
     }
 
-    /// Sends one batch to messages/add. `None` when stopping before it went,
-    /// or when its start could not be recorded.
-    pub(super) async fn send(&mut self, batch: &[ClaimedRow]) -> Option<Reply> {
+    /// Sends one batch to messages/add, unless stopping before it went or
+    /// its start could not be recorded.
+    pub(super) async fn send(&mut self, batch: &[ClaimedRow]) -> Sent {
         let messages: Vec<OutgoingMessage<'_>> = batch
             .iter()
             .map(|row| OutgoingMessage {
@@ -101,11 +122,17 @@ impl<S: Outbox> AccountWorker<S> {
             })
             .collect();
         self.waiting();
-        let permit = self.admit().await?;
-        if !self.stamp_request_start().await {
+        let Some(permit) = self.admit().await else {
+            return Sent::Stopped;
+        };
+        let stamp = self.stamp_request_start().await;
+        if !matches!(stamp, Stamp::Recorded) {
             drop(permit);
             self.request_ended().await;
-            return None;
+            return match stamp {
+                Stamp::Failed(error) => Sent::NotStarted(error),
+                Stamp::Recorded | Stamp::Stopped => Sent::Stopped,
+            };
         }
         self.busy(
             "waiting for Mews",
@@ -123,7 +150,7 @@ impl<S: Outbox> AccountWorker<S> {
         if let Some(pulse) = &self.pulse {
             pulse.outcome(&self.account, reply.outcome.name(), reply.http_status);
         }
-        Some(reply)
+        Sent::Reply(reply)
     }
 
     /// Keeps what a response's `Date` said about Mews's clock.
@@ -138,15 +165,15 @@ impl<S: Outbox> AccountWorker<S> {
     }
 
     /// Records, just before a `messages/add` request goes, a time no earlier
-    /// than its start (see [`Outbox::request_starting`]). `false` when it
-    /// could not: then the request is not sent (a crash during it would
+    /// than its start (see [`Outbox::request_starting`]). When it could not,
+    /// the request is not sent (a crash during it would
     /// leave rows that settle from an older time).
-    pub(super) async fn stamp_request_start(&mut self) -> bool {
+    pub(super) async fn stamp_request_start(&mut self) -> Stamp {
         if self
             .started_by
             .is_some_and(|by| SystemTime::now() + START_STAMP_LEAD / 2 <= by)
         {
-            return true;
+            return Stamp::Recorded;
         }
         self.busy("recording a request's start", STORE_STEP_BUDGET);
         let mut lead = START_STAMP_LEAD;
@@ -154,19 +181,19 @@ impl<S: Outbox> AccountWorker<S> {
             let by = SystemTime::now() + lead;
             if let Err(e) = self.store.request_starting(&self.account, by).await {
                 if self.lost_lease(&e) {
-                    return false;
+                    return Stamp::Stopped;
                 }
                 tracing::error!(account = %self.account, error = %e, "cannot record that a request is starting, so it is not sent; its rows wait and are tried again");
-                return false;
+                return Stamp::Failed(e.to_string());
             }
             // Half the lead is left for building the request.
             if SystemTime::now() + lead / 2 <= by {
                 self.started_by = Some(by);
-                return true;
+                return Stamp::Recorded;
             }
             lead *= 4;
         }
         tracing::error!(account = %self.account, "recording that a request is starting keeps taking seconds, so it is not sent; its rows wait and are tried again; check the database's disk");
-        false
+        Stamp::Stopped
     }
 }

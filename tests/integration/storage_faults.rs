@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::support::daemon::{Env, count, hold_write_lock, insert_rows, threads, wait_for_status};
+use crate::support::daemon::{
+    Env, count, hold_write_lock, insert_rows, threads, wait_for_rows, wait_for_status,
+};
 use crate::support::fake_mews::{FakeMews, Fault};
 
 /// A small tmpfs mounted for one test, unmounted (lazily) when dropped.
@@ -115,4 +117,55 @@ async fn a_database_locked_for_long_is_waited_out() {
     drop(locker);
     wait_for_status(&db, "delivered", 50).await;
     assert_eq!(fake.accepted().len(), 50);
+}
+
+/// The account-state table refuses every write (as a full or broken table
+/// would), so no request's start can be recorded: nothing is sent, and the
+/// rows wait `pending` with the reason instead of going back untouched.
+/// Once the writes work again they are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_start_that_cannot_be_recorded_leaves_a_reason() {
+    let fake = FakeMews::start().await;
+    let env = Env::new(&fake.base_url);
+    let db = env.producer().await;
+    // request_starting is an INSERT ... ON CONFLICT DO UPDATE: refuse both.
+    sqlx::query(
+        "CREATE TRIGGER test_state_no_insert BEFORE INSERT ON outbox_account_state
+         BEGIN SELECT RAISE(ABORT, 'account state refused by the test'); END",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER test_state_no_update BEFORE UPDATE ON outbox_account_state
+         BEGIN SELECT RAISE(ABORT, 'account state refused by the test'); END",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    insert_rows(&db, 5, &threads(&fake, 5), "stamp").await;
+
+    let mut daemon = env.start();
+    daemon
+        .wait_for_log("cannot record that a request is starting")
+        .await;
+    wait_for_rows(
+        &db,
+        "status = 'pending' AND attempts = 0 AND last_error LIKE
+         'not sent: cannot record that a request is starting: %account state refused by the test%'",
+        5,
+    )
+    .await;
+    assert!(fake.accepted().is_empty(), "nothing was sent");
+
+    sqlx::query("DROP TRIGGER test_state_no_insert")
+        .execute(&db)
+        .await
+        .unwrap();
+    sqlx::query("DROP TRIGGER test_state_no_update")
+        .execute(&db)
+        .await
+        .unwrap();
+    wait_for_status(&db, "delivered", 5).await;
+    assert_eq!(fake.accepted().len(), 5);
 }

@@ -4,15 +4,13 @@
 //! read), never a row in flight; a requeued row is claimed by its
 //! account's owner like a new one.
 
-use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use sqlx::Row;
 
 use super::PgStore;
-use crate::store::{
-    AccountStatus, DeadRow, ErrorCount, Outbox, Requeue, Status, StoreError, timestamp,
-};
+use crate::store::report::{self, StatusReport};
+use crate::store::{AccountStatus, DeadRow, Outbox, Requeue, StoreError, timestamp};
 
 /// A time column as the SQLite store shows it: `2026-11-28T07:21:07.123Z`.
 macro_rules! ts {
@@ -27,18 +25,6 @@ macro_rules! ts {
 
 /// Most common dead-row errors shown per account by `status`.
 const DEAD_ERRORS_SHOWN: i64 = 3;
-
-fn account_entry(
-    accounts: &mut BTreeMap<String, AccountStatus>,
-    name: String,
-) -> &mut AccountStatus {
-    accounts
-        .entry(name.clone())
-        .or_insert_with(|| AccountStatus {
-            account: name,
-            ..AccountStatus::default()
-        })
-}
 
 impl PgStore {
     /// Dead rows, oldest first, of one account or all.
@@ -112,19 +98,11 @@ impl PgStore {
                     .bind(id)
                     .fetch_optional(&mut *tx)
                     .await?;
-                problems.push(match found {
-                    None => format!("row {id} does not exist"),
-                    Some(row) => {
-                        let status: String = row.try_get("status")?;
-                        let owner: String = row.try_get("account")?;
-                        match account {
-                            Some(a) if status == "dead" && owner != a => {
-                                format!("row {id} belongs to account {owner}, not {a}")
-                            }
-                            _ => format!("row {id} is {status}, not dead"),
-                        }
-                    }
-                });
+                let found = match found {
+                    Some(row) => Some((row.try_get("status")?, row.try_get("account")?)),
+                    None => None,
+                };
+                problems.push(report::not_requeued(id, found, account));
             }
             if !problems.is_empty() {
                 tx.rollback().await?;
@@ -155,22 +133,18 @@ impl PgStore {
 
     /// Counts, ages and pauses per account (every account with rows or a pause).
     pub async fn status(&self, now: SystemTime) -> Result<Vec<AccountStatus>, StoreError> {
-        let mut accounts = BTreeMap::<String, AccountStatus>::new();
+        let mut report = StatusReport::default();
         let counts = sqlx::query(
             "SELECT account, status, count(*) AS n FROM outbox GROUP BY account, status",
         )
         .fetch_all(self.pool())
         .await?;
         for row in counts {
-            let a = account_entry(&mut accounts, row.try_get("account")?);
-            let n = u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0);
-            match Status::parse(row.try_get("status")?) {
-                Some(Status::Pending) => a.pending = n,
-                Some(Status::Sending) => a.sending = n,
-                Some(Status::Delivered) => a.delivered = n,
-                Some(Status::Dead) => a.dead = n,
-                None => {}
-            }
+            report.count(
+                row.try_get("account")?,
+                row.try_get("status")?,
+                row.try_get("n")?,
+            );
         }
         let pending = sqlx::query(concat!(
             "SELECT account, ",
@@ -184,9 +158,11 @@ impl PgStore {
         .fetch_all(self.pool())
         .await?;
         for row in pending {
-            let a = account_entry(&mut accounts, row.try_get("account")?);
-            a.oldest_pending_created_at = row.try_get("oldest")?;
-            a.next_retry_at = row.try_get("next_retry")?;
+            report.pending(
+                row.try_get("account")?,
+                row.try_get("oldest")?,
+                row.try_get("next_retry")?,
+            );
         }
         let errors = sqlx::query(
             "SELECT DISTINCT ON (account) account, last_error FROM outbox
@@ -196,8 +172,7 @@ impl PgStore {
         .fetch_all(self.pool())
         .await?;
         for row in errors {
-            account_entry(&mut accounts, row.try_get("account")?).last_error =
-                row.try_get("last_error")?;
+            report.last_error(row.try_get("account")?, row.try_get("last_error")?);
         }
         // `error` is last_error without its " (RequestId …)" part, so that
         // equal errors group (the SQL twin of `mews::without_request_id`).
@@ -220,20 +195,13 @@ impl PgStore {
         .fetch_all(self.pool())
         .await?;
         for row in dead_errors {
-            account_entry(&mut accounts, row.try_get("account")?)
-                .dead_errors
-                .push(ErrorCount {
-                    error: row.try_get("error")?,
-                    rows: u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0),
-                });
+            report.dead_error(
+                row.try_get("account")?,
+                row.try_get("error")?,
+                row.try_get("n")?,
+            );
         }
-        for pause in self.pauses().await? {
-            if pause.until > now {
-                let a = account_entry(&mut accounts, pause.account);
-                a.paused_until = Some(timestamp(pause.until));
-                a.pause_reason = Some(pause.reason);
-            }
-        }
-        Ok(accounts.into_values().collect())
+        report.pauses(self.pauses().await?, now);
+        Ok(report.finish())
     }
 }

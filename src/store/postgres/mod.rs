@@ -758,14 +758,10 @@ impl Outbox for PgStore {
         .bind(account)
         .fetch_optional(&self.pool)
         .await?;
-        let Some(text) = stored.flatten() else {
-            return Ok(Vec::new());
-        };
-        let ends: Vec<String> = serde_json::from_str(&text).unwrap_or_default();
-        Ok(ends
-            .iter()
-            .filter_map(|t| super::parse_timestamp(t))
-            .collect())
+        Ok(stored
+            .flatten()
+            .map(|text| super::decode_recent_requests(&text))
+            .unwrap_or_default())
     }
 
     /// Only the account's owner writes its limiter memory.
@@ -774,8 +770,7 @@ impl Outbox for PgStore {
         account: &str,
         ends: &[SystemTime],
     ) -> Result<(), StoreError> {
-        let ends: Vec<String> = ends.iter().map(|t| timestamp(*t)).collect();
-        let ends = serde_json::to_string(&ends).unwrap_or_else(|_| "[]".into());
+        let ends = super::encode_recent_requests(ends);
         self.write_account_state(
             account,
             sqlx::query(

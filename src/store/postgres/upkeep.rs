@@ -10,9 +10,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{PgStore, micros_to_time};
+use crate::store::report;
 use crate::store::{
     AccountStatus, Acquired, DaemonStore, DeadRow, Enqueued, NewMessage, OperatorStore,
-    QueueSummary, Requeue, Status, StoreError, Upkeep, timestamp,
+    QueueSummary, Requeue, StoreError, Upkeep, timestamp,
 };
 
 /// Counts of unfinished and dead rows per account (through the status
@@ -134,19 +135,16 @@ impl DaemonStore for PgStore {
         let mut summary = QueueSummary::default();
         let rows = sqlx::query(QUEUE_COUNTS).fetch_all(self.pool()).await?;
         for row in rows {
-            let entry = summary.accounts.entry(row.try_get("account")?).or_default();
-            let n = u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0);
-            match Status::parse(row.try_get("status")?) {
-                Some(Status::Pending) => {
-                    entry.pending = n;
-                    entry.oldest_pending = row
-                        .try_get::<Option<i64>, _>("oldest_us")?
-                        .map(micros_to_time);
-                }
-                Some(Status::Sending) => entry.sending = n,
-                Some(Status::Dead) => entry.dead = n,
-                Some(Status::Delivered) | None => {}
-            }
+            let oldest = row
+                .try_get::<Option<i64>, _>("oldest_us")?
+                .map(micros_to_time);
+            report::queue_count(
+                &mut summary,
+                row.try_get("account")?,
+                row.try_get("status")?,
+                row.try_get("n")?,
+                oldest,
+            );
         }
         let delivered: i64 = sqlx::query_scalar(DELIVERED_SINCE)
             .bind(timestamp(since))
@@ -183,14 +181,7 @@ impl Upkeep for PgStore {
             .bind(&configured)
             .execute(self.pool())
             .await?;
-        rows.into_iter()
-            .map(|row| {
-                Ok((
-                    row.try_get("account")?,
-                    u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0),
-                ))
-            })
-            .collect()
+        report::account_counts(rows)
     }
 
     async fn prune_delivered(&self, before: SystemTime, limit: usize) -> Result<u64, StoreError> {

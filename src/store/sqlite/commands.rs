@@ -1,14 +1,14 @@
 //! The operator's commands: `enqueue`, `status`, `dead list|requeue|purge`.
 
-use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use sqlx::Row;
 
 use super::SqliteStore;
+use crate::store::report::{self, StatusReport};
 use crate::store::{
-    AccountStatus, DeadRow, Enqueued, ErrorCount, NewMessage, OperatorStore, Outbox, Requeue,
-    Status, StoreError, timestamp,
+    AccountStatus, DeadRow, Enqueued, NewMessage, OperatorStore, Outbox, Requeue, StoreError,
+    timestamp,
 };
 
 /// Most common dead-row errors shown per account by `status`.
@@ -87,22 +87,11 @@ impl OperatorStore for SqliteStore {
                         .bind(id)
                         .fetch_optional(&mut *tx)
                         .await?;
-                    problems.push(match found {
-                        None => format!("row {id} does not exist"),
-                        Some(row) => {
-                            let status: String = row.try_get("status")?;
-                            let owner: String = row.try_get("account")?;
-                            match account {
-                                Some(a)
-                                    if Status::parse(&status) == Some(Status::Dead)
-                                        && owner != a =>
-                                {
-                                    format!("row {id} belongs to account {owner}, not {a}")
-                                }
-                                _ => format!("row {id} is {status}, not dead"),
-                            }
-                        }
-                    });
+                    let found = match found {
+                        Some(row) => Some((row.try_get("status")?, row.try_get("account")?)),
+                        None => None,
+                    };
+                    problems.push(report::not_requeued(id, found, account));
                 }
                 tx.rollback().await?;
                 return Err(StoreError::NotDead(problems.join("; ")));
@@ -158,22 +147,18 @@ impl OperatorStore for SqliteStore {
 
     /// Counts, ages and pauses per account (every account with rows or a pause).
     async fn status(&self, now: SystemTime) -> Result<Vec<AccountStatus>, StoreError> {
-        let mut accounts = BTreeMap::<String, AccountStatus>::new();
+        let mut report = StatusReport::default();
         let counts = sqlx::query(
             "SELECT account, status, count(*) AS n FROM outbox GROUP BY account, status",
         )
         .fetch_all(&self.pool)
         .await?;
         for row in counts {
-            let a = account_entry(&mut accounts, row.try_get("account")?);
-            let n = u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0);
-            match Status::parse(row.try_get("status")?) {
-                Some(Status::Pending) => a.pending = n,
-                Some(Status::Sending) => a.sending = n,
-                Some(Status::Delivered) => a.delivered = n,
-                Some(Status::Dead) => a.dead = n,
-                None => {}
-            }
+            report.count(
+                row.try_get("account")?,
+                row.try_get("status")?,
+                row.try_get("n")?,
+            );
         }
         let pending = sqlx::query(
             "SELECT account,
@@ -185,9 +170,11 @@ impl OperatorStore for SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         for row in pending {
-            let a = account_entry(&mut accounts, row.try_get("account")?);
-            a.oldest_pending_created_at = row.try_get("oldest")?;
-            a.next_retry_at = row.try_get("next_retry")?;
+            report.pending(
+                row.try_get("account")?,
+                row.try_get("oldest")?,
+                row.try_get("next_retry")?,
+            );
         }
         let errors = sqlx::query(
             "SELECT account, last_error FROM (
@@ -200,8 +187,7 @@ impl OperatorStore for SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         for row in errors {
-            account_entry(&mut accounts, row.try_get("account")?).last_error =
-                row.try_get("last_error")?;
+            report.last_error(row.try_get("account")?, row.try_get("last_error")?);
         }
         // `error` is last_error without its " (RequestId …)" part, so that
         // equal errors group: the SQL twin of `mews::without_request_id`.
@@ -224,34 +210,15 @@ impl OperatorStore for SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         for row in dead_errors {
-            account_entry(&mut accounts, row.try_get("account")?)
-                .dead_errors
-                .push(ErrorCount {
-                    error: row.try_get("error")?,
-                    rows: u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0),
-                });
+            report.dead_error(
+                row.try_get("account")?,
+                row.try_get("error")?,
+                row.try_get("n")?,
+            );
         }
-        for pause in self.pauses().await? {
-            if pause.until > now {
-                let a = account_entry(&mut accounts, pause.account);
-                a.paused_until = Some(timestamp(pause.until));
-                a.pause_reason = Some(pause.reason);
-            }
-        }
-        Ok(accounts.into_values().collect())
+        report.pauses(self.pauses().await?, now);
+        Ok(report.finish())
     }
-}
-
-fn account_entry(
-    accounts: &mut BTreeMap<String, AccountStatus>,
-    name: String,
-) -> &mut AccountStatus {
-    accounts
-        .entry(name.clone())
-        .or_insert_with(|| AccountStatus {
-            account: name,
-            ..AccountStatus::default()
-        })
 }
 
 /// SQLITE_CONSTRAINT_TRIGGER: a trigger's RAISE(ABORT, ...), which is how

@@ -9,7 +9,8 @@ use sqlx::Row;
 
 use super::{SqliteStore, sql};
 use crate::store::{
-    AccountPause, ClaimedRow, Outbox, RowOutcome, Status, StoreError, parse_timestamp, timestamp,
+    AccountPause, ClaimedRow, Outbox, RowOutcome, Status, StoreError, decode_recent_requests,
+    encode_recent_requests, parse_timestamp, timestamp,
 };
 
 impl Outbox for SqliteStore {
@@ -261,12 +262,10 @@ impl Outbox for SqliteStore {
         .bind(account)
         .fetch_optional(&self.pool)
         .await?;
-        let Some(text) = stored.flatten() else {
-            return Ok(Vec::new());
-        };
-        // Unreadable memory is no memory: the limiter starts empty.
-        let ends: Vec<String> = serde_json::from_str(&text).unwrap_or_default();
-        Ok(ends.iter().filter_map(|t| parse_timestamp(t)).collect())
+        Ok(stored
+            .flatten()
+            .map(|text| decode_recent_requests(&text))
+            .unwrap_or_default())
     }
 
     async fn request_starting(
@@ -290,13 +289,12 @@ impl Outbox for SqliteStore {
         account: &str,
         ends: &[SystemTime],
     ) -> Result<(), StoreError> {
-        let ends: Vec<String> = ends.iter().map(|t| timestamp(*t)).collect();
         sqlx::query(
             "INSERT INTO outbox_account_state (account, recent_requests) VALUES (?1, ?2)
              ON CONFLICT (account) DO UPDATE SET recent_requests = excluded.recent_requests",
         )
         .bind(account)
-        .bind(serde_json::to_string(&ends).unwrap_or_else(|_| "[]".into()))
+        .bind(encode_recent_requests(ends))
         .execute(&self.writer)
         .await?;
         Ok(())

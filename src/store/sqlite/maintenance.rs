@@ -7,9 +7,8 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::SystemTime;
 
-use sqlx::Row;
-
 use super::SqliteStore;
+use crate::store::report;
 use crate::store::{StoreError, Upkeep, timestamp};
 
 /// Mode of a database file the daemon creates: producers in the group write to it.
@@ -102,14 +101,7 @@ impl Upkeep for SqliteStore {
         .bind(&configured)
         .execute(&self.writer)
         .await?;
-        rows.into_iter()
-            .map(|row| {
-                Ok((
-                    row.try_get("account")?,
-                    u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0),
-                ))
-            })
-            .collect()
+        report::account_counts(rows)
     }
 
     /// Deletes up to `limit` rows delivered before `before`, oldest first, in

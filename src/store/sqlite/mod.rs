@@ -27,9 +27,9 @@ use sqlx::{ConnectOptions, Connection, Row, SqliteConnection, SqlitePool};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::store::report;
 use crate::store::{
-    Acquired, DaemonStore, QueueSummary, Status, StorageLost, StoreError, parse_timestamp,
-    timestamp,
+    Acquired, DaemonStore, QueueSummary, StorageLost, StoreError, parse_timestamp, timestamp,
 };
 use file::{DaemonLock, FileError};
 use wal_watch::WalWatch;
@@ -416,20 +416,17 @@ impl DaemonStore for SqliteStore {
         .fetch_all(self.pool())
         .await?;
         for row in rows {
-            let entry = summary.accounts.entry(row.try_get("account")?).or_default();
-            let n = u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0);
-            match Status::parse(row.try_get("status")?) {
-                Some(Status::Pending) => {
-                    entry.pending = n;
-                    entry.oldest_pending = row
-                        .try_get::<Option<String>, _>("oldest")?
-                        .as_deref()
-                        .and_then(parse_timestamp);
-                }
-                Some(Status::Sending) => entry.sending = n,
-                Some(Status::Dead) => entry.dead = n,
-                Some(Status::Delivered) | None => {}
-            }
+            let oldest = row
+                .try_get::<Option<String>, _>("oldest")?
+                .as_deref()
+                .and_then(parse_timestamp);
+            report::queue_count(
+                &mut summary,
+                row.try_get("account")?,
+                row.try_get("status")?,
+                row.try_get("n")?,
+                oldest,
+            );
         }
         let delivered: i64 = sqlx::query_scalar(
             // Without statistics SQLite would walk every delivered row
