@@ -27,10 +27,9 @@ pub(super) enum Sent {
 /// Whether a request's start is recorded ([`AccountWorker::stamp_request_start`]).
 pub(super) enum Stamp {
     Recorded,
-    /// Not recorded, and no reason to store: stopping (the lease lost), or
-    /// the database too slow (logged).
+    /// Not recorded, and no reason to store: stopping (the lease lost).
     Stopped,
-    /// The database refused the write (the error).
+    /// The database refused the write, or kept taking seconds over it: why.
     Failed(String),
 }
 
@@ -194,6 +193,8 @@ impl<S: Outbox> AccountWorker<S> {
             lead *= 4;
         }
         tracing::error!(account = %self.account, "recording that a request is starting keeps taking seconds, so it is not sent; its rows wait and are tried again; check the database's disk");
-        Stamp::Stopped
+        Stamp::Failed(
+            "the write kept taking seconds (4 tries); check the database's disk".to_owned(),
+        )
     }
 }
