@@ -31,6 +31,9 @@ struct Cluster {
     /// Admin URL (database `postgres`).
     admin_url: String,
     pub started_in: std::time::Duration,
+    /// `pg_ctl` and the data folder, for [`OwnCluster::restart`].
+    pg_ctl: PathBuf,
+    data: PathBuf,
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
@@ -163,6 +166,62 @@ fn start_cluster() -> Cluster {
     Cluster {
         admin_url: format!("postgres://postgres@localhost/postgres?host={socket}"),
         started_in: started.elapsed(),
+        pg_ctl: bin.join("pg_ctl"),
+        data,
+    }
+}
+
+/// A throwaway cluster of one test's own (never the binary's shared one,
+/// nor `MEWS_OUTBOX_TEST_POSTGRES_URL`'s server): a test that restarts
+/// its server must not cut the other tests' connections. Started like the
+/// shared one (as `postgres` through `runuser` when root, its own
+/// watchdog); stopped when dropped.
+pub struct OwnCluster {
+    cluster: Cluster,
+}
+
+impl OwnCluster {
+    pub fn start() -> OwnCluster {
+        OwnCluster {
+            cluster: start_cluster(),
+        }
+    }
+
+    /// A fresh database on this cluster.
+    pub async fn database(&self) -> TestDb {
+        database_on(&self.cluster.admin_url).await
+    }
+
+    /// `pg_ctl restart -m fast` (as the server user): every connection is
+    /// cut, the server comes back with the options it was started with
+    /// (`postmaster.opts`). Blocking; returns once it accepts connections.
+    pub fn restart(&self) {
+        let mut pg_ctl = as_server_user(&self.cluster.pg_ctl);
+        pg_ctl
+            .arg("-D")
+            .arg(&self.cluster.data)
+            .args(["-m", "fast", "-w"])
+            // Not remembered by pg_ctl: without it the new server would
+            // write to (and keep open) the pipe `run` reads to its end.
+            .arg("-l")
+            .arg(self.cluster.data.with_file_name("server.log"))
+            .arg("restart");
+        run(pg_ctl, "pg_ctl restart");
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        // The watchdog removes the folder once the test process is gone.
+        let mut pg_ctl = as_server_user(&self.cluster.pg_ctl);
+        pg_ctl
+            .arg("-D")
+            .arg(&self.cluster.data)
+            .args(["-m", "immediate", "stop"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let _ = pg_ctl.status();
     }
 }
 
@@ -180,7 +239,11 @@ pub fn cluster_start_time() -> Option<std::time::Duration> {
 
 /// A fresh database `t_<random>` on the test server.
 pub async fn database() -> TestDb {
-    let admin = admin_url();
+    database_on(&admin_url()).await
+}
+
+async fn database_on(admin: &str) -> TestDb {
+    let admin = admin.to_owned();
     let name = format!("t_{:016x}", fastrand::u64(..));
     let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
         .await
