@@ -10,9 +10,9 @@ use uuid::Uuid;
 
 use super::super::connections::ConnHandle;
 use super::super::reply::Reply;
-use super::super::state::Shared;
+use super::super::state::{Shared, StoredEntry};
 use super::super::{MAX_GET_ALL_INTERVAL, MAX_ITEMS, RequestRecord};
-use super::{Route, message_json, open, parse_uuid};
+use super::{Route, limitation, message_json, newest_first_page, open, parse_uuid};
 
 /// Parses an RFC 3339 timestamp with `Z` or a `±HH:MM` offset.
 fn parse_timestamp(s: &str) -> Option<SystemTime> {
@@ -128,55 +128,31 @@ pub(super) async fn get_all(
             Ok(filter) => filter,
             Err(reply) => return reply,
         };
-    let Some(Value::Object(limitation)) = env.map.get("Limitation") else {
-        return Reply::bad_request("Invalid Limitation");
-    };
-    let count = match limitation.get("Count").and_then(Value::as_u64) {
-        Some(c) if (1..=MAX_ITEMS as u64).contains(&c) => c as usize,
-        _ => return Reply::bad_request("Invalid Limitation.Count"),
-    };
-    let cursor = match limitation.get("Cursor") {
-        None | Some(Value::Null) => None,
-        v => match parse_uuid(v) {
-            Some(id) => Some(id),
-            None => return Reply::bad_request("Invalid Limitation.Cursor"),
-        },
+    let page = match limitation(env.map) {
+        Ok(page) => page,
+        Err(reply) => return reply,
     };
 
     let st = shared.state();
-    // Newest first, ties broken by reverse storage order: the key
-    // (created, storage index) sorted descending.
-    let after = match cursor {
-        None => None,
-        Some(id) => match st.stored.iter().position(|e| e.msg.id == id) {
-            Some(i) => Some((st.stored[i].created, i)),
-            None => return Reply::bad_request("Invalid Limitation.Cursor"),
-        },
+    let keep = |e: &StoredEntry| {
+        e.msg.access_token == env.access_token
+            && threads.contains(&e.msg.message_thread_id)
+            && filter.as_ref().is_none_or(|f| f.matches(e.created))
     };
-    let mut found: Vec<(SystemTime, usize)> = st
-        .stored
-        .iter()
-        .enumerate()
-        .filter(|(i, e)| {
-            e.msg.access_token == env.access_token
-                && threads.contains(&e.msg.message_thread_id)
-                && filter.as_ref().is_none_or(|f| f.matches(e.created))
-                && after.is_none_or(|key| (e.created, *i) < key)
-        })
-        .map(|(i, e)| (e.created, i))
-        .collect();
-    found.sort_unstable_by(|a, b| b.cmp(a));
-    let more = found.len() > count;
-    found.truncate(count);
+    let (found, next_cursor) = match newest_first_page(
+        &st.stored,
+        |e| (e.created, e.msg.id),
+        keep,
+        page,
+        st.opts.cursor_on_last_page,
+    ) {
+        Ok(found) => found,
+        Err(reply) => return reply,
+    };
     let messages: Vec<Value> = found
         .iter()
-        .map(|&(_, i)| message_json(&st.stored[i].msg, st.opts.sender_as_string))
+        .map(|&i| message_json(&st.stored[i].msg, st.opts.sender_as_string))
         .collect();
-    let next_cursor = if more || st.opts.cursor_on_last_page {
-        found.last().map(|&(_, i)| st.stored[i].msg.id)
-    } else {
-        None
-    };
     Reply::Json(
         StatusCode::OK,
         json!({"Messages": messages, "Cursor": next_cursor}),

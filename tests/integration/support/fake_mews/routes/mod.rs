@@ -367,3 +367,59 @@ fn message_json(m: &StoredMessage, sender_as_string: bool) -> Value {
         "CreatedUtc": m.created_utc,
     })
 }
+
+/// `Limitation` of a getAll request: `Count` (1..=MAX_ITEMS) and the
+/// optional `Cursor`, or the 400 Mews gives.
+pub(super) fn limitation(map: &Map<String, Value>) -> Result<(usize, Option<Uuid>), Reply> {
+    let Some(Value::Object(limitation)) = map.get("Limitation") else {
+        return Err(Reply::bad_request("Invalid Limitation"));
+    };
+    let count = match limitation.get("Count").and_then(Value::as_u64) {
+        Some(c) if (1..=super::MAX_ITEMS as u64).contains(&c) => c as usize,
+        _ => return Err(Reply::bad_request("Invalid Limitation.Count")),
+    };
+    let cursor = match limitation.get("Cursor") {
+        None | Some(Value::Null) => None,
+        v => match parse_uuid(v) {
+            Some(id) => Some(id),
+            None => return Err(Reply::bad_request("Invalid Limitation.Cursor")),
+        },
+    };
+    Ok((count, cursor))
+}
+
+/// One page of a getAll: the indexes of `items` that `keep` selects, newest
+/// first (ties broken by reverse storage order, the key (created, index)
+/// descending), after `cursor` and at most `count`; and the next page's
+/// cursor (also on the last page when `cursor_on_last_page`). An unknown
+/// cursor is Mews's 400.
+pub(super) fn newest_first_page<T>(
+    items: &[T],
+    key: impl Fn(&T) -> (SystemTime, Uuid),
+    keep: impl Fn(&T) -> bool,
+    (count, cursor): (usize, Option<Uuid>),
+    cursor_on_last_page: bool,
+) -> Result<(Vec<usize>, Option<Uuid>), Reply> {
+    let after = match cursor {
+        None => None,
+        Some(id) => match items.iter().position(|e| key(e).1 == id) {
+            Some(i) => Some((key(&items[i]).0, i)),
+            None => return Err(Reply::bad_request("Invalid Limitation.Cursor")),
+        },
+    };
+    let mut found: Vec<(SystemTime, usize)> = items
+        .iter()
+        .enumerate()
+        .filter(|(i, e)| keep(e) && after.is_none_or(|k| (key(e).0, *i) < k))
+        .map(|(i, e)| (key(e).0, i))
+        .collect();
+    found.sort_unstable_by(|a, b| b.cmp(a));
+    let more = found.len() > count;
+    found.truncate(count);
+    let next = if more || cursor_on_last_page {
+        found.last().map(|&(_, i)| key(&items[i]).1)
+    } else {
+        None
+    };
+    Ok((found.into_iter().map(|(_, i)| i).collect(), next))
+}

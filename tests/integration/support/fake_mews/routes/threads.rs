@@ -2,7 +2,6 @@
 //! a client created, kept per `AccessToken` (only those may get messages).
 
 use std::collections::HashSet;
-use std::time::SystemTime;
 
 use axum::http::StatusCode;
 use serde_json::{Map, Value, json};
@@ -10,12 +9,12 @@ use uuid::Uuid;
 
 use super::super::connections::ConnHandle;
 use super::super::reply::Reply;
-use super::super::state::Shared;
+use super::super::state::{Shared, ThreadEntry};
 use super::super::{
     FAKE_ENTERPRISE_ID, MAX_ITEMS, MAX_THREADS_GET_ALL_INTERVAL, RequestRecord, StoredThread,
 };
 use super::get_all::TimeFilter;
-use super::{Route, open, parse_uuid};
+use super::{Route, limitation, newest_first_page, open, parse_uuid};
 
 fn thread_json(t: &StoredThread) -> Value {
     json!({
@@ -126,19 +125,9 @@ pub(super) async fn get_all(
             "Invalid filter: one of MessageThreadIds, CreatedUtc, UpdatedUtc is required",
         );
     }
-    let Some(Value::Object(limitation)) = env.map.get("Limitation") else {
-        return Reply::bad_request("Invalid Limitation");
-    };
-    let count = match limitation.get("Count").and_then(Value::as_u64) {
-        Some(c) if (1..=MAX_ITEMS as u64).contains(&c) => c as usize,
-        _ => return Reply::bad_request("Invalid Limitation.Count"),
-    };
-    let cursor = match limitation.get("Cursor") {
-        None | Some(Value::Null) => None,
-        v => match parse_uuid(v) {
-            Some(id) => Some(id),
-            None => return Reply::bad_request("Invalid Limitation.Cursor"),
-        },
+    let page = match limitation(env.map) {
+        Ok(page) => page,
+        Err(reply) => return reply,
     };
     // The fake is one enterprise: a filter without it matches nothing.
     let ours = enterprises.is_none_or(|e| {
@@ -147,38 +136,26 @@ pub(super) async fn get_all(
     });
 
     let st = shared.state();
-    let after = match cursor {
-        None => None,
-        Some(id) => match st.threads.iter().position(|e| e.thread.id == id) {
-            Some(i) => Some((st.threads[i].created, i)),
-            None => return Reply::bad_request("Invalid Limitation.Cursor"),
-        },
+    let keep = |e: &ThreadEntry| {
+        ours && e.thread.access_token == env.access_token
+            && ids.as_ref().is_none_or(|ids| ids.contains(&e.thread.id))
+            && created.as_ref().is_none_or(|f| f.matches(e.created))
+            && updated.as_ref().is_none_or(|f| f.matches(e.created))
     };
-    let mut found: Vec<(SystemTime, usize)> = st
-        .threads
-        .iter()
-        .enumerate()
-        .filter(|(i, e)| {
-            ours && e.thread.access_token == env.access_token
-                && ids.as_ref().is_none_or(|ids| ids.contains(&e.thread.id))
-                && created.as_ref().is_none_or(|f| f.matches(e.created))
-                && updated.as_ref().is_none_or(|f| f.matches(e.created))
-                && after.is_none_or(|key| (e.created, *i) < key)
-        })
-        .map(|(i, e)| (e.created, i))
-        .collect();
-    found.sort_unstable_by(|a, b| b.cmp(a));
-    let more = found.len() > count;
-    found.truncate(count);
+    let (found, next_cursor) = match newest_first_page(
+        &st.threads,
+        |e| (e.created, e.thread.id),
+        keep,
+        page,
+        st.opts.cursor_on_last_page,
+    ) {
+        Ok(found) => found,
+        Err(reply) => return reply,
+    };
     let threads: Vec<Value> = found
         .iter()
-        .map(|&(_, i)| thread_json(&st.threads[i].thread))
+        .map(|&i| thread_json(&st.threads[i].thread))
         .collect();
-    let next_cursor = if more || st.opts.cursor_on_last_page {
-        found.last().map(|&(_, i)| st.threads[i].thread.id)
-    } else {
-        None
-    };
     Reply::Json(
         StatusCode::OK,
         json!({"MessageThreads": threads, "Cursor": next_cursor}),
