@@ -90,15 +90,6 @@ impl MemoryStore {
 }
 
 impl Outbox for MemoryStore {
-    async fn claim(
-        &self,
-        account: &str,
-        now: SystemTime,
-        limit: usize,
-    ) -> Result<Vec<ClaimedRow>, StoreError> {
-        self.claim_within(account, now, limit, usize::MAX).await
-    }
-
     async fn claim_within(
         &self,
         account: &str,

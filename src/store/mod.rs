@@ -227,13 +227,16 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
 pub trait Outbox: Clone + Send + Sync + 'static {
     /// Leases up to `limit` due `pending` rows of `account` as `sending`: the
     /// oldest due first, at most one per thread, and only rows with no earlier
-    /// unfinished (`pending`/`sending`) row in their thread.
+    /// unfinished (`pending`/`sending`) row in their thread. No byte bound:
+    /// [`Outbox::claim_within`] with `usize::MAX`.
     fn claim(
         &self,
         account: &str,
         now: SystemTime,
         limit: usize,
-    ) -> impl Future<Output = Result<Vec<ClaimedRow>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<ClaimedRow>, StoreError>> + Send {
+        self.claim_within(account, now, limit, usize::MAX)
+    }
 
     /// Like [`Outbox::claim`], but stops once the claimed texts (plus
     /// `sql::MESSAGE_ENVELOPE_BYTES` each) would pass `max_bytes`; always

@@ -546,16 +546,6 @@ impl PgStore {
 }
 
 impl Outbox for PgStore {
-    /// [`PgStore::claim_within`] without a byte bound.
-    async fn claim(
-        &self,
-        account: &str,
-        now: SystemTime,
-        limit: usize,
-    ) -> Result<Vec<ClaimedRow>, StoreError> {
-        self.claim_within(account, now, limit, usize::MAX).await
-    }
-
     async fn claim_within(
         &self,
         account: &str,

@@ -14,15 +14,6 @@ use crate::store::{
 };
 
 impl Outbox for SqliteStore {
-    async fn claim(
-        &self,
-        account: &str,
-        now: SystemTime,
-        limit: usize,
-    ) -> Result<Vec<ClaimedRow>, StoreError> {
-        self.claim_within(account, now, limit, usize::MAX).await
-    }
-
     async fn claim_within(
         &self,
         account: &str,
