@@ -569,34 +569,7 @@ async fn four_producers_inserting_while_a_daemon_claims_every_row_claimed_once()
         }));
     }
     let total = 4 * PER_PRODUCER;
-    let mut seen: HashMap<i64, String> = HashMap::new();
-    let mut last_in_thread: HashMap<String, i64> = HashMap::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while seen.len() < total {
-        assert!(
-            Instant::now() < deadline,
-            "claimed {} of {total}",
-            seen.len()
-        );
-        let now = SystemTime::now() + Duration::from_secs(3600);
-        let claimed = s.claim("default", now, 7).await.unwrap();
-        if claimed.is_empty() {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            continue;
-        }
-        let mut outcomes = Vec::new();
-        for row in claimed {
-            assert!(
-                seen.insert(row.id, row.message_thread_id.clone()).is_none(),
-                "row {} claimed twice",
-                row.id
-            );
-            let last = last_in_thread.insert(row.message_thread_id.clone(), row.id);
-            assert!(last < Some(row.id), "thread order broken at row {}", row.id);
-            outcomes.push(delivered(row.id));
-        }
-        s.record(&outcomes, now).await.unwrap();
-    }
+    claim_all_once_in_thread_order(&s, total, 7).await;
     for p in producers {
         p.await.unwrap();
     }
@@ -1364,6 +1337,16 @@ async fn producer_transactions_over_several_threads_beside_claims_never_deadlock
         }));
     }
     let total = 3 * TRANSACTIONS * 4;
+    claim_all_once_in_thread_order(&s, total, 3).await;
+    for p in producers {
+        p.await.unwrap();
+    }
+}
+
+/// Claims `per_claim` rows at a time, recording each delivered, until
+/// `total` rows were claimed (within 60 s, while producers may still be
+/// inserting): each row exactly once, and each thread's rows in id order.
+async fn claim_all_once_in_thread_order(s: &PgStore, total: usize, per_claim: usize) {
     let mut seen = HashSet::new();
     let mut last_in_thread: HashMap<String, i64> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -1374,8 +1357,10 @@ async fn producer_transactions_over_several_threads_beside_claims_never_deadlock
             seen.len()
         );
         let now = SystemTime::now() + Duration::from_secs(3600);
-        let claimed = s.claim("default", now, 3).await.unwrap();
+        let claimed = s.claim("default", now, per_claim).await.unwrap();
         if claimed.is_empty() {
+            // Polling a store with no change feed to wait on: nothing more
+            // is due until a producer commits.
             tokio::time::sleep(Duration::from_millis(1)).await;
             continue;
         }
@@ -1386,8 +1371,5 @@ async fn producer_transactions_over_several_threads_beside_claims_never_deadlock
         }
         let outcomes: Vec<_> = claimed.iter().map(|r| delivered(r.id)).collect();
         s.record(&outcomes, now).await.unwrap();
-    }
-    for p in producers {
-        p.await.unwrap();
     }
 }
