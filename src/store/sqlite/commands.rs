@@ -7,8 +7,8 @@ use sqlx::Row;
 use super::SqliteStore;
 use crate::store::report::{self, StatusReport};
 use crate::store::{
-    AccountStatus, DeadRow, Enqueued, NewMessage, OperatorStore, Outbox, Requeue, StoreError,
-    timestamp,
+    AccountStatus, DeadRow, DeadThread, Enqueued, NewMessage, NewThread, OperatorStore, Outbox,
+    Requeue, StoreError, ThreadRef, timestamp,
 };
 
 /// Most common dead-row errors shown per account by `status`.
@@ -32,6 +32,7 @@ impl OperatorStore for SqliteStore {
                     id: row.try_get("id")?,
                     account: row.try_get("account")?,
                     message_thread_id: row.try_get("message_thread_id")?,
+                    thread_key: None,
                     text: String::from_utf8_lossy(&row.try_get::<Vec<u8>, _>("text")?).into_owned(),
                     attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(0),
                     last_error: row.try_get("last_error")?,
@@ -121,14 +122,21 @@ impl OperatorStore for SqliteStore {
     }
 
     /// Inserts one message the way a producer would.
-    async fn enqueue(&self, message: &NewMessage) -> Result<Enqueued, StoreError> {
+    async fn enqueue(
+        &self,
+        message: &NewMessage,
+        new_thread: Option<&NewThread>,
+    ) -> Result<Enqueued, StoreError> {
+        let (ThreadRef::Id(message_thread_id), None) = (&message.thread, new_thread) else {
+            return SqliteStore::enqueue_with_thread(self, message, new_thread).await;
+        };
         let inserted = sqlx::query_scalar::<_, i64>(
             "INSERT INTO outbox (message_thread_id, text, identifier, account)
              VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (identifier) DO NOTHING
              RETURNING id",
         )
-        .bind(&message.message_thread_id)
+        .bind(message_thread_id)
         .bind(&message.text)
         .bind(&message.identifier)
         .bind(&message.account)
@@ -218,6 +226,27 @@ impl OperatorStore for SqliteStore {
         }
         report.pauses(self.pauses().await?, now);
         Ok(report.finish())
+    }
+
+    async fn dead_threads(&self, account: Option<&str>) -> Result<Vec<DeadThread>, StoreError> {
+        SqliteStore::dead_threads(self, account).await
+    }
+
+    async fn requeue_dead_threads(
+        &self,
+        which: &Requeue,
+        account: Option<&str>,
+        now: SystemTime,
+    ) -> Result<Vec<i64>, StoreError> {
+        SqliteStore::requeue_dead_threads(self, which, account, now).await
+    }
+
+    async fn purge_dead_threads(
+        &self,
+        cutoff: SystemTime,
+        account: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        SqliteStore::purge_dead_threads(self, cutoff, account).await
     }
 }
 

@@ -152,4 +152,8 @@ impl Upkeep for SqliteStore {
             Ok(_) => Some("this database file was not created with auto_vacuum=INCREMENTAL, so pruned space is reused but never given back; to fix, stop the daemon and run `sqlite3 FILE 'PRAGMA auto_vacuum=INCREMENTAL; VACUUM;'`".into()),
         }
     }
+
+    async fn flag_threadless_rows(&self) -> Result<Vec<(String, String, u64)>, StoreError> {
+        SqliteStore::flag_threadless_rows(self).await
+    }
 }

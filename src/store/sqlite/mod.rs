@@ -13,6 +13,7 @@ pub mod maintenance;
 pub mod sql;
 #[cfg(test)]
 mod tests;
+mod threads;
 mod wal_watch;
 
 use std::collections::BTreeSet;
