@@ -13,6 +13,8 @@ pub mod maintenance;
 pub mod sql;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod thread_tests;
 mod threads;
 mod wal_watch;
 
@@ -466,10 +468,19 @@ impl DaemonStore for SqliteStore {
         for row in threads {
             let account: String = row.try_get("account")?;
             let entry = summary.accounts.entry(account).or_default();
-            report::thread_count(&mut entry.threads, row.try_get("status")?, row.try_get("n")?);
+            report::thread_count(
+                &mut entry.threads,
+                row.try_get("status")?,
+                row.try_get("n")?,
+            );
         }
         for (account, n) in self.messages_waiting().await? {
-            summary.accounts.entry(account).or_default().threads.messages_waiting = n;
+            summary
+                .accounts
+                .entry(account)
+                .or_default()
+                .threads
+                .messages_waiting = n;
         }
         Ok(summary)
     }
