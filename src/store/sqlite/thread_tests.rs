@@ -696,6 +696,16 @@ async fn a_dead_thread_holds_its_messages_until_requeued_and_created_and_purge_m
     );
     assert!(dead[0].dead_at.is_some());
     assert_eq!(tid, 1, "the first thread survived the purge");
+    // A new thread of the same key is created: the purged message, dead,
+    // stays so; requeued, it joins that thread.
+    let t3 = insert_thread(&s, "default", "k2").await;
+    claim_and_record(&s, "default", t3, created()).await;
+    assert_eq!(row(&s, c).await.0, "dead");
+    s.requeue_dead(&Requeue::Ids(vec![c]), None, SystemTime::now())
+        .await
+        .unwrap();
+    assert_eq!(row(&s, c).await.2.as_deref(), Some(M));
+    assert_eq!(drain(&s, "default").await, [(c, M.to_owned())]);
     assert_eq!(thread(&s, tid).await.0, "created");
 }
 
