@@ -256,6 +256,18 @@ async fn migrating_from_migration_6_keeps_every_row_its_id_the_heads_and_the_seq
         .unwrap();
     let sequence = outbox_sequence(&old).await;
     assert_eq!(sequence, max_id + 10, "the pruned rows raised the sequence");
+    // The application's own schema around the outbox (it may live in the
+    // application's database): a view of it, and a trigger that enqueues.
+    sqlx::raw_sql(
+        "CREATE VIEW app_waiting AS SELECT id, text FROM outbox WHERE status = 'pending';
+         CREATE TABLE app_checkins (thread TEXT NOT NULL);
+         CREATE TRIGGER app_checkin_enqueues AFTER INSERT ON app_checkins BEGIN
+             INSERT INTO outbox (message_thread_id, text) VALUES (new.thread, 'Welcome');
+         END;",
+    )
+    .execute(&old)
+    .await
+    .unwrap();
     let before = snapshot(&old).await;
     assert_eq!(before.0.len(), 9);
     assert_eq!(before.1.len(), 3, "heads of T1, T2 and the other thread");
@@ -305,6 +317,18 @@ async fn migrating_from_migration_6_keeps_every_row_its_id_the_heads_and_the_seq
             .collect()
     };
     assert_eq!((of(T1), of(T2)), (vec![4, 6, 7, 8], vec![5, new]));
+    // The application's view and trigger still work on the rebuilt table.
+    let waiting: Vec<i64> = sqlx::query_scalar("SELECT id FROM app_waiting ORDER BY id")
+        .fetch_all(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(waiting, [9], "only account b's row is still pending");
+    sqlx::query("INSERT INTO app_checkins (thread) VALUES (?1)")
+        .bind(T1)
+        .execute(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(drain(&s, "default").await.len(), 1);
     // The schema is the binary's: a read-only open accepts it.
     SqliteStore::open_read_only(&path, Duration::from_secs(5))
         .await
