@@ -81,9 +81,7 @@ async fn hostile_inserts_are_refused_with_a_clear_error_or_delivered_verbatim() 
             Some(b"hi"),
             None,
             None,
-            // Migration ..07_threads: a row names its thread by
-            // message_thread_id or by thread_key, exactly one of them.
-            Some("exactly_one_of_message_thread_id_and_thread_key"),
+            Some("CHECK constraint failed: exactly_one_of_message_thread_id_and_thread_key"),
         ),
         (
             "empty identifier",
