@@ -11,7 +11,9 @@ use crate::config::{DatabaseTarget, PostgresSettings, Settings, Sources};
 use crate::dead::DeadReport;
 use crate::status::StatusReport;
 use crate::store::postgres::{PgOptions, PgStore};
-use crate::store::{DaemonStore, Enqueued, NewMessage, OperatorStore, Requeue, SqliteStore};
+use crate::store::{
+    DaemonStore, Enqueued, NewMessage, OperatorStore, Requeue, SqliteStore, ThreadRef,
+};
 use secrecy::ExposeSecret;
 
 #[derive(Debug, Parser)]
@@ -160,7 +162,7 @@ pub async fn execute(command: Command, settings: Settings, sources: Sources) -> 
                 );
             }
             let message = NewMessage {
-                message_thread_id: thread.hyphenated().to_string(),
+                thread: ThreadRef::Id(thread.hyphenated().to_string()),
                 text,
                 identifier,
                 account,
@@ -269,7 +271,7 @@ async fn open_postgres(settings: &Settings) -> anyhow::Result<Option<PgStore>> {
 }
 
 async fn enqueue<S: OperatorStore>(store: &S, message: &NewMessage) -> anyhow::Result<()> {
-    match store.enqueue(message).await? {
+    match store.enqueue(message, None).await? {
         Enqueued::Inserted(id) => out(&id.to_string())?,
         Enqueued::AlreadyThere(id) => {
             eprintln!("a row with this identifier exists already; nothing inserted");

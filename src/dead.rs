@@ -45,7 +45,7 @@ impl DeadReport {
                 row.account,
                 row.attempts,
                 row.dead_at.as_deref().unwrap_or("-"),
-                row.message_thread_id,
+                row.message_thread_id.as_deref().unwrap_or("-"),
             );
             out += &format!("          text:  {}\n", preview(&row.text));
             out += &format!(
@@ -82,7 +82,8 @@ mod tests {
             rows: vec![DeadRow {
                 id: 17,
                 account: "default".into(),
-                message_thread_id: "7f9325f6-ef44-4911-89a8-ae51010a5aa4".into(),
+                message_thread_id: Some("7f9325f6-ef44-4911-89a8-ae51010a5aa4".into()),
+                thread_key: None,
                 text: format!("line one\nline two {}", "x".repeat(100)),
                 attempts: 1,
                 last_error: Some("HTTP 403: poisoned (RequestId r)".into()),

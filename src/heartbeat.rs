@@ -214,6 +214,7 @@ mod tests {
                             sending: 0,
                             dead: *dead,
                             oldest_pending: *oldest,
+                            threads: Default::default(),
                         },
                     )
                 })

@@ -7,7 +7,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
-use super::{AccountPause, ClaimedRow, Outbox, RowOutcome, Status, StoreError};
+use super::{
+    AccountPause, ClaimedRow, ClaimedThread, Outbox, RowOutcome, Status, StoreError, ThreadOutcome,
+};
 
 /// One row of the in-memory outbox.
 #[derive(Debug, Clone)]
@@ -276,5 +278,35 @@ impl Outbox for MemoryStore {
             .recent
             .insert(account.to_owned(), ends.to_vec());
         Ok(())
+    }
+
+    // Threads: none in this store yet (the threads-base stub).
+    async fn claim_thread(
+        &self,
+        _account: &str,
+        _now: SystemTime,
+    ) -> Result<Option<ClaimedThread>, StoreError> {
+        Ok(None)
+    }
+
+    async fn next_thread_due(
+        &self,
+        _account: &str,
+        _now: SystemTime,
+    ) -> Result<Option<SystemTime>, StoreError> {
+        Ok(None)
+    }
+
+    async fn record_thread(
+        &self,
+        id: i64,
+        _outcome: &ThreadOutcome,
+        _now: SystemTime,
+    ) -> Result<(), StoreError> {
+        Err(StoreError::Refused(format!("no thread {id}")))
+    }
+
+    async fn owned_thread_ids(&self, _ids: &[&str]) -> Result<HashSet<String>, StoreError> {
+        Ok(HashSet::new())
     }
 }

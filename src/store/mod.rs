@@ -12,6 +12,7 @@ pub mod postgres;
 mod report;
 pub mod schema;
 pub mod sqlite;
+pub mod thread;
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
@@ -20,6 +21,9 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 pub use sqlite::SqliteStore;
+pub use thread::{
+    ClaimedThread, DeadThread, NewThread, ThreadCounts, ThreadOutcome, ThreadRef, ThreadStatus,
+};
 
 /// Where a row stands. Backed in SQL by a CHECK on `outbox.status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -99,7 +103,7 @@ pub enum RowOutcome {
 /// A new message, as `enqueue` inserts it.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
-    pub message_thread_id: String,
+    pub thread: ThreadRef,
     pub text: String,
     pub identifier: Option<String>,
     pub account: String,
@@ -138,6 +142,9 @@ pub struct AccountStatus {
     /// The most common reasons among this account's dead rows, most common
     /// first (RequestIds left out so that equal errors group).
     pub dead_errors: Vec<ErrorCount>,
+    /// This account's threads (`outbox_threads`) by status, and the
+    /// messages waiting for one.
+    pub threads: ThreadCounts,
 }
 
 /// How many dead rows share one `last_error`.
@@ -152,7 +159,11 @@ pub struct ErrorCount {
 pub struct DeadRow {
     pub id: i64,
     pub account: String,
-    pub message_thread_id: String,
+    /// The Mews thread: the row's `message_thread_id`, or its thread's id
+    /// once its `thread_key`'s thread was created.
+    pub message_thread_id: Option<String>,
+    /// The row's `thread_key`, when it names its thread by key.
+    pub thread_key: Option<String>,
     /// The text, lossily decoded if a producer stored bytes that are not UTF-8.
     pub text: String,
     pub attempts: u32,
@@ -316,6 +327,37 @@ pub trait Outbox: Clone + Send + Sync + 'static {
         account: &str,
         ends: &[SystemTime],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Leases the oldest due `pending` thread of `account` as `creating`
+    /// (setting `first_sent_at` when unset), or `None` when none is due.
+    fn claim_thread(
+        &self,
+        account: &str,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<Option<ClaimedThread>, StoreError>> + Send;
+
+    /// When the next `pending` thread of `account` becomes due, if one is
+    /// scheduled after `now`.
+    fn next_thread_due(
+        &self,
+        account: &str,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<Option<SystemTime>, StoreError>> + Send;
+
+    /// Stores a claimed thread's outcome, with what it means for the
+    /// thread's waiting messages ([`ThreadOutcome`]), in one transaction.
+    fn record_thread(
+        &self,
+        id: i64,
+        outcome: &ThreadOutcome,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Which of these Mews thread Ids a thread of ours already owns.
+    fn owned_thread_ids(
+        &self,
+        ids: &[&str],
+    ) -> impl Future<Output = Result<HashSet<String>, StoreError>> + Send;
 }
 
 /// One account's share of the queue.
@@ -326,6 +368,8 @@ pub struct AccountQueue {
     pub dead: u64,
     /// `created_at` of the oldest pending row.
     pub oldest_pending: Option<SystemTime>,
+    /// The account's threads by status, and the messages waiting for one.
+    pub threads: ThreadCounts,
 }
 
 /// The queue at one moment, for the heartbeat and `STATUS=`.
@@ -395,8 +439,10 @@ pub trait DaemonStore: Outbox {
 
     /// Puts rows this store's previous owner left `sending` back to
     /// `pending`, to be read back before they are sent again, not due before
-    /// their request's start plus `settle`. Returns how many. (PostgreSQL
-    /// does this at each takeover instead and returns 0.)
+    /// their request's start plus `settle`; threads left `creating` likewise
+    /// (read back with `messageThreads/getAll` before they are created
+    /// again). Returns how many rows and threads. (PostgreSQL does this at
+    /// each takeover instead and returns 0.)
     fn recover_abandoned(
         &self,
         settle: std::time::Duration,
@@ -450,6 +496,13 @@ pub trait Upkeep: Clone + Send + Sync + 'static {
         configured: &[&str],
     ) -> impl Future<Output = Result<Vec<(String, u64)>, StoreError>> + Send;
 
+    /// Messages (`pending`, by `thread_key`) whose key names no thread of
+    /// their account in `outbox_threads`, per (account, thread_key) with
+    /// their counts; they get [`thread::no_such_thread`] as `last_error`.
+    fn flag_threadless_rows(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(String, String, u64)>, StoreError>> + Send;
+
     /// Deletes up to `limit` rows delivered before `before`, oldest first,
     /// in one short transaction. Returns how many; dead rows are never touched.
     fn prune_delivered(
@@ -472,10 +525,14 @@ pub trait Upkeep: Clone + Send + Sync + 'static {
 
 /// The operator's commands (`enqueue`, `status`, `dead ...`).
 pub trait OperatorStore: Send + Sync {
-    /// Inserts one message the way a producer would.
+    /// Inserts one message the way a producer would; with `new_thread`
+    /// (only for a message whose thread is [`ThreadRef::Key`] of the same
+    /// key), inserts that thread first in the same transaction unless its
+    /// key already exists for the account (then the message joins it).
     fn enqueue(
         &self,
         message: &NewMessage,
+        new_thread: Option<&NewThread>,
     ) -> impl Future<Output = Result<Enqueued, StoreError>> + Send;
 
     /// Counts, ages and pauses per account (every account with rows or a pause).
@@ -502,6 +559,32 @@ pub trait OperatorStore: Send + Sync {
 
     /// Deletes dead rows that died before `cutoff` (of `account`, or all).
     fn purge_dead(
+        &self,
+        cutoff: SystemTime,
+        account: Option<&str>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Dead threads, oldest first, of one account or all.
+    fn dead_threads(
+        &self,
+        account: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<DeadThread>, StoreError>> + Send;
+
+    /// Puts dead threads back to `pending`, due now, attempts reset, as
+    /// [`OperatorStore::requeue_dead`] does for rows. Their held messages
+    /// follow once the thread is created. Returns the thread ids requeued.
+    fn requeue_dead_threads(
+        &self,
+        which: &Requeue,
+        account: Option<&str>,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<Vec<i64>, StoreError>> + Send;
+
+    /// Deletes dead threads that died before `cutoff` (of `account`, or
+    /// all). The messages held behind each become `dead` in the same
+    /// transaction, with an error naming the purged thread, so that none
+    /// waits for ever unseen. Returns how many threads.
+    fn purge_dead_threads(
         &self,
         cutoff: SystemTime,
         account: Option<&str>,

@@ -26,5 +26,6 @@ mod rejections;
 mod secrets;
 mod security;
 mod settle;
+mod sqlite_threads;
 mod storage_faults;
 mod thread_heads;

@@ -220,12 +220,15 @@ async fn bad_inserts_are_refused_with_the_constraint_names_of_the_sqlite_store()
     assert!(next > 1000, "{next}");
     // The store's enqueue says Refused with the constraint's name.
     let e = s
-        .enqueue(&mews_outbox::store::NewMessage {
-            message_thread_id: "nope".into(),
-            text: "hi".into(),
-            identifier: None,
-            account: "a".into(),
-        })
+        .enqueue(
+            &mews_outbox::store::NewMessage {
+                thread: mews_outbox::store::ThreadRef::Id("nope".into()),
+                text: "hi".into(),
+                identifier: None,
+                account: "a".into(),
+            },
+            None,
+        )
         .await
         .unwrap_err();
     assert!(

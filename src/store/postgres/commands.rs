@@ -47,6 +47,7 @@ impl PgStore {
                     id: row.try_get("id")?,
                     account: row.try_get("account")?,
                     message_thread_id: row.try_get("message_thread_id")?,
+                    thread_key: None,
                     text: row.try_get("text")?,
                     attempts: u32::try_from(row.try_get::<i32, _>("attempts")?).unwrap_or(0),
                     last_error: row.try_get("last_error")?,

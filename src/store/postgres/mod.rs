@@ -17,6 +17,7 @@
 
 mod commands;
 mod sql;
+mod threads;
 mod upkeep;
 
 use std::collections::{HashMap, HashSet};
@@ -32,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::schema::{SchemaProblem, schema_verdict};
 use super::{
-    AccountPause, Acquired, ClaimedRow, Enqueued, NewMessage, Outbox, RowOutcome, StoreError,
-    timestamp,
+    AccountPause, Acquired, ClaimedRow, ClaimedThread, Enqueued, NewMessage, NewThread, Outbox,
+    RowOutcome, StoreError, ThreadOutcome, ThreadRef, timestamp,
 };
 
 /// The daemon's migration bookkeeping table, as in the SQLite store.
@@ -480,14 +481,21 @@ impl PgStore {
     }
 
     /// Inserts one message the way a producer would.
-    pub async fn enqueue(&self, message: &NewMessage) -> Result<Enqueued, StoreError> {
+    pub async fn enqueue(
+        &self,
+        message: &NewMessage,
+        new_thread: Option<&NewThread>,
+    ) -> Result<Enqueued, StoreError> {
+        let (ThreadRef::Id(message_thread_id), None) = (&message.thread, new_thread) else {
+            return PgStore::enqueue_with_thread(self, message, new_thread).await;
+        };
         let inserted = sqlx::query_scalar::<_, i64>(
             "INSERT INTO outbox (message_thread_id, text, identifier, account)
              VALUES ($1, $2, $3, $4)
              ON CONFLICT (identifier) DO NOTHING
              RETURNING id",
         )
-        .bind(&message.message_thread_id)
+        .bind(message_thread_id)
         .bind(&message.text)
         .bind(&message.identifier)
         .bind(&message.account)
@@ -770,6 +778,35 @@ impl Outbox for PgStore {
             |q| q.bind(ends.clone()),
         )
         .await
+    }
+
+    async fn claim_thread(
+        &self,
+        account: &str,
+        now: SystemTime,
+    ) -> Result<Option<ClaimedThread>, StoreError> {
+        PgStore::claim_thread(self, account, now).await
+    }
+
+    async fn next_thread_due(
+        &self,
+        account: &str,
+        now: SystemTime,
+    ) -> Result<Option<SystemTime>, StoreError> {
+        PgStore::next_thread_due(self, account, now).await
+    }
+
+    async fn record_thread(
+        &self,
+        id: i64,
+        outcome: &ThreadOutcome,
+        now: SystemTime,
+    ) -> Result<(), StoreError> {
+        PgStore::record_thread(self, id, outcome, now).await
+    }
+
+    async fn owned_thread_ids(&self, ids: &[&str]) -> Result<HashSet<String>, StoreError> {
+        PgStore::owned_thread_ids(self, ids).await
     }
 }
 

@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 use super::{PgStore, micros_to_time};
 use crate::store::report;
 use crate::store::{
-    AccountStatus, Acquired, DaemonStore, DeadRow, Enqueued, NewMessage, OperatorStore,
-    QueueSummary, Requeue, StoreError, Upkeep, timestamp,
+    AccountStatus, Acquired, DaemonStore, DeadRow, DeadThread, Enqueued, NewMessage, NewThread,
+    OperatorStore, QueueSummary, Requeue, StoreError, Upkeep, timestamp,
 };
 
 /// Counts of unfinished and dead rows per account (through the status
@@ -201,11 +201,19 @@ impl Upkeep for PgStore {
     async fn storage_warning(&self) -> Option<String> {
         None
     }
+
+    async fn flag_threadless_rows(&self) -> Result<Vec<(String, String, u64)>, StoreError> {
+        PgStore::flag_threadless_rows(self).await
+    }
 }
 
 impl OperatorStore for PgStore {
-    async fn enqueue(&self, message: &NewMessage) -> Result<Enqueued, StoreError> {
-        PgStore::enqueue(self, message).await
+    async fn enqueue(
+        &self,
+        message: &NewMessage,
+        new_thread: Option<&NewThread>,
+    ) -> Result<Enqueued, StoreError> {
+        PgStore::enqueue(self, message, new_thread).await
     }
 
     async fn status(&self, now: SystemTime) -> Result<Vec<AccountStatus>, StoreError> {
@@ -231,5 +239,26 @@ impl OperatorStore for PgStore {
         account: Option<&str>,
     ) -> Result<u64, StoreError> {
         PgStore::purge_dead(self, cutoff, account).await
+    }
+
+    async fn dead_threads(&self, account: Option<&str>) -> Result<Vec<DeadThread>, StoreError> {
+        PgStore::dead_threads(self, account).await
+    }
+
+    async fn requeue_dead_threads(
+        &self,
+        which: &Requeue,
+        account: Option<&str>,
+        now: SystemTime,
+    ) -> Result<Vec<i64>, StoreError> {
+        PgStore::requeue_dead_threads(self, which, account, now).await
+    }
+
+    async fn purge_dead_threads(
+        &self,
+        cutoff: SystemTime,
+        account: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        PgStore::purge_dead_threads(self, cutoff, account).await
     }
 }

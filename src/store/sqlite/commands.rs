@@ -7,8 +7,8 @@ use sqlx::Row;
 use super::SqliteStore;
 use crate::store::report::{self, StatusReport};
 use crate::store::{
-    AccountStatus, DeadRow, Enqueued, NewMessage, OperatorStore, Outbox, Requeue, StoreError,
-    timestamp,
+    AccountStatus, DeadRow, DeadThread, Enqueued, NewMessage, NewThread, OperatorStore, Outbox,
+    Requeue, StoreError, timestamp,
 };
 
 /// Most common dead-row errors shown per account by `status`.
@@ -18,8 +18,9 @@ impl OperatorStore for SqliteStore {
     /// Dead rows, oldest first, of one account or all.
     async fn dead_rows(&self, account: Option<&str>) -> Result<Vec<DeadRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, account, message_thread_id, CAST(text AS BLOB) AS text, attempts,
-                    last_error, created_at, dead_at
+            "SELECT id, account, coalesce(message_thread_id, keyed_thread_id) AS message_thread_id,
+                    thread_key, CAST(text AS BLOB) AS text, attempts, last_error, created_at,
+                    dead_at
              FROM outbox WHERE status = 'dead' AND (?1 IS NULL OR account = ?1)
              ORDER BY id",
         )
@@ -32,6 +33,7 @@ impl OperatorStore for SqliteStore {
                     id: row.try_get("id")?,
                     account: row.try_get("account")?,
                     message_thread_id: row.try_get("message_thread_id")?,
+                    thread_key: row.try_get("thread_key")?,
                     text: String::from_utf8_lossy(&row.try_get::<Vec<u8>, _>("text")?).into_owned(),
                     attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(0),
                     last_error: row.try_get("last_error")?,
@@ -44,7 +46,9 @@ impl OperatorStore for SqliteStore {
     }
 
     /// Puts dead rows back to `pending`, due now, with their attempts reset
-    /// and `last_error` saying so. Named rows that are not all dead (or not
+    /// and `last_error` saying so. A keyed row still without its thread's
+    /// id (its thread was purged) takes it when that key's thread is
+    /// created by now; else it waits for it. Named rows that are not all dead (or not
     /// of `account`) are refused as a whole. Returns the ids requeued.
     async fn requeue_dead(
         &self,
@@ -62,6 +66,10 @@ impl OperatorStore for SqliteStore {
         let mut requeued: Vec<i64> = sqlx::query_scalar(
             "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ?1,
                  dead_at = NULL,
+                 keyed_thread_id = coalesce(keyed_thread_id,
+                     (SELECT t.mews_thread_id FROM outbox_threads AS t
+                      WHERE t.account = outbox.account AND t.thread_key = outbox.thread_key
+                        AND t.status = 'created')),
                  last_error = 'requeued by an operator at ' || ?1 || coalesce('; was: ' || last_error, '')
              WHERE status = 'dead'
                AND (?2 IS NULL OR id IN (SELECT value FROM json_each(?2)))
@@ -121,28 +129,12 @@ impl OperatorStore for SqliteStore {
     }
 
     /// Inserts one message the way a producer would.
-    async fn enqueue(&self, message: &NewMessage) -> Result<Enqueued, StoreError> {
-        let inserted = sqlx::query_scalar::<_, i64>(
-            "INSERT INTO outbox (message_thread_id, text, identifier, account)
-             VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (identifier) DO NOTHING
-             RETURNING id",
-        )
-        .bind(&message.message_thread_id)
-        .bind(&message.text)
-        .bind(&message.identifier)
-        .bind(&message.account)
-        .fetch_optional(&self.writer)
-        .await
-        .map_err(refused)?;
-        if let Some(id) = inserted {
-            return Ok(Enqueued::Inserted(id));
-        }
-        let existing = sqlx::query_scalar::<_, i64>("SELECT id FROM outbox WHERE identifier = ?1")
-            .bind(&message.identifier)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(Enqueued::AlreadyThere(existing))
+    async fn enqueue(
+        &self,
+        message: &NewMessage,
+        new_thread: Option<&NewThread>,
+    ) -> Result<Enqueued, StoreError> {
+        SqliteStore::enqueue_with_thread(self, message, new_thread).await
     }
 
     /// Counts, ages and pauses per account (every account with rows or a pause).
@@ -216,8 +208,44 @@ impl OperatorStore for SqliteStore {
                 row.try_get("n")?,
             );
         }
+        let threads = sqlx::query(
+            "SELECT account, status, count(*) AS n FROM outbox_threads GROUP BY account, status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for row in threads {
+            report::thread_count(
+                report.threads(row.try_get("account")?),
+                row.try_get("status")?,
+                row.try_get("n")?,
+            );
+        }
+        for (account, n) in self.messages_waiting().await? {
+            report.threads(account).messages_waiting = n;
+        }
         report.pauses(self.pauses().await?, now);
         Ok(report.finish())
+    }
+
+    async fn dead_threads(&self, account: Option<&str>) -> Result<Vec<DeadThread>, StoreError> {
+        SqliteStore::dead_threads(self, account).await
+    }
+
+    async fn requeue_dead_threads(
+        &self,
+        which: &Requeue,
+        account: Option<&str>,
+        now: SystemTime,
+    ) -> Result<Vec<i64>, StoreError> {
+        SqliteStore::requeue_dead_threads(self, which, account, now).await
+    }
+
+    async fn purge_dead_threads(
+        &self,
+        cutoff: SystemTime,
+        account: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        SqliteStore::purge_dead_threads(self, cutoff, account).await
     }
 }
 
@@ -227,7 +255,7 @@ const SQLITE_CONSTRAINT_TRIGGER: &str = "1811";
 
 /// A CHECK, UNIQUE, NOT NULL or producer-contract failure is the producer's
 /// input being refused.
-fn refused(e: sqlx::Error) -> StoreError {
+pub(super) fn refused(e: sqlx::Error) -> StoreError {
     match &e {
         sqlx::Error::Database(db)
             if matches!(

@@ -9,8 +9,8 @@ use sqlx::Row;
 
 use super::{SqliteStore, sql};
 use crate::store::{
-    AccountPause, ClaimedRow, Outbox, RowOutcome, Status, StoreError, decode_recent_requests,
-    encode_recent_requests, parse_timestamp, timestamp,
+    AccountPause, ClaimedRow, ClaimedThread, Outbox, RowOutcome, Status, StoreError, ThreadOutcome,
+    decode_recent_requests, encode_recent_requests, parse_timestamp, timestamp,
 };
 
 impl Outbox for SqliteStore {
@@ -289,5 +289,34 @@ impl Outbox for SqliteStore {
         .execute(&self.writer)
         .await?;
         Ok(())
+    }
+
+    async fn claim_thread(
+        &self,
+        account: &str,
+        now: SystemTime,
+    ) -> Result<Option<ClaimedThread>, StoreError> {
+        SqliteStore::claim_thread(self, account, now).await
+    }
+
+    async fn next_thread_due(
+        &self,
+        account: &str,
+        now: SystemTime,
+    ) -> Result<Option<SystemTime>, StoreError> {
+        SqliteStore::next_thread_due(self, account, now).await
+    }
+
+    async fn record_thread(
+        &self,
+        id: i64,
+        outcome: &ThreadOutcome,
+        now: SystemTime,
+    ) -> Result<(), StoreError> {
+        SqliteStore::record_thread(self, id, outcome, now).await
+    }
+
+    async fn owned_thread_ids(&self, ids: &[&str]) -> Result<HashSet<String>, StoreError> {
+        SqliteStore::owned_thread_ids(self, ids).await
     }
 }

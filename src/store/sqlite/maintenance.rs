@@ -92,7 +92,7 @@ impl Upkeep for SqliteStore {
                  || '] to the configuration, or delete row ' || h.head_id
              FROM outbox_thread_head AS h
              WHERE h.account NOT IN (SELECT value FROM json_each(?1))
-               AND outbox.message_thread_id = h.message_thread_id
+               AND coalesce(outbox.message_thread_id, outbox.keyed_thread_id) = h.message_thread_id
                AND outbox.id > h.head_id
                AND outbox.status = 'pending'
                AND outbox.account IN (SELECT value FROM json_each(?1))
@@ -151,5 +151,9 @@ impl Upkeep for SqliteStore {
             Ok(2) | Err(_) => None,
             Ok(_) => Some("this database file was not created with auto_vacuum=INCREMENTAL, so pruned space is reused but never given back; to fix, stop the daemon and run `sqlite3 FILE 'PRAGMA auto_vacuum=INCREMENTAL; VACUUM;'`".into()),
         }
+    }
+
+    async fn flag_threadless_rows(&self) -> Result<Vec<(String, String, u64)>, StoreError> {
+        SqliteStore::flag_threadless_rows(self).await
     }
 }

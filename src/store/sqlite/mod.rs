@@ -13,9 +13,12 @@ pub mod maintenance;
 pub mod sql;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod thread_tests;
+mod threads;
 mod wal_watch;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -29,7 +32,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::report;
 use crate::store::{
-    Acquired, DaemonStore, QueueSummary, StorageLost, StoreError, parse_timestamp, timestamp,
+    Acquired, DaemonStore, QueueSummary, StorageLost, StoreError, ThreadCounts, parse_timestamp,
+    timestamp,
 };
 use file::{DaemonLock, FileError};
 use wal_watch::WalWatch;
@@ -362,13 +366,17 @@ impl DaemonStore for SqliteStore {
     /// Mews may still be storing that request, so, like a timed-out one,
     /// they are not due before its start plus `settle`: the account's
     /// `add_started_by` (see [`crate::store::Outbox::request_starting`]), or `now` when it
-    /// is unknown. Only safe while holding the [`DaemonLock`] (as [`SqliteStore::open_for_daemon`] does). Returns how many.
+    /// is unknown. Threads left `creating` likewise (read back with
+    /// `messageThreads/getAll` before they are created again). Only safe while holding the [`DaemonLock`] (as [`SqliteStore::open_for_daemon`] does). Returns how many.
     async fn recover_abandoned(
         &self,
         settle: Duration,
         now: SystemTime,
     ) -> Result<u64, StoreError> {
-        let done = sqlx::query(
+        let settle_modifier = format!("+{:.3} seconds", settle.as_secs_f64());
+        let unknown = timestamp(now + settle);
+        let mut tx = self.writer.begin().await?;
+        let rows = sqlx::query(
             "UPDATE outbox SET status = 'pending', needs_reconcile = 1,
                 next_attempt_at = max(next_attempt_at, coalesce(
                     (SELECT strftime('%Y-%m-%dT%H:%M:%fZ', s.add_started_by, ?1)
@@ -376,11 +384,26 @@ impl DaemonStore for SqliteStore {
                     ?2))
              WHERE status = 'sending'",
         )
-        .bind(format!("+{:.3} seconds", settle.as_secs_f64()))
-        .bind(timestamp(now + settle))
-        .execute(&self.writer)
+        .bind(&settle_modifier)
+        .bind(&unknown)
+        .execute(&mut *tx)
         .await?;
-        Ok(done.rows_affected())
+        // Threads left `creating`: their `messageThreads/add` may have
+        // reached Mews; read back (after the same settling) before again.
+        let threads = sqlx::query(
+            "UPDATE outbox_threads SET status = 'pending', needs_reconcile = 1,
+                next_attempt_at = max(next_attempt_at, coalesce(
+                    (SELECT strftime('%Y-%m-%dT%H:%M:%fZ', s.add_started_by, ?1)
+                     FROM outbox_account_state AS s WHERE s.account = outbox_threads.account),
+                    ?2))
+             WHERE status = 'creating'",
+        )
+        .bind(&settle_modifier)
+        .bind(&unknown)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(rows.rows_affected() + threads.rows_affected())
     }
 
     /// Watches for commits by other connections (producers in other
@@ -438,6 +461,30 @@ impl DaemonStore for SqliteStore {
         .fetch_one(self.pool())
         .await?;
         summary.delivered_since = u64::try_from(delivered).unwrap_or(0);
+        let rows = sqlx::query(
+            "SELECT account, status, count(*) AS n FROM outbox_threads GROUP BY account, status",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        let mut threads: BTreeMap<String, ThreadCounts> = BTreeMap::new();
+        for row in rows {
+            let counts = threads.entry(row.try_get("account")?).or_default();
+            report::thread_count(counts, row.try_get("status")?, row.try_get("n")?);
+        }
+        for (account, n) in self.messages_waiting().await? {
+            threads.entry(account).or_default().messages_waiting = n;
+        }
+        // An account with only created threads has nothing to report (as
+        // one with only delivered rows), as on PostgreSQL.
+        for (account, counts) in threads {
+            let unfinished =
+                counts.pending + counts.creating + counts.dead + counts.messages_waiting;
+            match summary.accounts.get_mut(&account) {
+                Some(entry) => entry.threads = counts,
+                None if unfinished == 0 => {}
+                None => summary.accounts.entry(account).or_default().threads = counts,
+            }
+        }
         Ok(summary)
     }
 

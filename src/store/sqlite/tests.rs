@@ -6,7 +6,7 @@ use sqlx::Row;
 use super::*;
 use crate::store::{
     AccountPause, DaemonStore, Enqueued, NewMessage, OperatorStore, Outbox, Requeue, RowOutcome,
-    parse_timestamp, timestamp,
+    ThreadRef, parse_timestamp, timestamp,
 };
 
 const T1: &str = "7f9325f6-ef44-4911-89a8-ae51010a5aa4";
@@ -88,15 +88,18 @@ async fn bad_inserts_are_refused_with_a_constraint_naming_the_problem() {
 async fn identifiers_make_enqueueing_idempotent() {
     let (_dir, s) = store().await;
     let m = NewMessage {
-        message_thread_id: T1.into(),
+        thread: ThreadRef::Id(T1.into()),
         text: "hello".into(),
         identifier: Some("order-1".into()),
         account: "default".into(),
     };
-    let Enqueued::Inserted(id) = s.enqueue(&m).await.unwrap() else {
+    let Enqueued::Inserted(id) = s.enqueue(&m, None).await.unwrap() else {
         panic!()
     };
-    assert_eq!(s.enqueue(&m).await.unwrap(), Enqueued::AlreadyThere(id));
+    assert_eq!(
+        s.enqueue(&m, None).await.unwrap(),
+        Enqueued::AlreadyThere(id)
+    );
 }
 
 #[tokio::test]
