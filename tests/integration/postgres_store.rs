@@ -271,7 +271,7 @@ async fn two_daemons_starting_together_migrate_once_and_a_newer_schema_is_refuse
             .fetch_all(a.pool())
             .await
             .unwrap();
-    assert_eq!(applied, vec![20261206000001]);
+    assert_eq!(applied, vec![20261206000001, 20261207000002]);
     // A migration from a newer binary.
     sqlx::query(
         "INSERT INTO _mews_outbox_migrations (version, description, success, checksum, execution_time)
@@ -1791,6 +1791,18 @@ async fn a_stale_owner_cannot_record_a_thread_and_a_takeover_recovers_creating_t
         .unwrap()
         .unwrap();
     assert!(again.needs_reconcile);
+    // Claimed again, now under the new owner's token: the stale owner's
+    // late outcome is still refused and changes nothing.
+    let e = a
+        .record_thread(thread_id, &created(T1), far)
+        .await
+        .unwrap_err();
+    assert!(matches!(&e, StoreError::LeaseLost { .. }), "{e}");
+    assert_eq!(
+        thread_state(a.pool(), thread_id).await,
+        ("creating".into(), 1, None, 0, None)
+    );
+    assert_eq!(keyed_thread_id(a.pool(), row).await, None);
     b.record_thread(thread_id, &created(T2), far).await.unwrap();
     assert_eq!(keyed_thread_id(a.pool(), row).await.as_deref(), Some(T2));
 }
@@ -2231,4 +2243,55 @@ async fn a_new_thread_wakes_a_watcher_at_the_producers_commit() {
         .unwrap();
     assert_ne!(*rx.borrow(), seen);
     shutdown.cancel();
+}
+
+/// The same share lock under a purge: a producer's keyed row of a dead
+/// thread, inserted in a transaction still open while an operator purges
+/// the thread, is made dead too once the producer commits (it does not
+/// wait for ever for a thread that no longer exists).
+#[tokio::test]
+async fn a_keyed_row_inserted_while_its_dead_thread_is_purged_dies_with_it() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    s.acquire_accounts(&["acct"], 1).await.unwrap();
+    let thread_id = insert_thread(s.pool(), "acct", "k").await;
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    s.claim_thread("acct", far).await.unwrap().unwrap();
+    s.record_thread(
+        thread_id,
+        &ThreadOutcome::Dead {
+            error: "HTTP 403".into(),
+        },
+        far,
+    )
+    .await
+    .unwrap();
+    let mut producer = PgConnection::connect(&db.url).await.unwrap();
+    let mut tx = producer.begin().await.unwrap();
+    let row: i64 = sqlx::query_scalar(
+        "INSERT INTO outbox (thread_key, text, account) VALUES ('k', 'late', 'acct') RETURNING id",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    let purge = tokio::spawn({
+        let s = s.clone();
+        async move {
+            s.purge_dead_threads(far + Duration::from_secs(1), None)
+                .await
+        }
+    });
+    wait_for_a_lock_wait(s.pool(), &purge, "purge_dead_threads").await;
+    tx.commit().await.unwrap();
+    let purged = tokio::time::timeout(Duration::from_secs(30), purge)
+        .await
+        .expect("the purge finishes once the producer committed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(purged, 1);
+    assert_eq!(row_state(s.pool(), row).await.0, "dead");
+    assert_eq!(
+        last_error(s.pool(), row).await,
+        Some(thread_purged("k", thread_id))
+    );
 }
