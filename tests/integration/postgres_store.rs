@@ -2295,3 +2295,48 @@ async fn a_keyed_row_inserted_while_its_dead_thread_is_purged_dies_with_it() {
         Some(thread_purged("k", thread_id))
     );
 }
+
+/// A producer transaction left open on a keyed row holds a record of its
+/// thread back at most a third of the lease: the record fails (lock
+/// timeout, nothing changed), the renewal goes on, and once the producer
+/// commits the record is retried and resolves its row.
+#[tokio::test]
+async fn a_producer_left_open_holds_a_thread_record_back_a_third_of_the_lease_at_most() {
+    let db = database().await;
+    let s = daemon(&db, 3_000, 0).await;
+    s.acquire_accounts(&["acct"], 1).await.unwrap();
+    let thread_id = insert_thread(s.pool(), "acct", "k").await;
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    s.claim_thread("acct", far).await.unwrap().unwrap();
+    let mut producer = PgConnection::connect(&db.url).await.unwrap();
+    let mut tx = producer.begin().await.unwrap();
+    let row: i64 = sqlx::query_scalar(
+        "INSERT INTO outbox (thread_key, text, account) VALUES ('k', 'slow', 'acct') RETURNING id",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let e = tokio::time::timeout(
+        Duration::from_secs(30),
+        s.record_thread(thread_id, &created(T2), far),
+    )
+    .await
+    .expect("the record gives up by itself")
+    .unwrap_err();
+    let waited = started.elapsed();
+    assert!(matches!(&e, StoreError::Database(_)), "{e}");
+    assert!(e.to_string().contains("lock timeout"), "{e}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
+    assert_eq!(
+        thread_state(s.pool(), thread_id).await,
+        ("creating".into(), 0, None, 0, None)
+    );
+    s.renew().await.unwrap();
+    tx.commit().await.unwrap();
+    s.record_thread(thread_id, &created(T2), far).await.unwrap();
+    assert_eq!(keyed_thread_id(s.pool(), row).await.as_deref(), Some(T2));
+}

@@ -12,7 +12,7 @@ use std::time::SystemTime;
 
 use sqlx::Row;
 
-use super::{PgStore, micros_to_time, refused, sql};
+use super::{PgStore, micros_to_time, millis, refused, sql};
 use crate::store::thread::{HELD_BY_THREAD_PREFIX, held_by_thread, no_such_thread, thread_purged};
 use crate::store::{
     AccountStatus, ClaimedThread, DeadThread, Enqueued, NewMessage, NewThread, QueueSummary,
@@ -145,6 +145,10 @@ impl PgStore {
     /// under a lease since lost changes nothing and is reported as
     /// [`StoreError::LeaseLost`]; one an operator changed meanwhile (or
     /// that does not exist) is left alone silently, as rows are by `record`.
+    /// It waits for producers inserting a message of the thread right now
+    /// (they share-lock its row) at most a third of the lease; past that it
+    /// fails with the database's lock timeout, changing nothing, to be
+    /// retried.
     pub async fn record_thread(
         &self,
         id: i64,
@@ -195,6 +199,15 @@ impl PgStore {
         };
         let (status, attempt, next_attempt_at, error, maybe_stored, mews_id, mews_created) = values;
         let mut tx = self.pool().begin().await?;
+        // The UPDATE waits for producers holding the thread row
+        // share-locked, while it holds this owner's account rows
+        // share-locked, which a renewal needs to lock: bounded, so that a
+        // producer's transaction left open cannot hold the renewal back
+        // past a third of the lease (the record fails and is retried).
+        sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+            .bind(format!("{}ms", millis(self.options.lease / 3).max(100)))
+            .execute(&mut *tx)
+            .await?;
         let row = sqlx::query(sql::RECORD_THREAD)
             .bind(id)
             .bind(self.owner.to_string())
