@@ -2340,3 +2340,77 @@ async fn a_producer_left_open_holds_a_thread_record_back_a_third_of_the_lease_at
     s.record_thread(thread_id, &created(T2), far).await.unwrap();
     assert_eq!(keyed_thread_id(s.pool(), row).await.as_deref(), Some(T2));
 }
+
+/// Four producers inserting keyed rows of one thread, two per transaction,
+/// while the daemon records the thread created in the middle of it: no
+/// row is left without its thread's id, and every row is then claimed once
+/// in id order within each producer's commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producers_inserting_keyed_rows_while_their_thread_is_created_leave_none_unresolved() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    s.acquire_accounts(&["acct"], 1).await.unwrap();
+    let thread_id = insert_thread(s.pool(), "acct", "k").await;
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    s.claim_thread("acct", far).await.unwrap().unwrap();
+    const PER_PRODUCER: usize = 60;
+    let producers: Vec<_> = (0..4)
+        .map(|p| {
+            let url = db.url.clone();
+            tokio::spawn(async move {
+                let mut conn = PgConnection::connect(&url).await.unwrap();
+                for i in (0..PER_PRODUCER).step_by(2) {
+                    let mut tx = conn.begin().await.unwrap();
+                    for j in 0..2 {
+                        sqlx::query(
+                            "INSERT INTO outbox (thread_key, text, account) VALUES ('k', $1, 'acct')",
+                        )
+                        .bind(format!("p{p} m{}", i + j))
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                    }
+                    tx.commit().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    // Record once about a quarter of the rows are in.
+    let since = Instant::now();
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(s.pool())
+            .await
+            .unwrap();
+        if n >= 60 {
+            break;
+        }
+        assert!(since.elapsed() < Duration::from_secs(30), "only {n} rows");
+        tokio::task::yield_now().await;
+    }
+    s.record_thread(thread_id, &created(T2), far).await.unwrap();
+    for p in producers {
+        p.await.unwrap();
+    }
+    let (total, unresolved): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE keyed_thread_id IS NULL) FROM outbox",
+    )
+    .fetch_one(s.pool())
+    .await
+    .unwrap();
+    assert_eq!((total, unresolved), (4 * PER_PRODUCER as i64, 0));
+    // Claimed one at a time, each once, each producer's rows in its order.
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for _ in 0..total {
+        let rows = s.claim("acct", far, 10).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        let text = rows[0].text.as_deref().unwrap().to_owned();
+        let (p, m) = text.split_once(' ').unwrap();
+        let m: usize = m.trim_start_matches('m').parse().unwrap();
+        let next = seen.entry(p.to_owned()).or_default();
+        assert_eq!(m, *next, "{text}");
+        *next += 1;
+        s.record(&[delivered(rows[0].id)], far).await.unwrap();
+    }
+    assert!(s.claim("acct", far, 10).await.unwrap().is_empty());
+}
