@@ -406,7 +406,8 @@ pub struct Acquired {
     /// The account's fencing token for this ownership (PostgreSQL; 0 for
     /// SQLite, whose file lock makes the daemon the only owner).
     pub token: i64,
-    /// Rows a previous owner left `sending`, now `pending` to be read back.
+    /// Rows a previous owner left `sending` and threads it left `creating`,
+    /// now `pending` to be read back (as `DaemonStore::recover_abandoned` counts).
     pub recovered: u64,
 }
 

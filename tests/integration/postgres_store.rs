@@ -271,7 +271,7 @@ async fn two_daemons_starting_together_migrate_once_and_a_newer_schema_is_refuse
             .fetch_all(a.pool())
             .await
             .unwrap();
-    assert_eq!(applied, vec![20261206000001]);
+    assert_eq!(applied, vec![20261206000001, 20261207000002]);
     // A migration from a newer binary.
     sqlx::query(
         "INSERT INTO _mews_outbox_migrations (version, description, success, checksum, execution_time)
@@ -1375,4 +1375,1042 @@ async fn claim_all_once_in_thread_order(s: &PgStore, total: usize, per_claim: us
         let outcomes: Vec<_> = claimed.iter().map(|r| delivered(r.id)).collect();
         s.record(&outcomes, now).await.unwrap();
     }
+}
+
+// Threads through the outbox (issue 13) --------------------------------------
+
+use mews_outbox::store::thread::{held_by_thread, no_such_thread, thread_purged};
+use mews_outbox::store::{NewMessage, NewThread, Requeue, ThreadOutcome, ThreadRef};
+
+async fn insert_thread(pool: &PgPool, account: &str, key: &str) -> i64 {
+    sqlx::query_scalar(
+        "INSERT INTO outbox_threads (account, thread_key, subject, original_sender)
+         VALUES ($1, $2, 'Your stay', 'Front desk') RETURNING id",
+    )
+    .bind(account)
+    .bind(key)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn insert_keyed(pool: &PgPool, key: &str, text: &str, account: &str) -> i64 {
+    sqlx::query_scalar(
+        "INSERT INTO outbox (thread_key, text, account) VALUES ($1, $2, $3) RETURNING id",
+    )
+    .bind(key)
+    .bind(text)
+    .bind(account)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+fn created(mews_thread_id: &str) -> ThreadOutcome {
+    ThreadOutcome::Created {
+        mews_thread_id: mews_thread_id.into(),
+        mews_created_utc: "2026-12-07T02:00:00Z".into(),
+    }
+}
+
+/// (status, needs_reconcile, mews_thread_id, attempts, last_error) of a thread.
+async fn thread_state(
+    pool: &PgPool,
+    id: i64,
+) -> (String, i32, Option<String>, i32, Option<String>) {
+    sqlx::query_as(
+        "SELECT status, needs_reconcile, mews_thread_id, attempts, last_error
+         FROM outbox_threads WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn keyed_thread_id(pool: &PgPool, id: i64) -> Option<String> {
+    sqlx::query_scalar("SELECT keyed_thread_id FROM outbox WHERE id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Waits until a backend of this database waits for a lock, while `task`
+/// has not finished (it is the one waiting): the event, never a pause.
+async fn wait_for_a_lock_wait<T>(pool: &PgPool, task: &tokio::task::JoinHandle<T>, what: &str) {
+    let since = Instant::now();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(!task.is_finished(), "{what} did not wait");
+        assert!(
+            since.elapsed() < Duration::from_secs(30),
+            "{what} neither finished nor waited for a lock within 30 s"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert!(!task.is_finished(), "{what} did not wait");
+}
+
+#[tokio::test]
+async fn thread_inserts_are_refused_with_the_constraint_names_of_the_sqlite_store() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    insert_thread(s.pool(), "a", "taken").await;
+    let thread = |cols: &str, vals: &str| {
+        format!(
+            "INSERT INTO outbox_threads (thread_key, subject, original_sender{cols})
+             VALUES ('k', 'Your stay', 'Front desk'{vals})"
+        )
+    };
+    let cases = [
+        (
+            "INSERT INTO outbox_threads (thread_key, subject, original_sender) VALUES ('', 's', 'o')".to_owned(),
+            "thread_key_must_be_non_empty_text",
+        ),
+        (
+            "INSERT INTO outbox_threads (thread_key, subject, original_sender) VALUES ('k', E' \\t\\u00a0\\u3000', 'o')".to_owned(),
+            "subject_must_be_non_blank_text",
+        ),
+        (
+            "INSERT INTO outbox_threads (thread_key, subject, original_sender) VALUES ('k', 's', E'\\u2028 ')".to_owned(),
+            "original_sender_must_be_non_blank_text",
+        ),
+        (
+            "INSERT INTO outbox_threads (thread_key, subject, original_sender) VALUES ('k', NULL, 'o')".to_owned(),
+            "not-null",
+        ),
+        (
+            "INSERT INTO outbox_threads (account, thread_key, subject, original_sender) VALUES ('a', 'taken', 's', 'o')".to_owned(),
+            "thread_key_must_be_unique_per_account",
+        ),
+        (thread(", account", ", ''"), "account_must_be_non_empty_text"),
+        (thread(", status", ", 'lost'"), "status_must_be_pending_creating_created_or_dead"),
+        (thread(", attempts", ", -1"), "attempts_must_not_be_negative"),
+        (thread(", needs_reconcile", ", 2"), "needs_reconcile_must_be_0_or_1"),
+        // Daemon columns: a producer may not write them.
+        (thread(", status", ", 'creating'"), "producer_may_not_set_status"),
+        (thread(", status", ", 'created'"), "producer_may_not_set_status"),
+        (thread(", status", ", 'dead'"), "producer_may_not_set_status"),
+        (thread(", attempts", ", 1"), "producer_may_not_set_attempts"),
+        (thread(", needs_reconcile", ", 1"), "producer_may_not_set_needs_reconcile"),
+        (thread(", last_error", ", 'x'"), "producer_may_not_set_last_error"),
+        (thread(", created_at", ", '2020-01-01T00:00:00Z'"), "producer_may_not_set_created_at"),
+        (thread(", first_sent_at", ", now()"), "producer_may_not_set_first_sent_at"),
+        (thread(", mews_thread_id", ", 'x'"), "producer_may_not_set_mews_thread_id"),
+        (thread(", mews_created_utc", ", 'x'"), "producer_may_not_set_mews_created_utc"),
+        (thread(", thread_created_at", ", now()"), "producer_may_not_set_thread_created_at"),
+        (thread(", dead_at", ", now()"), "producer_may_not_set_dead_at"),
+        (thread(", lease_token", ", 7"), "producer_may_not_set_lease_token"),
+        (thread(", claimed_at", ", now()"), "producer_may_not_set_claimed_at"),
+        // outbox: exactly one of the two ways to name a thread.
+        (
+            format!("INSERT INTO outbox (message_thread_id, thread_key, text) VALUES ('{T1}', 'k', 'hi')"),
+            "exactly_one_of_message_thread_id_and_thread_key",
+        ),
+        (
+            "INSERT INTO outbox (text) VALUES ('hi')".to_owned(),
+            "exactly_one_of_message_thread_id_and_thread_key",
+        ),
+        (
+            "INSERT INTO outbox (thread_key, text) VALUES ('', 'hi')".to_owned(),
+            "thread_key_must_be_null_or_non_empty_text",
+        ),
+        (
+            "INSERT INTO outbox (thread_key, text) VALUES ('k', ' ')".to_owned(),
+            "text_must_be_non_blank_text",
+        ),
+        (
+            format!("INSERT INTO outbox (thread_key, text, keyed_thread_id) VALUES ('k', 'hi', '{T1}')"),
+            "producer_may_not_set_keyed_thread_id",
+        ),
+        (
+            "INSERT INTO outbox (message_thread_id, thread_key, text) VALUES ('nope', NULL, 'hi')".to_owned(),
+            "message_thread_id_must_be_a_lowercase_uuid",
+        ),
+    ];
+    for (sql, expected) in cases {
+        let e = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+            .execute(s.pool())
+            .await
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains(expected), "{sql}\n=> {text}");
+        if expected.contains('_')
+            && let sqlx::Error::Database(db) = &e
+        {
+            assert_eq!(db.constraint(), Some(expected), "{sql}");
+        }
+    }
+    // Nothing above got in; the producer's own columns are accepted, on
+    // both tables, a keyed row with a NULL message_thread_id included.
+    let n: (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM outbox_threads), (SELECT count(*) FROM outbox)",
+    )
+    .fetch_one(s.pool())
+    .await
+    .unwrap();
+    assert_eq!(n, (1, 0));
+    sqlx::query(
+        "INSERT INTO outbox_threads (account, thread_key, subject, original_sender, next_attempt_at)
+         VALUES ('a', 'k', 'Your stay', 'Front desk', '2026-12-06T10:00:00.000Z')",
+    )
+    .execute(s.pool())
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (message_thread_id, thread_key, text, identifier, account)
+         VALUES (NULL, 'k', 'hi', 'k1', 'a')",
+    )
+    .execute(s.pool())
+    .await
+    .unwrap();
+    // An explicit thread id moves the sequence past it, as on outbox.
+    sqlx::query(
+        "INSERT INTO outbox_threads (id, thread_key, subject, original_sender)
+         VALUES (1000, 'explicit', 's', 'o')",
+    )
+    .execute(s.pool())
+    .await
+    .unwrap();
+    let next = insert_thread(s.pool(), "a", "after").await;
+    assert!(next > 1000, "{next}");
+}
+
+#[tokio::test]
+async fn a_thread_and_its_messages_from_one_producer_transaction_are_sent_once_created_in_order() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    s.acquire_accounts(&["acct"], 1).await.unwrap();
+    let mut producer = PgConnection::connect(&db.url).await.unwrap();
+    let mut tx = producer.begin().await.unwrap();
+    let thread_id: i64 = sqlx::query_scalar(
+        "INSERT INTO outbox_threads (account, thread_key, subject, original_sender)
+         VALUES ('acct', 'booking-4711', 'Your stay', 'Front desk') RETURNING id",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    let mut first = Vec::new();
+    for text in ["one", "two"] {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO outbox (thread_key, text, account) VALUES ('booking-4711', $1, 'acct')
+             RETURNING id",
+        )
+        .bind(text)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        first.push(id);
+    }
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    assert!(s.claim_thread("acct", far).await.unwrap().is_none());
+    tx.commit().await.unwrap();
+
+    // Not claimable, and nothing due, before the thread is created.
+    assert!(s.claim("acct", far, 10).await.unwrap().is_empty());
+    assert_eq!(
+        s.next_due("acct", SystemTime::UNIX_EPOCH).await.unwrap(),
+        None
+    );
+    let claimed = s.claim_thread("acct", far).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            claimed.id,
+            claimed.thread_key.as_str(),
+            claimed.subject.as_str()
+        ),
+        (thread_id, "booking-4711", "Your stay")
+    );
+    assert_eq!(claimed.original_sender, "Front desk");
+    assert_eq!((claimed.attempts, claimed.needs_reconcile), (0, false));
+    assert!(claimed.first_sent_at.is_some());
+    assert!(s.claim_thread("acct", far).await.unwrap().is_none());
+    assert!(s.claim("acct", far, 10).await.unwrap().is_empty());
+
+    s.record_thread(thread_id, &created(T2), far).await.unwrap();
+    assert_eq!(
+        thread_state(s.pool(), thread_id).await,
+        ("created".into(), 0, Some(T2.into()), 0, None)
+    );
+    for &id in &first {
+        assert_eq!(keyed_thread_id(s.pool(), id).await.as_deref(), Some(T2));
+    }
+    // Later rows: one by the Mews id, one by key (resolved at its insert).
+    let by_id = insert(s.pool(), T2, "three", "acct").await;
+    let by_key = insert_keyed(s.pool(), "booking-4711", "four", "acct").await;
+    assert_eq!(keyed_thread_id(s.pool(), by_key).await.as_deref(), Some(T2));
+    // One at a time, in insertion order, all with the thread's Mews id.
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        let rows = s.claim("acct", far, 10).await.unwrap();
+        assert_eq!(rows.len(), 1, "one row per thread at a time");
+        assert_eq!(rows[0].message_thread_id, T2);
+        order.push(rows[0].id);
+        s.record(&[delivered(rows[0].id)], far).await.unwrap();
+    }
+    assert_eq!(order, vec![first[0], first[1], by_id, by_key]);
+    // A second Created for the same claim changes nothing (no longer creating).
+    s.record_thread(thread_id, &created(T1), far).await.unwrap();
+    assert_eq!(
+        thread_state(s.pool(), thread_id).await.2.as_deref(),
+        Some(T2)
+    );
+}
+
+/// The race the share lock closes: a producer's keyed row inserted while
+/// its thread is `creating`, with the transaction still open when the
+/// daemon records the thread created. The record waits for the producer's
+/// commit and then resolves that row too.
+#[tokio::test]
+async fn a_keyed_row_inserted_while_its_thread_is_recorded_created_is_resolved_at_the_commit() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    s.acquire_accounts(&["acct"], 1).await.unwrap();
+    let thread_id = insert_thread(s.pool(), "acct", "k").await;
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    assert_eq!(
+        s.claim_thread("acct", far).await.unwrap().unwrap().id,
+        thread_id
+    );
+    let mut producer = PgConnection::connect(&db.url).await.unwrap();
+    let mut tx = producer.begin().await.unwrap();
+    let row: i64 = sqlx::query_scalar(
+        "INSERT INTO outbox (thread_key, text, account) VALUES ('k', 'hello', 'acct') RETURNING id",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    let record = tokio::spawn({
+        let s = s.clone();
+        async move { s.record_thread(thread_id, &created(T2), far).await }
+    });
+    wait_for_a_lock_wait(s.pool(), &record, "record_thread(Created)").await;
+    tx.commit().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), record)
+        .await
+        .expect("the record finishes once the producer committed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(keyed_thread_id(s.pool(), row).await.as_deref(), Some(T2));
+    let claimed = s.claim("acct", far, 10).await.unwrap();
+    assert_eq!(ids(&claimed), vec![row]);
+    assert_eq!(claimed[0].message_thread_id, T2);
+}
+
+#[tokio::test]
+async fn a_stale_owner_cannot_record_a_thread_and_a_takeover_recovers_creating_threads() {
+    let db = database().await;
+    let settle = Duration::from_secs(5);
+    let a = daemon(&db, 300, 5_000).await;
+    a.acquire_accounts(&["acct"], 1).await.unwrap();
+    let thread_id = insert_thread(a.pool(), "acct", "k").await;
+    let row = insert_keyed(a.pool(), "k", "hello", "acct").await;
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    assert_eq!(
+        a.claim_thread("acct", far).await.unwrap().unwrap().id,
+        thread_id
+    );
+    // The owner's latest request started later than the claim: recovery
+    // settles from there.
+    let started_by = SystemTime::now() + Duration::from_secs(60);
+    a.request_starting("acct", started_by).await.unwrap();
+    wait_lease_expired(a.pool(), "acct").await;
+    let b = a.new_handle(options(30_000, 5_000));
+    let taken = b.acquire_accounts(&["acct"], 1).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].recovered, 1);
+    assert_eq!(
+        thread_state(a.pool(), thread_id).await,
+        ("pending".into(), 1, None, 0, None)
+    );
+    let due_us: i64 = sqlx::query_scalar(
+        "SELECT (extract(epoch FROM next_attempt_at) * 1000000)::bigint
+         FROM outbox_threads WHERE id = $1",
+    )
+    .bind(thread_id)
+    .fetch_one(a.pool())
+    .await
+    .unwrap();
+    let expected = started_by + settle;
+    let expected_us = i64::try_from(
+        expected
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_micros(),
+    )
+    .unwrap();
+    assert!(
+        (due_us - expected_us).abs() <= 1_000,
+        "due {due_us}, expected {expected_us}"
+    );
+    // The frozen owner wakes: its outcome is refused, nothing changes.
+    for outcome in [
+        created(T2),
+        ThreadOutcome::Dead {
+            error: "HTTP 403".into(),
+        },
+        ThreadOutcome::Release,
+    ] {
+        let e = a.record_thread(thread_id, &outcome, far).await.unwrap_err();
+        assert!(
+            matches!(&e, StoreError::LeaseLost { account } if account == "acct"),
+            "{e}"
+        );
+    }
+    assert_eq!(
+        thread_state(a.pool(), thread_id).await,
+        ("pending".into(), 1, None, 0, None)
+    );
+    assert_eq!(keyed_thread_id(a.pool(), row).await, None);
+    assert_eq!(last_error(a.pool(), row).await, None);
+    assert!(
+        a.claim_thread("acct", far + settle * 100)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // The new owner reads it back first (needs_reconcile), after the settle.
+    assert!(b.claim_thread("acct", started_by).await.unwrap().is_none());
+    assert_eq!(
+        b.next_thread_due("acct", SystemTime::now()).await.unwrap(),
+        Some(crate_time(due_us))
+    );
+    let again = b
+        .claim_thread("acct", far + settle * 100)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(again.needs_reconcile);
+    // Claimed again, now under the new owner's token: the stale owner's
+    // late outcome is still refused and changes nothing.
+    let e = a
+        .record_thread(thread_id, &created(T1), far)
+        .await
+        .unwrap_err();
+    assert!(matches!(&e, StoreError::LeaseLost { .. }), "{e}");
+    assert_eq!(
+        thread_state(a.pool(), thread_id).await,
+        ("creating".into(), 1, None, 0, None)
+    );
+    assert_eq!(keyed_thread_id(a.pool(), row).await, None);
+    b.record_thread(thread_id, &created(T2), far).await.unwrap();
+    assert_eq!(keyed_thread_id(a.pool(), row).await.as_deref(), Some(T2));
+}
+
+fn crate_time(us: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_micros(u64::try_from(us).unwrap())
+}
+
+#[tokio::test]
+async fn retries_keep_or_set_needs_reconcile_and_release_makes_a_thread_due_now() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    s.acquire_accounts(&["acct"], 1).await.unwrap();
+    let thread_id = insert_thread(s.pool(), "acct", "k").await;
+    // Whole milliseconds, as the store keeps them.
+    let far = SystemTime::UNIX_EPOCH
+        + Duration::from_millis(
+            u64::try_from(
+                (SystemTime::now() + Duration::from_secs(3600))
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis(),
+            )
+            .unwrap(),
+        );
+    let later = far + Duration::from_secs(60);
+    s.claim_thread("acct", far).await.unwrap().unwrap();
+    s.record_thread(
+        thread_id,
+        &ThreadOutcome::Retry {
+            at: later,
+            error: "HTTP 503".into(),
+            attempt: true,
+            maybe_stored: true,
+        },
+        far,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        thread_state(s.pool(), thread_id).await,
+        ("pending".into(), 1, None, 1, Some("HTTP 503".into()))
+    );
+    assert!(s.claim_thread("acct", far).await.unwrap().is_none());
+    assert_eq!(s.next_thread_due("acct", far).await.unwrap(), Some(later));
+    let c = s.claim_thread("acct", later).await.unwrap().unwrap();
+    assert_eq!((c.attempts, c.needs_reconcile), (1, true));
+    s.record_thread(
+        thread_id,
+        &ThreadOutcome::Retry {
+            at: later,
+            error: "HTTP 429".into(),
+            attempt: false,
+            maybe_stored: false,
+        },
+        later,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        thread_state(s.pool(), thread_id).await,
+        ("pending".into(), 1, None, 1, Some("HTTP 429".into()))
+    );
+    s.claim_thread("acct", later).await.unwrap().unwrap();
+    s.record_thread(thread_id, &ThreadOutcome::Release, far)
+        .await
+        .unwrap();
+    assert_eq!(
+        thread_state(s.pool(), thread_id).await,
+        ("pending".into(), 1, None, 1, Some("HTTP 429".into()))
+    );
+    assert_eq!(
+        s.claim_thread("acct", far).await.unwrap().unwrap().id,
+        thread_id
+    );
+}
+
+#[tokio::test]
+async fn a_dead_thread_holds_its_messages_until_requeued_and_a_purge_makes_them_dead() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    s.acquire_accounts(&["a"], 1).await.unwrap();
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    let k1 = insert_thread(s.pool(), "a", "k1").await;
+    let held = [
+        insert_keyed(s.pool(), "k1", "one", "a").await,
+        insert_keyed(s.pool(), "k1", "two", "a").await,
+    ];
+    s.claim_thread("a", far).await.unwrap().unwrap();
+    s.record_thread(
+        k1,
+        &ThreadOutcome::Dead {
+            error: "HTTP 403: not allowed".into(),
+        },
+        far,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        thread_state(s.pool(), k1).await,
+        (
+            "dead".into(),
+            0,
+            None,
+            1,
+            Some("HTTP 403: not allowed".into())
+        )
+    );
+    let held_error = held_by_thread("k1", k1, "HTTP 403: not allowed");
+    for &id in &held {
+        assert_eq!(row_state(s.pool(), id).await.0, "pending");
+        assert_eq!(last_error(s.pool(), id).await, Some(held_error.clone()));
+    }
+    assert!(s.claim("a", far, 10).await.unwrap().is_empty());
+    let dead = s.dead_threads(Some("a")).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0].id, dead[0].messages_held), (k1, 2));
+    assert_eq!(dead[0].thread_key, "k1");
+    assert!(dead[0].dead_at.as_deref().unwrap().ends_with('Z'));
+    assert!(s.dead_threads(Some("b")).await.unwrap().is_empty());
+    let status = s.status(SystemTime::now()).await.unwrap();
+    assert_eq!(status.len(), 1);
+    assert_eq!(
+        (status[0].threads.dead, status[0].threads.messages_waiting),
+        (1, 2)
+    );
+
+    // Requeue: named threads that are not all dead are refused as a whole.
+    let other = insert_thread(s.pool(), "b", "kb").await;
+    let e = s
+        .requeue_dead_threads(&Requeue::Ids(vec![k1, other, 999]), None, far)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::NotDead(m) if m.contains(&format!("thread {other} is pending")) && m.contains("thread 999 does not exist")),
+        "{e}"
+    );
+    assert_eq!(thread_state(s.pool(), k1).await.0, "dead");
+    let e = s
+        .requeue_dead_threads(&Requeue::Ids(vec![k1]), Some("b"), far)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::NotDead(m) if m.contains("belongs to account a, not b")),
+        "{e}"
+    );
+    let now = SystemTime::now();
+    assert_eq!(
+        s.requeue_dead_threads(&Requeue::Ids(vec![k1]), Some("a"), now)
+            .await
+            .unwrap(),
+        vec![k1]
+    );
+    assert_eq!(
+        thread_state(s.pool(), k1).await,
+        (
+            "pending".into(),
+            0,
+            None,
+            0,
+            Some("requeued by an operator".into())
+        )
+    );
+    // The messages keep their held error until the thread is created.
+    assert_eq!(
+        last_error(s.pool(), held[0]).await,
+        Some(held_error.clone())
+    );
+    let c = s.claim_thread("a", far).await.unwrap().unwrap();
+    assert_eq!(c.id, k1);
+    s.record_thread(k1, &created(T1), far).await.unwrap();
+    for &id in &held {
+        assert_eq!(last_error(s.pool(), id).await, None);
+        assert_eq!(keyed_thread_id(s.pool(), id).await.as_deref(), Some(T1));
+    }
+    // A resolved row that dies shows its effective thread and its key.
+    let rows = s.claim("a", far, 10).await.unwrap();
+    assert_eq!(ids(&rows), vec![held[0]]);
+    s.record(
+        &[(
+            held[0],
+            RowOutcome::Dead {
+                error: "HTTP 400".into(),
+            },
+        )],
+        far,
+    )
+    .await
+    .unwrap();
+
+    // Purge: k2 dies with one message held; purging it kills the message.
+    let other = insert_thread(s.pool(), "a", "k2").await;
+    let k2_row = insert_keyed(s.pool(), "k2", "three", "a").await;
+    assert_eq!(s.claim_thread("a", far).await.unwrap().unwrap().id, other);
+    s.record_thread(
+        other,
+        &ThreadOutcome::Dead {
+            error: "HTTP 400".into(),
+        },
+        far,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.purge_dead_threads(SystemTime::now() - Duration::from_secs(60), None)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        s.purge_dead_threads(far + Duration::from_secs(1), Some("a"))
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(s.dead_threads(None).await.unwrap().is_empty());
+    assert_eq!(row_state(s.pool(), k2_row).await.0, "dead");
+    assert_eq!(
+        last_error(s.pool(), k2_row).await,
+        Some(thread_purged("k2", other))
+    );
+    assert_eq!(
+        row_state(s.pool(), held[1]).await.0,
+        "pending",
+        "k1's rows stay"
+    );
+    let dead = s.dead_rows(Some("a")).await.unwrap();
+    let shown: Vec<_> = dead
+        .iter()
+        .map(|d| (d.id, d.message_thread_id.clone(), d.thread_key.clone()))
+        .collect();
+    assert_eq!(
+        shown,
+        vec![
+            (held[0], Some(T1.to_owned()), Some("k1".to_owned())),
+            (k2_row, None, Some("k2".to_owned())),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn threadless_rows_are_flagged_until_their_thread_exists_and_is_created() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    s.acquire_accounts(&["a"], 1).await.unwrap();
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    let ghost = [
+        insert_keyed(s.pool(), "ghost", "one", "a").await,
+        insert_keyed(s.pool(), "ghost", "two", "a").await,
+    ];
+    // Another reason already there is kept.
+    let other_reason = insert_keyed(s.pool(), "ghost", "three", "a").await;
+    sqlx::query("UPDATE outbox SET last_error = 'account a is not configured' WHERE id = $1")
+        .bind(other_reason)
+        .execute(s.pool())
+        .await
+        .unwrap();
+    // A key of another account's thread is no thread of this account.
+    insert_thread(s.pool(), "b", "elsewhere").await;
+    let elsewhere = insert_keyed(s.pool(), "elsewhere", "four", "a").await;
+    let found = s.flag_threadless_rows().await.unwrap();
+    assert_eq!(
+        found,
+        vec![
+            ("a".to_owned(), "elsewhere".to_owned(), 1),
+            ("a".to_owned(), "ghost".to_owned(), 3),
+        ]
+    );
+    let flagged = no_such_thread("a", "ghost");
+    assert_eq!(last_error(s.pool(), ghost[0]).await, Some(flagged.clone()));
+    assert_eq!(
+        last_error(s.pool(), elsewhere).await,
+        Some(no_such_thread("a", "elsewhere"))
+    );
+    assert_eq!(
+        last_error(s.pool(), other_reason).await.as_deref(),
+        Some("account a is not configured")
+    );
+    // Again: the same, no change.
+    assert_eq!(s.flag_threadless_rows().await.unwrap(), found);
+    assert_eq!(last_error(s.pool(), ghost[1]).await, Some(flagged.clone()));
+    // The thread appears: no longer threadless; created: the error goes.
+    let t = insert_thread(s.pool(), "a", "ghost").await;
+    assert_eq!(
+        s.flag_threadless_rows().await.unwrap(),
+        vec![("a".to_owned(), "elsewhere".to_owned(), 1)]
+    );
+    s.claim_thread("a", far).await.unwrap().unwrap();
+    s.record_thread(t, &created(T1), far).await.unwrap();
+    for &id in &ghost {
+        assert_eq!(last_error(s.pool(), id).await, None);
+    }
+    assert_eq!(
+        last_error(s.pool(), other_reason).await.as_deref(),
+        Some("account a is not configured")
+    );
+    assert_eq!(
+        s.owned_thread_ids(&[T1, T2, "x"]).await.unwrap(),
+        HashSet::from([T1.to_owned()])
+    );
+    assert!(s.owned_thread_ids(&[]).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn thread_counts_in_status_and_the_queue_summary() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    s.acquire_accounts(&["a"], 1).await.unwrap();
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    let created_thread = insert_thread(s.pool(), "a", "k1").await;
+    s.claim_thread("a", far).await.unwrap().unwrap();
+    s.record_thread(created_thread, &created(T1), far)
+        .await
+        .unwrap();
+    insert_thread(s.pool(), "a", "k2").await;
+    insert_thread(s.pool(), "a", "k3").await;
+    s.claim_thread("a", far).await.unwrap().unwrap();
+    insert_keyed(s.pool(), "k3", "waits", "a").await;
+    insert_keyed(s.pool(), "k1", "resolved", "a").await;
+    // An account with only threads, and one with only a created thread.
+    insert_thread(s.pool(), "only-threads", "k").await;
+    let status = s.status(SystemTime::now()).await.unwrap();
+    let accounts: Vec<&str> = status.iter().map(|a| a.account.as_str()).collect();
+    assert_eq!(accounts, vec!["a", "only-threads"]);
+    let want = mews_outbox::store::ThreadCounts {
+        pending: 1,
+        creating: 1,
+        created: 1,
+        dead: 0,
+        messages_waiting: 1,
+    };
+    assert_eq!(status[0].threads, want);
+    assert_eq!(status[0].pending, 2);
+    assert_eq!(status[1].threads.pending, 1);
+    assert_eq!(status[1].pending, 0);
+    let summary = s.queue_summary(SystemTime::UNIX_EPOCH).await.unwrap();
+    assert_eq!(summary.accounts["a"].threads, want);
+    assert_eq!(summary.accounts["only-threads"].threads.pending, 1);
+}
+
+#[tokio::test]
+async fn enqueue_with_a_new_thread_inserts_both_in_one_transaction() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    let message = |key: &str, identifier: &str| NewMessage {
+        thread: ThreadRef::Key(key.into()),
+        text: "Your room is ready".into(),
+        identifier: Some(identifier.into()),
+        account: "a".into(),
+    };
+    let thread = |key: &str, subject: &str| NewThread {
+        thread_key: key.into(),
+        subject: subject.into(),
+        original_sender: "Front desk".into(),
+    };
+    let first = s
+        .enqueue(&message("k", "m1"), Some(&thread("k", "Your stay")))
+        .await
+        .unwrap();
+    let mews_outbox::store::Enqueued::Inserted(first) = first else {
+        panic!("{first:?}")
+    };
+    // The same again: the message is there, the thread is joined.
+    assert!(matches!(
+        s.enqueue(&message("k", "m1"), Some(&thread("k", "Other subject"))).await.unwrap(),
+        mews_outbox::store::Enqueued::AlreadyThere(id) if id == first
+    ));
+    // A second message joins the key's thread, with or without new_thread.
+    s.enqueue(&message("k", "m2"), Some(&thread("k", "Other subject")))
+        .await
+        .unwrap();
+    s.enqueue(&message("k", "m3"), None).await.unwrap();
+    let threads: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT account, thread_key, subject FROM outbox_threads")
+            .fetch_all(s.pool())
+            .await
+            .unwrap();
+    assert_eq!(threads, vec![("a".into(), "k".into(), "Your stay".into())]);
+    let keyed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE thread_key = 'k' AND message_thread_id IS NULL",
+    )
+    .fetch_one(s.pool())
+    .await
+    .unwrap();
+    assert_eq!(keyed, 3);
+    // A new thread of another key than the message's is refused.
+    let e = s
+        .enqueue(&message("k", "m4"), Some(&thread("other", "Your stay")))
+        .await
+        .unwrap_err();
+    assert!(matches!(&e, StoreError::Refused(_)), "{e}");
+    let e = s
+        .enqueue(
+            &NewMessage {
+                thread: ThreadRef::Id(T1.into()),
+                ..message("k", "m5")
+            },
+            Some(&thread("k", "Your stay")),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(&e, StoreError::Refused(_)), "{e}");
+    // A bad thread is refused by name, and its message not inserted.
+    let e = s
+        .enqueue(&message("k2", "m6"), Some(&thread("k2", " \u{3000}")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Refused(m) if m.contains("subject_must_be_non_blank_text")),
+        "{e}"
+    );
+    let e = s.enqueue(&message("", "m7"), None).await.unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Refused(m) if m.contains("thread_key_must_be_null_or_non_empty_text")),
+        "{e}"
+    );
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+}
+
+#[tokio::test]
+async fn a_new_thread_wakes_a_watcher_at_the_producers_commit() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut rx = s
+        .watch_changes(Duration::from_secs(3600), shutdown.clone())
+        .await
+        .unwrap();
+    let seen = *rx.borrow_and_update();
+    insert_thread(s.pool(), "a", "k").await;
+    tokio::time::timeout(Duration::from_secs(10), rx.changed())
+        .await
+        .expect("woken by the thread's insert")
+        .unwrap();
+    assert_ne!(*rx.borrow(), seen);
+    shutdown.cancel();
+}
+
+/// The same share lock under a purge: a producer's keyed row of a dead
+/// thread, inserted in a transaction still open while an operator purges
+/// the thread, is made dead too once the producer commits (it does not
+/// wait for ever for a thread that no longer exists).
+#[tokio::test]
+async fn a_keyed_row_inserted_while_its_dead_thread_is_purged_dies_with_it() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    s.acquire_accounts(&["acct"], 1).await.unwrap();
+    let thread_id = insert_thread(s.pool(), "acct", "k").await;
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    s.claim_thread("acct", far).await.unwrap().unwrap();
+    s.record_thread(
+        thread_id,
+        &ThreadOutcome::Dead {
+            error: "HTTP 403".into(),
+        },
+        far,
+    )
+    .await
+    .unwrap();
+    let mut producer = PgConnection::connect(&db.url).await.unwrap();
+    let mut tx = producer.begin().await.unwrap();
+    let row: i64 = sqlx::query_scalar(
+        "INSERT INTO outbox (thread_key, text, account) VALUES ('k', 'late', 'acct') RETURNING id",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    let purge = tokio::spawn({
+        let s = s.clone();
+        async move {
+            s.purge_dead_threads(far + Duration::from_secs(1), None)
+                .await
+        }
+    });
+    wait_for_a_lock_wait(s.pool(), &purge, "purge_dead_threads").await;
+    tx.commit().await.unwrap();
+    let purged = tokio::time::timeout(Duration::from_secs(30), purge)
+        .await
+        .expect("the purge finishes once the producer committed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(purged, 1);
+    assert_eq!(row_state(s.pool(), row).await.0, "dead");
+    assert_eq!(
+        last_error(s.pool(), row).await,
+        Some(thread_purged("k", thread_id))
+    );
+}
+
+/// A producer transaction left open on a keyed row holds a record of its
+/// thread back at most a third of the lease: the record fails (lock
+/// timeout, nothing changed), the renewal goes on, and once the producer
+/// commits the record is retried and resolves its row.
+#[tokio::test]
+async fn a_producer_left_open_holds_a_thread_record_back_a_third_of_the_lease_at_most() {
+    let db = database().await;
+    let s = daemon(&db, 3_000, 0).await;
+    s.acquire_accounts(&["acct"], 1).await.unwrap();
+    let thread_id = insert_thread(s.pool(), "acct", "k").await;
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    s.claim_thread("acct", far).await.unwrap().unwrap();
+    let mut producer = PgConnection::connect(&db.url).await.unwrap();
+    let mut tx = producer.begin().await.unwrap();
+    let row: i64 = sqlx::query_scalar(
+        "INSERT INTO outbox (thread_key, text, account) VALUES ('k', 'slow', 'acct') RETURNING id",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let e = tokio::time::timeout(
+        Duration::from_secs(30),
+        s.record_thread(thread_id, &created(T2), far),
+    )
+    .await
+    .expect("the record gives up by itself")
+    .unwrap_err();
+    let waited = started.elapsed();
+    assert!(matches!(&e, StoreError::Database(_)), "{e}");
+    assert!(e.to_string().contains("lock timeout"), "{e}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
+    assert_eq!(
+        thread_state(s.pool(), thread_id).await,
+        ("creating".into(), 0, None, 0, None)
+    );
+    s.renew().await.unwrap();
+    tx.commit().await.unwrap();
+    s.record_thread(thread_id, &created(T2), far).await.unwrap();
+    assert_eq!(keyed_thread_id(s.pool(), row).await.as_deref(), Some(T2));
+}
+
+/// Four producers inserting keyed rows of one thread, two per transaction,
+/// while the daemon records the thread created in the middle of it: no
+/// row is left without its thread's id, and every row is then claimed once
+/// in id order within each producer's commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producers_inserting_keyed_rows_while_their_thread_is_created_leave_none_unresolved() {
+    let db = database().await;
+    let s = daemon(&db, 30_000, 0).await;
+    s.acquire_accounts(&["acct"], 1).await.unwrap();
+    let thread_id = insert_thread(s.pool(), "acct", "k").await;
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    s.claim_thread("acct", far).await.unwrap().unwrap();
+    const PER_PRODUCER: usize = 60;
+    let producers: Vec<_> = (0..4)
+        .map(|p| {
+            let url = db.url.clone();
+            tokio::spawn(async move {
+                let mut conn = PgConnection::connect(&url).await.unwrap();
+                for i in (0..PER_PRODUCER).step_by(2) {
+                    let mut tx = conn.begin().await.unwrap();
+                    for j in 0..2 {
+                        sqlx::query(
+                            "INSERT INTO outbox (thread_key, text, account) VALUES ('k', $1, 'acct')",
+                        )
+                        .bind(format!("p{p} m{}", i + j))
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                    }
+                    tx.commit().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    // Record once about a quarter of the rows are in.
+    let since = Instant::now();
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(s.pool())
+            .await
+            .unwrap();
+        if n >= 60 {
+            break;
+        }
+        assert!(since.elapsed() < Duration::from_secs(30), "only {n} rows");
+        tokio::task::yield_now().await;
+    }
+    s.record_thread(thread_id, &created(T2), far).await.unwrap();
+    for p in producers {
+        p.await.unwrap();
+    }
+    let (total, unresolved): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE keyed_thread_id IS NULL) FROM outbox",
+    )
+    .fetch_one(s.pool())
+    .await
+    .unwrap();
+    assert_eq!((total, unresolved), (4 * PER_PRODUCER as i64, 0));
+    // Claimed one at a time, each once, each producer's rows in its order.
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for _ in 0..total {
+        let rows = s.claim("acct", far, 10).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        let text = rows[0].text.as_deref().unwrap().to_owned();
+        let (p, m) = text.split_once(' ').unwrap();
+        let m: usize = m.trim_start_matches('m').parse().unwrap();
+        let next = seen.entry(p.to_owned()).or_default();
+        assert_eq!(m, *next, "{text}");
+        *next += 1;
+        s.record(&[delivered(rows[0].id)], far).await.unwrap();
+    }
+    assert!(s.claim("acct", far, 10).await.unwrap().is_empty());
 }

@@ -30,7 +30,8 @@ impl PgStore {
     /// Dead rows, oldest first, of one account or all.
     pub async fn dead_rows(&self, account: Option<&str>) -> Result<Vec<DeadRow>, StoreError> {
         let rows = sqlx::query(concat!(
-            "SELECT id, account, message_thread_id, text, attempts, last_error, ",
+            "SELECT id, account, coalesce(message_thread_id, keyed_thread_id) AS message_thread_id,
+                    thread_key, text, attempts, last_error, ",
             ts!("created_at"),
             " AS created_at, ",
             ts!("dead_at"),
@@ -47,7 +48,7 @@ impl PgStore {
                     id: row.try_get("id")?,
                     account: row.try_get("account")?,
                     message_thread_id: row.try_get("message_thread_id")?,
-                    thread_key: None,
+                    thread_key: row.try_get("thread_key")?,
                     text: row.try_get("text")?,
                     attempts: u32::try_from(row.try_get::<i32, _>("attempts")?).unwrap_or(0),
                     last_error: row.try_get("last_error")?,
@@ -132,7 +133,8 @@ impl PgStore {
         Ok(done.rows_affected())
     }
 
-    /// Counts, ages and pauses per account (every account with rows or a pause).
+    /// Counts, ages and pauses per account (every account with rows, threads
+    /// or a pause), with its threads by status.
     pub async fn status(&self, now: SystemTime) -> Result<Vec<AccountStatus>, StoreError> {
         let mut report = StatusReport::default();
         let counts = sqlx::query(
@@ -203,6 +205,6 @@ impl PgStore {
             );
         }
         report.pauses(self.pauses().await?, now);
-        Ok(report.finish())
+        self.add_thread_status(report.finish()).await
     }
 }

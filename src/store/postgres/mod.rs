@@ -306,7 +306,9 @@ impl PgStore {
     /// one's fencing token, and in the same transaction turns the rows a
     /// previous owner left `sending` into `pending` with `needs_reconcile`,
     /// due no earlier than their claim plus `settle`: they are read back
-    /// before any resend. An account this handle held and let expire is
+    /// before any resend. Threads left `creating` likewise (read back with
+    /// `messageThreads/getAll` before they are created again); `recovered`
+    /// counts both. An account this handle held and let expire is
     /// taken again under a new token (its own rows in flight are recovered
     /// the same way).
     pub async fn acquire_accounts(
@@ -348,11 +350,16 @@ impl PgStore {
                 .bind(millis(self.options.settle))
                 .fetch_all(&mut *tx)
                 .await?;
-            for row in recovered {
+            let recovered_threads = sqlx::query(sql::RECOVER_THREADS)
+                .bind(&taken_names)
+                .bind(millis(self.options.settle))
+                .fetch_all(&mut *tx)
+                .await?;
+            for row in recovered.into_iter().chain(recovered_threads) {
                 let account: String = row.try_get("account")?;
                 let n = u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0);
                 if let Some(a) = acquired.iter_mut().find(|a| a.account == account) {
-                    a.recovered = n;
+                    a.recovered += n;
                 }
             }
         }

@@ -78,7 +78,9 @@ pub const RELEASE: &str = "
 /// Leases up to `$3` due pending rows of account `$1` (due at `$2`) as
 /// `sending` under token `$5`, for owner `$4`, only while that lease is
 /// held and unexpired. Only a thread's oldest unfinished row qualifies, so
-/// at most one per thread and in thread order. `$6` bounds the claim by
+/// at most one per thread and in thread order. A row's thread is its
+/// effective thread, `coalesce(message_thread_id, keyed_thread_id)`; a keyed
+/// row whose thread is not created yet is never claimed and blocks nothing. `$6` bounds the claim by
 /// bytes as the SQLite store's claim does: rows are taken, in claim order,
 /// while their texts plus `$7` (the message envelope) each add up to at
 /// most `$6`, and always at least one.
@@ -91,10 +93,12 @@ pub const CLAIM: &str = "
     picked AS (
         SELECT p.id, p.next_attempt_at FROM outbox p
         WHERE p.account = $1 AND p.status = 'pending' AND p.next_attempt_at <= $2::timestamptz
+          AND coalesce(p.message_thread_id, p.keyed_thread_id) IS NOT NULL
           AND EXISTS (SELECT 1 FROM lease)
           AND NOT EXISTS (
               SELECT 1 FROM outbox e
-              WHERE e.message_thread_id = p.message_thread_id
+              WHERE coalesce(e.message_thread_id, e.keyed_thread_id)
+                    = coalesce(p.message_thread_id, p.keyed_thread_id)
                 AND e.status IN ('pending', 'sending') AND e.id < p.id)
         ORDER BY p.next_attempt_at, p.id
         LIMIT $3
@@ -113,18 +117,20 @@ pub const CLAIM: &str = "
         first_sent_at = coalesce(o.first_sent_at, $2::timestamptz)
     FROM within
     WHERE o.id = within.id AND o.status = 'pending'
-    RETURNING o.id, o.message_thread_id, o.text, o.attempts, o.needs_reconcile,
+    RETURNING o.id, coalesce(o.message_thread_id, o.keyed_thread_id) AS message_thread_id, o.text, o.attempts, o.needs_reconcile,
               (extract(epoch FROM o.first_sent_at) * 1000000)::bigint AS first_sent_us";
 
-/// When the next row of account `$1` not blocked by its thread becomes due
-/// after `$2`, in microseconds since the epoch.
+/// When the next row of account `$1` not blocked by its thread (nor waiting
+/// for it to be created) becomes due after `$2`, in microseconds since the epoch.
 pub const NEXT_DUE: &str = "
     SELECT (extract(epoch FROM min(p.next_attempt_at)) * 1000000)::bigint
     FROM outbox p
     WHERE p.account = $1 AND p.status = 'pending' AND p.next_attempt_at > $2::timestamptz
+      AND coalesce(p.message_thread_id, p.keyed_thread_id) IS NOT NULL
       AND NOT EXISTS (
           SELECT 1 FROM outbox e
-          WHERE e.message_thread_id = p.message_thread_id
+          WHERE coalesce(e.message_thread_id, e.keyed_thread_id)
+                = coalesce(p.message_thread_id, p.keyed_thread_id)
             AND e.status IN ('pending', 'sending') AND e.id < p.id)";
 
 /// Stores outcomes `$1` (a JSON array of `{id, status, attempt,
@@ -183,3 +189,114 @@ pub const CLEAR_RECONCILE: &str = "
     WHERE o.id = ANY($1::bigint[])
       AND NOT EXISTS (
           SELECT 1 FROM held h WHERE h.account = o.account AND h.lease_token = o.lease_token)";
+
+/// In the acquisition's transaction, beside [`RECOVER`]: threads of the
+/// accounts `$1` left `creating` go back to `pending`, to be read back
+/// (`messageThreads/getAll`) before they are created again, due no earlier
+/// than `$2` ms after the later of their claim and the account's latest
+/// request start, as rows left `sending` are.
+pub const RECOVER_THREADS: &str = "
+    WITH recovered AS (
+        UPDATE outbox_threads t
+        SET status = 'pending', needs_reconcile = 1,
+            next_attempt_at = greatest(t.next_attempt_at,
+                coalesce(greatest(s.add_started_by, t.claimed_at), clock_timestamp())
+                    + $2 * interval '1 millisecond')
+        FROM outbox_account_state s
+        WHERE s.account = t.account
+          AND t.account = ANY($1::text[]) AND t.status = 'creating'
+        RETURNING t.account)
+    SELECT account, count(*) AS n FROM recovered GROUP BY account";
+
+/// Leases the oldest due pending thread of account `$1` (due at `$2`) as
+/// `creating` under token `$4`, for owner `$3`, only while that lease is
+/// held and unexpired (share-locked, as [`CLAIM`]). A thread a producer
+/// holds share-locked right now (inserting a message of it) is skipped
+/// until its commit.
+pub const CLAIM_THREAD: &str = "
+    WITH lease AS (
+        SELECT account FROM outbox_account_state
+        WHERE account = $1 AND lease_owner = $3::uuid AND lease_token = $4
+          AND lease_until > clock_timestamp()
+        FOR SHARE),
+    picked AS (
+        SELECT t.id FROM outbox_threads t
+        WHERE t.account = $1 AND t.status = 'pending' AND t.next_attempt_at <= $2::timestamptz
+          AND EXISTS (SELECT 1 FROM lease)
+        ORDER BY t.next_attempt_at, t.id
+        LIMIT 1
+        FOR UPDATE SKIP LOCKED)
+    UPDATE outbox_threads t
+    SET status = 'creating', lease_token = $4, claimed_at = clock_timestamp(),
+        first_sent_at = coalesce(t.first_sent_at, $2::timestamptz)
+    FROM picked
+    WHERE t.id = picked.id AND t.status = 'pending'
+    RETURNING t.id, t.thread_key, t.subject, t.original_sender, t.attempts, t.needs_reconcile,
+              (extract(epoch FROM t.first_sent_at) * 1000000)::bigint AS first_sent_us";
+
+/// When the next pending thread of account `$1` becomes due after `$2`, in
+/// microseconds since the epoch.
+pub const NEXT_THREAD_DUE: &str = "
+    SELECT (extract(epoch FROM min(next_attempt_at)) * 1000000)::bigint
+    FROM outbox_threads
+    WHERE account = $1 AND status = 'pending' AND next_attempt_at > $2::timestamptz";
+
+/// Stores the outcome of thread `$1` for owner `$2` at `$3`: only while it
+/// is still `creating` under the token of an account the owner holds
+/// (share-locked, as [`RECORD`]). `$4` status, `$5` attempts to add, `$6`
+/// next_attempt_at, `$7` error, `$8` maybe_stored, `$9`/`$10` the Mews id
+/// and CreatedUtc. Returns one row: the thread's account and key when it
+/// was changed (`done`), and whether its lease is lost (claimed under a
+/// token that is no longer the owner's). The UPDATE waits for a producer
+/// holding the thread row share-locked (see the migration's trigger).
+pub const RECORD_THREAD: &str = "
+    WITH held AS (
+        SELECT account, lease_token FROM outbox_account_state
+        WHERE lease_owner = $2::uuid
+        ORDER BY account
+        FOR SHARE),
+    done AS (
+        UPDATE outbox_threads t SET
+            status = $4::text,
+            attempts = t.attempts + $5::integer,
+            needs_reconcile = CASE WHEN $4::text = 'created' THEN 0
+                                   ELSE greatest(t.needs_reconcile, $8::integer) END,
+            next_attempt_at = coalesce($6::timestamptz, t.next_attempt_at),
+            last_error = coalesce($7::text, t.last_error),
+            mews_thread_id = coalesce($9::text, t.mews_thread_id),
+            mews_created_utc = coalesce($10::text, t.mews_created_utc),
+            thread_created_at = CASE WHEN $4::text = 'created' THEN $3::timestamptz
+                                     ELSE t.thread_created_at END,
+            dead_at = CASE WHEN $4::text = 'dead' THEN $3::timestamptz ELSE t.dead_at END
+        FROM held h
+        WHERE t.id = $1 AND t.status = 'creating'
+          AND t.account = h.account AND t.lease_token = h.lease_token
+        RETURNING t.account, t.thread_key)
+    SELECT (SELECT account FROM done) AS account,
+           (SELECT thread_key FROM done) AS thread_key,
+           EXISTS (
+               SELECT 1 FROM outbox_threads t
+               WHERE t.id = $1 AND NOT EXISTS (
+                   SELECT 1 FROM held h
+                   WHERE h.account = t.account AND h.lease_token = t.lease_token)
+           ) AND NOT EXISTS (SELECT 1 FROM done) AS lost,
+           (SELECT account FROM outbox_threads WHERE id = $1) AS thread_account";
+
+/// After [`RECORD_THREAD`] stored `created` (a later statement of the same
+/// transaction, so that it sees the rows of producers it waited for): every
+/// row of (`$1`, `$2`) without its thread's id takes `$3`; a pending one
+/// loses a held error (starting with `$4`) or the threadless one (`$5`).
+pub const RESOLVE_KEYED: &str = "
+    UPDATE outbox SET keyed_thread_id = $3::text,
+        last_error = CASE
+            WHEN status = 'pending'
+             AND (left(last_error, length($4::text)) = $4::text OR last_error = $5::text) THEN NULL
+            ELSE last_error END
+    WHERE account = $1 AND thread_key = $2 AND keyed_thread_id IS NULL";
+
+/// After [`RECORD_THREAD`] stored `dead`: the pending rows waiting for
+/// (`$1`, `$2`) are held with `$3`.
+pub const HOLD_KEYED: &str = "
+    UPDATE outbox SET last_error = $3
+    WHERE account = $1 AND thread_key = $2 AND keyed_thread_id IS NULL
+      AND status = 'pending'";

@@ -58,18 +58,22 @@ const FLAG_UNKNOWN: &str = "
 /// ours is replaced when the blocking row changed, another reason is kept.
 const FLAG_BEHIND_UNKNOWN: &str = "
     WITH heads AS (
-        SELECT h.message_thread_id, h.id AS head_id, h.account FROM outbox h
+        SELECT coalesce(h.message_thread_id, h.keyed_thread_id) AS thread, h.id AS head_id,
+               h.account
+        FROM outbox h
         WHERE h.status IN ('pending', 'sending') AND h.account <> ALL($1::text[])
+          AND coalesce(h.message_thread_id, h.keyed_thread_id) IS NOT NULL
           AND NOT EXISTS (
               SELECT 1 FROM outbox e
-              WHERE e.message_thread_id = h.message_thread_id
+              WHERE coalesce(e.message_thread_id, e.keyed_thread_id)
+                    = coalesce(h.message_thread_id, h.keyed_thread_id)
                 AND e.status IN ('pending', 'sending') AND e.id < h.id))
     UPDATE outbox o SET last_error = 'waiting behind row ' || heads.head_id
         || ' of its thread, whose account ' || heads.account
         || ' is not configured: add [accounts.' || heads.account
         || '] to the configuration, or delete row ' || heads.head_id
     FROM heads
-    WHERE o.message_thread_id = heads.message_thread_id
+    WHERE coalesce(o.message_thread_id, o.keyed_thread_id) = heads.thread
       AND o.id > heads.head_id
       AND o.status = 'pending'
       AND o.account = ANY($1::text[])
@@ -112,8 +116,9 @@ impl DaemonStore for PgStore {
         PgStore::release_accounts(self).await
     }
 
-    /// Rows left `sending` by a previous owner are recovered at each
-    /// takeover ([`PgStore::acquire_accounts`]); nothing to do at start-up.
+    /// Rows left `sending` and threads left `creating` by a previous owner
+    /// are recovered at each takeover ([`PgStore::acquire_accounts`]);
+    /// nothing to do at start-up.
     async fn recover_abandoned(
         &self,
         _settle: Duration,
@@ -151,6 +156,7 @@ impl DaemonStore for PgStore {
             .fetch_one(self.pool())
             .await?;
         summary.delivered_since = u64::try_from(delivered).unwrap_or(0);
+        self.add_thread_summary(&mut summary).await?;
         Ok(summary)
     }
 
