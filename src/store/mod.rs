@@ -530,6 +530,8 @@ pub trait OperatorStore: Send + Sync {
     /// (only for a message whose thread is [`ThreadRef::Key`] of the same
     /// key), inserts that thread first in the same transaction unless its
     /// key already exists for the account (then the message joins it).
+    /// A message whose `identifier` is already there inserts nothing, the
+    /// thread included ([`Enqueued::AlreadyThere`]).
     fn enqueue(
         &self,
         message: &NewMessage,

@@ -2170,6 +2170,11 @@ async fn enqueue_with_a_new_thread_inserts_both_in_one_transaction() {
         s.enqueue(&message("k", "m1"), Some(&thread("k", "Other subject"))).await.unwrap(),
         mews_outbox::store::Enqueued::AlreadyThere(id) if id == first
     ));
+    // An identifier already used inserts nothing, not even a new thread.
+    assert!(matches!(
+        s.enqueue(&message("k-new", "m1"), Some(&thread("k-new", "Your stay"))).await.unwrap(),
+        mews_outbox::store::Enqueued::AlreadyThere(id) if id == first
+    ));
     // A second message joins the key's thread, with or without new_thread.
     s.enqueue(&message("k", "m2"), Some(&thread("k", "Other subject")))
         .await

@@ -353,17 +353,20 @@ impl PgStore {
         .fetch_optional(&mut *tx)
         .await
         .map_err(refused)?;
-        let enqueued = match inserted {
-            Some(id) => Enqueued::Inserted(id),
-            None => Enqueued::AlreadyThere(
+        let Some(id) = inserted else {
+            // The message was enqueued before: nothing is inserted, not even
+            // the new thread (as the SQLite store does), so that a repeated
+            // `enqueue` never leaves an empty thread to create.
+            let existing =
                 sqlx::query_scalar::<_, i64>("SELECT id FROM outbox WHERE identifier = $1")
                     .bind(&message.identifier)
                     .fetch_one(&mut *tx)
-                    .await?,
-            ),
+                    .await?;
+            tx.rollback().await?;
+            return Ok(Enqueued::AlreadyThere(existing));
         };
         tx.commit().await?;
-        Ok(enqueued)
+        Ok(Enqueued::Inserted(id))
     }
 
     /// Dead threads, oldest first, of one account or all, with the number
