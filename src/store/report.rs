@@ -5,7 +5,10 @@
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
-use super::{AccountPause, AccountStatus, ErrorCount, QueueSummary, Status, StoreError, timestamp};
+use super::{
+    AccountPause, AccountStatus, ErrorCount, QueueSummary, Status, StoreError, ThreadCounts,
+    ThreadStatus, timestamp,
+};
 
 /// A count column as the reports show it (a negative count, which no query
 /// gives, as 0).
@@ -80,6 +83,11 @@ impl StatusReport {
         }
     }
 
+    /// The thread counts of `account` (which then appears in the report).
+    pub(crate) fn threads(&mut self, account: String) -> &mut ThreadCounts {
+        &mut self.entry(account).threads
+    }
+
     pub(crate) fn finish(self) -> Vec<AccountStatus> {
         self.accounts.into_values().collect()
     }
@@ -104,6 +112,18 @@ pub(crate) fn queue_count(
         Some(Status::Sending) => entry.sending = n,
         Some(Status::Dead) => entry.dead = n,
         Some(Status::Delivered) | None => {}
+    }
+}
+
+/// Sets in `counts` that `n` threads are `status` (status and queue summary).
+pub(crate) fn thread_count(counts: &mut ThreadCounts, status: &str, n: i64) {
+    let n = count(n);
+    match ThreadStatus::parse(status) {
+        Some(ThreadStatus::Pending) => counts.pending = n,
+        Some(ThreadStatus::Creating) => counts.creating = n,
+        Some(ThreadStatus::Created) => counts.created = n,
+        Some(ThreadStatus::Dead) => counts.dead = n,
+        None => {}
     }
 }
 

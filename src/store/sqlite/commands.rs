@@ -8,7 +8,7 @@ use super::SqliteStore;
 use crate::store::report::{self, StatusReport};
 use crate::store::{
     AccountStatus, DeadRow, DeadThread, Enqueued, NewMessage, NewThread, OperatorStore, Outbox,
-    Requeue, StoreError, ThreadRef, timestamp,
+    Requeue, StoreError, timestamp,
 };
 
 /// Most common dead-row errors shown per account by `status`.
@@ -18,8 +18,9 @@ impl OperatorStore for SqliteStore {
     /// Dead rows, oldest first, of one account or all.
     async fn dead_rows(&self, account: Option<&str>) -> Result<Vec<DeadRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, account, message_thread_id, CAST(text AS BLOB) AS text, attempts,
-                    last_error, created_at, dead_at
+            "SELECT id, account, coalesce(message_thread_id, keyed_thread_id) AS message_thread_id,
+                    thread_key, CAST(text AS BLOB) AS text, attempts, last_error, created_at,
+                    dead_at
              FROM outbox WHERE status = 'dead' AND (?1 IS NULL OR account = ?1)
              ORDER BY id",
         )
@@ -32,7 +33,7 @@ impl OperatorStore for SqliteStore {
                     id: row.try_get("id")?,
                     account: row.try_get("account")?,
                     message_thread_id: row.try_get("message_thread_id")?,
-                    thread_key: None,
+                    thread_key: row.try_get("thread_key")?,
                     text: String::from_utf8_lossy(&row.try_get::<Vec<u8>, _>("text")?).into_owned(),
                     attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(0),
                     last_error: row.try_get("last_error")?,
@@ -127,30 +128,7 @@ impl OperatorStore for SqliteStore {
         message: &NewMessage,
         new_thread: Option<&NewThread>,
     ) -> Result<Enqueued, StoreError> {
-        let (ThreadRef::Id(message_thread_id), None) = (&message.thread, new_thread) else {
-            return SqliteStore::enqueue_with_thread(self, message, new_thread).await;
-        };
-        let inserted = sqlx::query_scalar::<_, i64>(
-            "INSERT INTO outbox (message_thread_id, text, identifier, account)
-             VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (identifier) DO NOTHING
-             RETURNING id",
-        )
-        .bind(message_thread_id)
-        .bind(&message.text)
-        .bind(&message.identifier)
-        .bind(&message.account)
-        .fetch_optional(&self.writer)
-        .await
-        .map_err(refused)?;
-        if let Some(id) = inserted {
-            return Ok(Enqueued::Inserted(id));
-        }
-        let existing = sqlx::query_scalar::<_, i64>("SELECT id FROM outbox WHERE identifier = ?1")
-            .bind(&message.identifier)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(Enqueued::AlreadyThere(existing))
+        SqliteStore::enqueue_with_thread(self, message, new_thread).await
     }
 
     /// Counts, ages and pauses per account (every account with rows or a pause).
@@ -224,6 +202,21 @@ impl OperatorStore for SqliteStore {
                 row.try_get("n")?,
             );
         }
+        let threads = sqlx::query(
+            "SELECT account, status, count(*) AS n FROM outbox_threads GROUP BY account, status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for row in threads {
+            report::thread_count(
+                report.threads(row.try_get("account")?),
+                row.try_get("status")?,
+                row.try_get("n")?,
+            );
+        }
+        for (account, n) in self.messages_waiting().await? {
+            report.threads(account).messages_waiting = n;
+        }
         report.pauses(self.pauses().await?, now);
         Ok(report.finish())
     }
@@ -256,7 +249,7 @@ const SQLITE_CONSTRAINT_TRIGGER: &str = "1811";
 
 /// A CHECK, UNIQUE, NOT NULL or producer-contract failure is the producer's
 /// input being refused.
-fn refused(e: sqlx::Error) -> StoreError {
+pub(super) fn refused(e: sqlx::Error) -> StoreError {
     match &e {
         sqlx::Error::Database(db)
             if matches!(

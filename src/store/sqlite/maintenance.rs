@@ -92,7 +92,7 @@ impl Upkeep for SqliteStore {
                  || '] to the configuration, or delete row ' || h.head_id
              FROM outbox_thread_head AS h
              WHERE h.account NOT IN (SELECT value FROM json_each(?1))
-               AND outbox.message_thread_id = h.message_thread_id
+               AND coalesce(outbox.message_thread_id, outbox.keyed_thread_id) = h.message_thread_id
                AND outbox.id > h.head_id
                AND outbox.status = 'pending'
                AND outbox.account IN (SELECT value FROM json_each(?1))

@@ -13,6 +13,8 @@ pub mod maintenance;
 pub mod sql;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod thread_tests;
 mod threads;
 mod wal_watch;
 
@@ -363,13 +365,17 @@ impl DaemonStore for SqliteStore {
     /// Mews may still be storing that request, so, like a timed-out one,
     /// they are not due before its start plus `settle`: the account's
     /// `add_started_by` (see [`crate::store::Outbox::request_starting`]), or `now` when it
-    /// is unknown. Only safe while holding the [`DaemonLock`] (as [`SqliteStore::open_for_daemon`] does). Returns how many.
+    /// is unknown. Threads left `creating` likewise (read back with
+    /// `messageThreads/getAll` before they are created again). Only safe while holding the [`DaemonLock`] (as [`SqliteStore::open_for_daemon`] does). Returns how many.
     async fn recover_abandoned(
         &self,
         settle: Duration,
         now: SystemTime,
     ) -> Result<u64, StoreError> {
-        let done = sqlx::query(
+        let settle_modifier = format!("+{:.3} seconds", settle.as_secs_f64());
+        let unknown = timestamp(now + settle);
+        let mut tx = self.writer.begin().await?;
+        let rows = sqlx::query(
             "UPDATE outbox SET status = 'pending', needs_reconcile = 1,
                 next_attempt_at = max(next_attempt_at, coalesce(
                     (SELECT strftime('%Y-%m-%dT%H:%M:%fZ', s.add_started_by, ?1)
@@ -377,11 +383,26 @@ impl DaemonStore for SqliteStore {
                     ?2))
              WHERE status = 'sending'",
         )
-        .bind(format!("+{:.3} seconds", settle.as_secs_f64()))
-        .bind(timestamp(now + settle))
-        .execute(&self.writer)
+        .bind(&settle_modifier)
+        .bind(&unknown)
+        .execute(&mut *tx)
         .await?;
-        Ok(done.rows_affected())
+        // Threads left `creating`: their `messageThreads/add` may have
+        // reached Mews; read back (after the same settling) before again.
+        let threads = sqlx::query(
+            "UPDATE outbox_threads SET status = 'pending', needs_reconcile = 1,
+                next_attempt_at = max(next_attempt_at, coalesce(
+                    (SELECT strftime('%Y-%m-%dT%H:%M:%fZ', s.add_started_by, ?1)
+                     FROM outbox_account_state AS s WHERE s.account = outbox_threads.account),
+                    ?2))
+             WHERE status = 'creating'",
+        )
+        .bind(&settle_modifier)
+        .bind(&unknown)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(rows.rows_affected() + threads.rows_affected())
     }
 
     /// Watches for commits by other connections (producers in other
@@ -439,6 +460,28 @@ impl DaemonStore for SqliteStore {
         .fetch_one(self.pool())
         .await?;
         summary.delivered_since = u64::try_from(delivered).unwrap_or(0);
+        let threads = sqlx::query(
+            "SELECT account, status, count(*) AS n FROM outbox_threads GROUP BY account, status",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        for row in threads {
+            let account: String = row.try_get("account")?;
+            let entry = summary.accounts.entry(account).or_default();
+            report::thread_count(
+                &mut entry.threads,
+                row.try_get("status")?,
+                row.try_get("n")?,
+            );
+        }
+        for (account, n) in self.messages_waiting().await? {
+            summary
+                .accounts
+                .entry(account)
+                .or_default()
+                .threads
+                .messages_waiting = n;
+        }
         Ok(summary)
     }
 

@@ -7,7 +7,9 @@
 /// first: one range of `outbox_thread_head_ready`, then rowid lookups.
 /// Per-thread order holds by construction: only a thread's oldest
 /// unfinished row is its head (migration `..04_thread_heads`). The
-/// triggers then mark these heads as in flight.
+/// triggers then mark these heads as in flight. A row's thread is its
+/// effective thread, `coalesce(message_thread_id, keyed_thread_id)`
+/// (migration `..07_threads`): a head always has one.
 ///
 /// `?4` bounds the claim by bytes: the heads are taken, in claim order,
 /// while their texts plus [`MESSAGE_ENVELOPE_BYTES`] each add up to at
@@ -32,7 +34,8 @@ pub const CLAIM: &str = "
             WINDOW w AS (ORDER BY c.ready_at, c.head_id ROWS UNBOUNDED PRECEDING))
         WHERE n = 1 OR running_bytes <= ?4)
       AND +status = 'pending'
-    RETURNING id, message_thread_id, CAST(text AS BLOB) AS text, attempts,
+    RETURNING id, coalesce(message_thread_id, keyed_thread_id) AS message_thread_id,
+              CAST(text AS BLOB) AS text, attempts,
               needs_reconcile, first_sent_at";
 
 /// What [`CLAIM`] counts for each message besides its text: the JSON
