@@ -28,3 +28,4 @@ mod security;
 mod settle;
 mod storage_faults;
 mod thread_heads;
+mod threads;
