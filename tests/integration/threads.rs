@@ -166,9 +166,7 @@ async fn a_thread_and_its_messages_in_one_producer_transaction_make_one_thread_t
         assert_eq!(row.message_thread_id, mews_id, "effective thread");
     }
     daemon
-        .wait_for_log(&format!(
-            "thread created; its waiting messages follow in order"
-        ))
+        .wait_for_log("thread created; its waiting messages follow in order")
         .await;
     let log = daemon.log();
     assert!(log.contains("thread_key=booking-4711"), "{log}");
