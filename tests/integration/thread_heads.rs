@@ -2,7 +2,11 @@
 //! (each thread's oldest unfinished row), whatever producers, the daemon and
 //! operators do to `outbox`: random sequences of inserts, status changes,
 //! reschedules, account and thread corrections and deletes, checked after
-//! every step against the definition computed from scratch.
+//! every step against the definition computed from scratch. Rows may name
+//! their thread by `thread_key` (migration `..07_threads`): such a row's
+//! thread is its *effective* thread, `coalesce(message_thread_id,
+//! keyed_thread_id)`, and it has none (no head, blocks nothing) until its
+//! key's thread is created, as the daemon's statement does it.
 
 use std::path::Path;
 use std::time::Duration;
@@ -17,6 +21,9 @@ const THREADS: [&str; 3] = [
 ];
 const STATUSES: [&str; 4] = ["pending", "sending", "delivered", "dead"];
 const ACCOUNTS: [&str; 2] = ["default", "other"];
+/// Thread keys of `outbox_threads`; key `k` is created as Mews thread
+/// `THREADS[k]`, so keyed rows share threads with rows named by id.
+const KEYS: [&str; 2] = ["booking-1", "booking-2"];
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -47,6 +54,22 @@ enum Op {
     Delete {
         row: usize,
     },
+    /// A producer's message naming its thread by key.
+    InsertKeyed {
+        key: usize,
+        account: usize,
+    },
+    /// The daemon records the key's thread (of `account`) created, with
+    /// its statement for the waiting rows.
+    CreateThread {
+        key: usize,
+        account: usize,
+    },
+    /// An operator's correction of a keyed row's thread (`None`: back to waiting).
+    SetKeyedThread {
+        row: usize,
+        thread: Option<usize>,
+    },
     /// The daemon's claim statement.
     Claim {
         account: usize,
@@ -64,6 +87,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..64usize, 0..3usize).prop_map(|(row, thread)| Op::MoveThread { row, thread }),
         1 => (0..64usize).prop_map(|row| Op::Delete { row }),
         2 => (0..2usize, 1..4u8).prop_map(|(account, limit)| Op::Claim { account, limit }),
+        3 => (0..2usize, 0..2usize).prop_map(|(key, account)| Op::InsertKeyed { key, account }),
+        1 => (0..2usize, 0..2usize).prop_map(|(key, account)| Op::CreateThread { key, account }),
+        1 => (0..64usize, prop::option::of(0..3usize)).prop_map(|(row, thread)| Op::SetKeyedThread { row, thread }),
     ]
 }
 
@@ -97,13 +123,14 @@ fn heads(conn: &rusqlite::Connection, sql: &str) -> Vec<(String, i64, String, Op
 const KEPT: &str = "SELECT message_thread_id, head_id, account, ready_at
                     FROM outbox_thread_head ORDER BY message_thread_id";
 const DEFINITION: &str = "
-    SELECT o.message_thread_id, o.id, o.account,
+    SELECT coalesce(o.message_thread_id, o.keyed_thread_id) AS thread, o.id, o.account,
            CASE WHEN o.status = 'pending' THEN o.next_attempt_at END
     FROM outbox AS o
     WHERE o.id = (SELECT min(e.id) FROM outbox AS e
-                  WHERE e.message_thread_id = o.message_thread_id
+                  WHERE coalesce(e.message_thread_id, e.keyed_thread_id)
+                            = coalesce(o.message_thread_id, o.keyed_thread_id)
                     AND e.status IN ('pending', 'sending'))
-    ORDER BY o.message_thread_id";
+    ORDER BY thread";
 
 /// The id of the `n`-th row (modulo the row count), if any row exists.
 fn nth_row(conn: &rusqlite::Connection, n: usize) -> Option<i64> {
@@ -166,7 +193,7 @@ fn apply(conn: &rusqlite::Connection, op: &Op) {
         Op::MoveThread { row, thread } => {
             if let Some(id) = nth_row(conn, row) {
                 conn.execute(
-                    "UPDATE outbox SET message_thread_id = ?2 WHERE id = ?1",
+                    "UPDATE outbox SET message_thread_id = ?2 WHERE id = ?1 AND thread_key IS NULL",
                     (id, THREADS[thread]),
                 )
                 .unwrap();
@@ -176,6 +203,44 @@ fn apply(conn: &rusqlite::Connection, op: &Op) {
             if let Some(id) = nth_row(conn, row) {
                 conn.execute("DELETE FROM outbox WHERE id = ?1", [id])
                     .unwrap();
+            }
+        }
+        Op::InsertKeyed { key, account } => {
+            conn.execute(
+                "INSERT INTO outbox (thread_key, text, account) VALUES (?1, 'x', ?2)",
+                (KEYS[key], ACCOUNTS[account]),
+            )
+            .unwrap();
+        }
+        Op::CreateThread { key, account } => {
+            conn.execute(
+                "INSERT INTO outbox_threads (account, thread_key, subject, original_sender)
+                 VALUES (?1, ?2, 's', 'o') ON CONFLICT (account, thread_key) DO NOTHING",
+                (ACCOUNTS[account], KEYS[key]),
+            )
+            .unwrap();
+            let changed = conn
+                .execute(
+                    "UPDATE outbox_threads SET status = 'created', mews_thread_id = ?3
+                     WHERE account = ?1 AND thread_key = ?2 AND status <> 'created'",
+                    (ACCOUNTS[account], KEYS[key], THREADS[key]),
+                )
+                .unwrap();
+            if changed == 1 {
+                conn.execute(
+                    mews_outbox::store::sqlite::sql::RESOLVE_WAITING,
+                    (ACCOUNTS[account], KEYS[key], THREADS[key], "held: ", "none"),
+                )
+                .unwrap();
+            }
+        }
+        Op::SetKeyedThread { row, thread } => {
+            if let Some(id) = nth_row(conn, row) {
+                conn.execute(
+                    "UPDATE outbox SET keyed_thread_id = ?2 WHERE id = ?1 AND thread_key IS NOT NULL",
+                    (id, thread.map(|t| THREADS[t])),
+                )
+                .unwrap();
             }
         }
         Op::Claim { account, limit } => {
@@ -197,7 +262,8 @@ fn apply(conn: &rusqlite::Connection, op: &Op) {
             for (id, thread) in claimed {
                 let earlier: i64 = conn
                     .query_row(
-                        "SELECT count(*) FROM outbox WHERE message_thread_id = ?1 AND id < ?2
+                        "SELECT count(*) FROM outbox
+                         WHERE coalesce(message_thread_id, keyed_thread_id) = ?1 AND id < ?2
                            AND status IN ('pending', 'sending')",
                         (&thread, id),
                         |r| r.get(0),

@@ -81,3 +81,35 @@ pub const RECORD: &str = "
         last_error = coalesce(u.value ->> 'error', last_error)
     FROM json_each(?1) AS u
     WHERE outbox.id = u.value ->> 'id' AND +outbox.status = 'sending'";
+
+/// Leases the oldest due `pending` thread of account `?1` as `creating`
+/// (through `outbox_threads_pending_due`), `?2` the time.
+pub const CLAIM_THREAD: &str = "
+    UPDATE outbox_threads
+    SET status = 'creating', first_sent_at = coalesce(first_sent_at, ?2)
+    WHERE id = (SELECT id FROM outbox_threads
+                WHERE account = ?1 AND status = 'pending' AND next_attempt_at <= ?2
+                ORDER BY next_attempt_at, id LIMIT 1)
+      AND status = 'pending'
+    RETURNING id, thread_key, subject, original_sender, attempts, needs_reconcile,
+              first_sent_at";
+
+/// When the next `pending` thread of account `?1` becomes due after `?2`.
+pub const NEXT_THREAD_DUE: &str = "
+    SELECT min(next_attempt_at) FROM outbox_threads
+    WHERE account = ?1 AND status = 'pending' AND next_attempt_at > ?2";
+
+/// Gives the waiting rows (`pending`, keyed, no `keyed_thread_id` yet) of
+/// thread key `?2` of account `?1` the Mews thread `?3`, through
+/// `outbox_waiting_for_thread`, clearing a `last_error` that held them
+/// behind the thread (starting with `?4`,
+/// [`crate::store::thread::HELD_BY_THREAD_PREFIX`]) or said it did not
+/// exist (`?5`, [`crate::store::thread::no_such_thread`]). The
+/// `outbox_thread_head_resolved` trigger then places each in its thread.
+pub const RESOLVE_WAITING: &str = "
+    UPDATE outbox SET keyed_thread_id = ?3,
+        last_error = CASE WHEN substr(last_error, 1, length(?4)) = ?4 OR last_error = ?5
+                          THEN NULL ELSE last_error END
+    WHERE outbox.account = ?1 AND outbox.thread_key = ?2
+      AND outbox.thread_key IS NOT NULL AND outbox.keyed_thread_id IS NULL
+      AND outbox.status = 'pending'";

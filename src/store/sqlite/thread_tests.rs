@@ -1047,12 +1047,12 @@ async fn the_thread_statements_use_their_indexes() {
     let cases: [(&str, &str, &[&str]); 5] = [
         (
             "claim_thread",
-            threads::CLAIM_THREAD,
+            sql::CLAIM_THREAD,
             &["outbox_threads_pending_due (account=? AND next_attempt_at<?)"],
         ),
         (
             "next_thread_due",
-            threads::NEXT_THREAD_DUE,
+            sql::NEXT_THREAD_DUE,
             &["outbox_threads_pending_due (account=? AND next_attempt_at>?)"],
         ),
         (

@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 use sqlx::Row;
 
-use super::SqliteStore;
+use super::{SqliteStore, sql};
 use super::commands::refused;
 use crate::store::report;
 use crate::store::thread::{HELD_BY_THREAD_PREFIX, held_by_thread, no_such_thread, thread_purged};
@@ -23,40 +23,11 @@ use crate::store::{
     ThreadRef, parse_timestamp, timestamp,
 };
 
-/// Leases the oldest due `pending` thread of account `?1` as `creating`
-/// (through `outbox_threads_pending_due`), `?2` the time.
-pub const CLAIM_THREAD: &str = "
-    UPDATE outbox_threads
-    SET status = 'creating', first_sent_at = coalesce(first_sent_at, ?2)
-    WHERE id = (SELECT id FROM outbox_threads
-                WHERE account = ?1 AND status = 'pending' AND next_attempt_at <= ?2
-                ORDER BY next_attempt_at, id LIMIT 1)
-      AND status = 'pending'
-    RETURNING id, thread_key, subject, original_sender, attempts, needs_reconcile,
-              first_sent_at";
-
-/// When the next `pending` thread of account `?1` becomes due after `?2`.
-pub const NEXT_THREAD_DUE: &str = "
-    SELECT min(next_attempt_at) FROM outbox_threads
-    WHERE account = ?1 AND status = 'pending' AND next_attempt_at > ?2";
-
 /// The waiting rows of thread key `?2` of account `?1` (through
 /// `outbox_waiting_for_thread`), as a condition on `outbox`.
 const WAITING: &str = "outbox.account = ?1 AND outbox.thread_key = ?2
       AND outbox.thread_key IS NOT NULL AND outbox.keyed_thread_id IS NULL
       AND outbox.status = 'pending'";
-
-/// Gives the waiting rows of (`?1`, `?2`) the Mews thread `?3`, clearing a
-/// `last_error` that held them behind the thread (`?4` is
-/// [`HELD_BY_THREAD_PREFIX`]) or said it did not exist (`?5`).
-fn resolve_waiting() -> String {
-    format!(
-        "UPDATE outbox SET keyed_thread_id = ?3,
-             last_error = CASE WHEN substr(last_error, 1, length(?4)) = ?4 OR last_error = ?5
-                               THEN NULL ELSE last_error END
-         WHERE {WAITING}"
-    )
-}
 
 fn decode_claimed(row: &sqlx::sqlite::SqliteRow) -> Result<ClaimedThread, sqlx::Error> {
     Ok(ClaimedThread {
@@ -94,7 +65,7 @@ impl SqliteStore {
         account: &str,
         now: SystemTime,
     ) -> Result<Option<ClaimedThread>, StoreError> {
-        let row = sqlx::query(CLAIM_THREAD)
+        let row = sqlx::query(sql::CLAIM_THREAD)
             .bind(account)
             .bind(timestamp(now))
             .fetch_optional(self.writer())
@@ -107,7 +78,7 @@ impl SqliteStore {
         account: &str,
         now: SystemTime,
     ) -> Result<Option<SystemTime>, StoreError> {
-        let next: Option<String> = sqlx::query_scalar(NEXT_THREAD_DUE)
+        let next: Option<String> = sqlx::query_scalar(sql::NEXT_THREAD_DUE)
             .bind(account)
             .bind(timestamp(now))
             .fetch_one(self.pool())
@@ -146,7 +117,7 @@ impl SqliteStore {
                 if let Some(key) = key {
                     let account: String = key.try_get("account")?;
                     let thread_key: String = key.try_get("thread_key")?;
-                    sqlx::query(sqlx::AssertSqlSafe(resolve_waiting()))
+                    sqlx::query(sql::RESOLVE_WAITING)
                         .bind(&account)
                         .bind(&thread_key)
                         .bind(mews_thread_id)
