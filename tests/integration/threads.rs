@@ -525,3 +525,28 @@ async fn a_message_whose_thread_key_names_no_thread_waits_flagged_and_blocks_not
         .unwrap();
     assert_eq!(orphan.status, "pending");
 }
+
+#[tokio::test]
+async fn a_failed_read_back_waits_instead_of_creating_the_thread_blindly() {
+    let fake = FakeMews::start().await;
+    fake.script_threads_add([Fault::StoreThenStatus(503)]);
+    fake.script_threads_get_all([Fault::status(503), Fault::DropBeforeStore]);
+    let env = Env::new(&fake.base_url);
+    let db = env.producer().await;
+    insert_thread_with_messages(&db, "k", "Read-back fails twice", &["only"]).await;
+    let mut daemon = env.start();
+    wait_for_rows(&db, "status = 'delivered'", 1).await;
+    assert_eq!(
+        fake.threads_per_subject().get("Read-back fails twice"),
+        Some(&1),
+        "no second thread while Mews could not be asked"
+    );
+    assert_eq!(fake.thread_add_requests().len(), 1);
+    daemon
+        .wait_for_log_count(
+            "cannot read the thread back, so it is not created again yet",
+            2,
+        )
+        .await;
+    daemon.wait_for_log("thread adopted").await;
+}

@@ -14,8 +14,8 @@ use std::time::SystemTime;
 
 use sqlx::Row;
 
-use super::{SqliteStore, sql};
 use super::commands::refused;
+use super::{SqliteStore, sql};
 use crate::store::report;
 use crate::store::thread::{HELD_BY_THREAD_PREFIX, held_by_thread, no_such_thread, thread_purged};
 use crate::store::{
