@@ -550,3 +550,43 @@ async fn a_failed_read_back_waits_instead_of_creating_the_thread_blindly() {
         .await;
     daemon.wait_for_log("thread adopted").await;
 }
+
+#[tokio::test]
+async fn purging_a_dead_thread_makes_its_held_messages_dead_and_says_how_many() {
+    let fake = FakeMews::start().await;
+    fake.script_threads_add([Fault::status(400)]);
+    let env = Env::new(&fake.base_url);
+    let db = env.producer().await;
+    let thread = insert_thread_with_messages(&db, "gone", "Never", &["one", "two"]).await;
+    let mut daemon = env.start();
+    wait_for_threads(&db, "status = 'dead'", 1).await;
+    wait_for_rows(&db, "last_error LIKE 'held: thread %'", 2).await;
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(WAIT).await.success());
+
+    let (ok, out, err) = env.cli(&["dead", "purge", "--older-than", "0s"]).await;
+    assert!(ok.success(), "{err}");
+    assert!(
+        out.contains(
+            "purged 1 dead threads dead for more than 0s; 2 messages they held are dead now"
+        ),
+        "{out}"
+    );
+    assert!(thread_rows(&db).await.is_empty());
+    for row in rows(&db).await {
+        assert_eq!(row.status, "dead", "none waits for ever unseen");
+        let error = row.last_error.unwrap();
+        assert!(
+            error.contains(&format!("\"gone\" (outbox_threads id {thread})"))
+                && error.contains("purged"),
+            "{error}"
+        );
+    }
+    let (ok, listing, _) = env.cli(&["dead", "list"]).await;
+    assert!(ok.success());
+    assert!(
+        listing.contains("key \"gone\" (never created)"),
+        "{listing}"
+    );
+    assert!(listing.contains("2 dead rows"), "{listing}");
+}
