@@ -215,9 +215,14 @@ impl<S: Outbox> AccountWorker<S> {
             if self.is_paused() {
                 return ThreadBack::Stop;
             }
+            self.waiting();
             let Some(permit) = self.admit().await else {
                 return ThreadBack::Stop;
             };
+            self.busy(
+                "reading a thread back from Mews",
+                self.client.request_timeout() + REQUEST_SLACK,
+            );
             let back = self
                 .client
                 .get_threads(
