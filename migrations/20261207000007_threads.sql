@@ -235,7 +235,15 @@ DROP TRIGGER outbox_producer_columns_only;
 DROP TRIGGER outbox_text_non_blank_on_insert;
 DROP TRIGGER outbox_text_non_blank_on_update;
 DROP TABLE outbox;
+-- Legacy renaming: the outbox may live in the application's own database,
+-- and a view of the application that reads `outbox` must neither stop the
+-- rename ("error in view ...: no such table: main.outbox", modern renaming
+-- checks the whole schema) nor be rewritten to `outbox_rebuilt`: it reads
+-- the rebuilt `outbox` by name. (The application's own triggers and
+-- indexes on `outbox`, if any, went with the old table: recreate them.)
+PRAGMA legacy_alter_table = ON;
 ALTER TABLE outbox_rebuilt RENAME TO outbox;
+PRAGMA legacy_alter_table = OFF;
 
 -- The indexes of migrations 1 to 4, on the rebuilt table.
 CREATE INDEX outbox_status ON outbox (status, account);

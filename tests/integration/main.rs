@@ -26,6 +26,7 @@ mod rejections;
 mod secrets;
 mod security;
 mod settle;
+mod sqlite_threads;
 mod storage_faults;
 mod thread_heads;
 mod threads;

@@ -55,6 +55,7 @@ async fn every_daemon_column_is_refused_on_insert_naming_the_column() {
         ("mews_message_id", "'m'"),
         ("mews_created_utc", "'c'"),
         ("mews_sender", "'Application'"),
+        ("keyed_thread_id", "'5e1f7c1a-9b0d-4a55-8d3e-2f6a7b8c9d01'"),
     ];
     for (column, value) in cases {
         let e = insert_error(&db, &format!(", {column}"), &format!(", {value}")).await;

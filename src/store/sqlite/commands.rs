@@ -46,7 +46,9 @@ impl OperatorStore for SqliteStore {
     }
 
     /// Puts dead rows back to `pending`, due now, with their attempts reset
-    /// and `last_error` saying so. Named rows that are not all dead (or not
+    /// and `last_error` saying so. A keyed row still without its thread's
+    /// id (its thread was purged) takes it when that key's thread is
+    /// created by now; else it waits for it. Named rows that are not all dead (or not
     /// of `account`) are refused as a whole. Returns the ids requeued.
     async fn requeue_dead(
         &self,
@@ -64,6 +66,10 @@ impl OperatorStore for SqliteStore {
         let mut requeued: Vec<i64> = sqlx::query_scalar(
             "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ?1,
                  dead_at = NULL,
+                 keyed_thread_id = coalesce(keyed_thread_id,
+                     (SELECT t.mews_thread_id FROM outbox_threads AS t
+                      WHERE t.account = outbox.account AND t.thread_key = outbox.thread_key
+                        AND t.status = 'created')),
                  last_error = 'requeued by an operator at ' || ?1 || coalesce('; was: ' || last_error, '')
              WHERE status = 'dead'
                AND (?2 IS NULL OR id IN (SELECT value FROM json_each(?2)))

@@ -256,6 +256,18 @@ async fn migrating_from_migration_6_keeps_every_row_its_id_the_heads_and_the_seq
         .unwrap();
     let sequence = outbox_sequence(&old).await;
     assert_eq!(sequence, max_id + 10, "the pruned rows raised the sequence");
+    // The application's own schema around the outbox (it may live in the
+    // application's database): a view of it, and a trigger that enqueues.
+    sqlx::raw_sql(
+        "CREATE VIEW app_waiting AS SELECT id, text FROM outbox WHERE status = 'pending';
+         CREATE TABLE app_checkins (thread TEXT NOT NULL);
+         CREATE TRIGGER app_checkin_enqueues AFTER INSERT ON app_checkins BEGIN
+             INSERT INTO outbox (message_thread_id, text) VALUES (new.thread, 'Welcome');
+         END;",
+    )
+    .execute(&old)
+    .await
+    .unwrap();
     let before = snapshot(&old).await;
     assert_eq!(before.0.len(), 9);
     assert_eq!(before.1.len(), 3, "heads of T1, T2 and the other thread");
@@ -305,6 +317,18 @@ async fn migrating_from_migration_6_keeps_every_row_its_id_the_heads_and_the_seq
             .collect()
     };
     assert_eq!((of(T1), of(T2)), (vec![4, 6, 7, 8], vec![5, new]));
+    // The application's view and trigger still work on the rebuilt table.
+    let waiting: Vec<i64> = sqlx::query_scalar("SELECT id FROM app_waiting ORDER BY id")
+        .fetch_all(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(waiting, [9], "only account b's row is still pending");
+    sqlx::query("INSERT INTO app_checkins (thread) VALUES (?1)")
+        .bind(T1)
+        .execute(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(drain(&s, "default").await.len(), 1);
     // The schema is the binary's: a read-only open accepts it.
     SqliteStore::open_read_only(&path, Duration::from_secs(5))
         .await
@@ -696,6 +720,16 @@ async fn a_dead_thread_holds_its_messages_until_requeued_and_created_and_purge_m
     );
     assert!(dead[0].dead_at.is_some());
     assert_eq!(tid, 1, "the first thread survived the purge");
+    // A new thread of the same key is created: the purged message, dead,
+    // stays so; requeued, it joins that thread.
+    let t3 = insert_thread(&s, "default", "k2").await;
+    claim_and_record(&s, "default", t3, created()).await;
+    assert_eq!(row(&s, c).await.0, "dead");
+    s.requeue_dead(&Requeue::Ids(vec![c]), None, SystemTime::now())
+        .await
+        .unwrap();
+    assert_eq!(row(&s, c).await.2.as_deref(), Some(M));
+    assert_eq!(drain(&s, "default").await, [(c, M.to_owned())]);
     assert_eq!(thread(&s, tid).await.0, "created");
 }
 
