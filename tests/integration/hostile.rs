@@ -81,7 +81,7 @@ async fn hostile_inserts_are_refused_with_a_clear_error_or_delivered_verbatim() 
             Some(b"hi"),
             None,
             None,
-            Some("NOT NULL constraint failed: outbox.message_thread_id"),
+            Some("CHECK constraint failed: exactly_one_of_message_thread_id_and_thread_key"),
         ),
         (
             "empty identifier",
