@@ -993,6 +993,87 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_thread_that_may_exist_is_read_back_and_adopted_not_created_again() {
+        use crate::store::ThreadStatus;
+        use crate::store::memory::MemoryStore;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        static ADDS: AtomicUsize = AtomicUsize::new(0);
+        let first_sent = SystemTime::now() - Duration::from_secs(60);
+        let created = humantime::format_rfc3339_seconds(first_sent + Duration::from_secs(1));
+        let listed = serde_json::json!({ "MessageThreads": [
+            // Newest first: ours is the older of the two with its subject.
+            {"Id": "0b8c8a58-1a60-4c5e-9f0e-3d6f2f2a9d11", "OriginalSender": "Ada", "Subject": "Stay",
+             "CreatedUtc": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+             "UpdatedUtc": "2026-01-01T00:00:00Z"},
+            {"Id": "7f9325f6-ef44-4911-89a8-ae51010a5aa4", "OriginalSender": "Ada", "Subject": "Stay",
+             "CreatedUtc": created.to_string(), "UpdatedUtc": "2026-01-01T00:00:00Z"},
+            {"Id": "3f0b1d0e-8a0e-4c1c-9e58-2b7d0c3c1a11", "OriginalSender": "Bob", "Subject": "Stay",
+             "CreatedUtc": created.to_string(), "UpdatedUtc": "2026-01-01T00:00:00Z"},
+        ]});
+        let app = axum::Router::new()
+            .route(
+                "/api/connector/v1/messageThreads/getAll",
+                axum::routing::post(move || {
+                    let listed = listed.clone();
+                    async move { axum::Json(listed) }
+                }),
+            )
+            .route(
+                "/api/connector/v1/messageThreads/add",
+                axum::routing::post(|| async {
+                    ADDS.fetch_add(1, Ordering::Relaxed);
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+        let store = MemoryStore::default();
+        let id = store.insert_thread("default", "k", "Stay", "Ada");
+        store.set_thread_needs_reconcile(id, first_sent);
+        let keyed = store.insert_keyed("default", "k", "hello");
+        let mut settings = crate::config::Settings::load(&crate::config::Sources {
+            file: None,
+            env: Some(Default::default()),
+        })
+        .unwrap();
+        settings.mews.base_url = format!("http://{addr}/").parse().unwrap();
+        let (_changed, changes) = watch::channel(0);
+        let context = WorkerContext {
+            store: store.clone(),
+            client: MewsClient::new(&settings.mews).unwrap(),
+            delivery: settings.delivery.clone(),
+            retry: settings.retry.clone(),
+            requests: Arc::new(Semaphore::new(1)),
+            changes,
+            shutdown: CancellationToken::new(),
+        };
+        let mut worker = AccountWorker::new(
+            context,
+            "default".into(),
+            &settings.accounts["default"],
+            None,
+        );
+        worker.threads_first = true;
+        assert_eq!(worker.step().await, Step::Worked);
+        let thread = &store.threads()[0];
+        assert_eq!(thread.status, ThreadStatus::Created);
+        assert_eq!(
+            thread.mews_thread_id.as_deref(),
+            Some("7f9325f6-ef44-4911-89a8-ae51010a5aa4"),
+            "the earliest with its subject and sender"
+        );
+        assert_eq!(ADDS.load(Ordering::Relaxed), 0, "not created again");
+        let row = store.rows().into_iter().find(|r| r.id == keyed).unwrap();
+        assert_eq!(
+            row.keyed_thread_id.as_deref(),
+            Some("7f9325f6-ef44-4911-89a8-ae51010a5aa4")
+        );
+    }
+
+    #[tokio::test]
     async fn a_step_claims_due_thread_heads_posts_them_and_records_what_mews_returned() {
         use crate::store::Status;
         use crate::store::memory::MemoryStore;
