@@ -13,6 +13,9 @@
 //! - `send`: admitting one `messages/add` request (rate limit, the shared
 //!   bound on requests in flight, the start stamp) and sending it
 //! - `read_back`: looking for ambiguous rows at Mews before sending them again
+//! - `threads`: creating the threads of `outbox_threads` (one
+//!   `messageThreads/add` per step, taking turns with message batches) and
+//!   reading a thread back before creating it again
 //! - `log`: the log lines of each request
 
 mod decide;
