@@ -304,6 +304,87 @@ async fn status_and_dead_list_read_without_writing_and_report_a_schema_they_woul
     assert!(snapshot(&env.db) == before, "the file was written");
 }
 
+/// A database of the schema before threads (migration 6), as the previous
+/// version left it, its newest rows pruned: the read-only commands refuse
+/// it naming the missing migration; `migrate` rebuilds `outbox` keeping
+/// every row, and the next id is above every id ever given (the
+/// `Identifier` Mews matches on read-back).
+#[tokio::test]
+async fn a_database_from_before_threads_is_reported_by_status_then_upgraded_by_migrate() {
+    let env = Env::new("http://127.0.0.1:9");
+    mews_outbox::store::sqlite::maintenance::create_database_file(&env.db).unwrap();
+    let db = sqlx::SqlitePool::connect_with(
+        sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&env.db)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal),
+    )
+    .await
+    .unwrap();
+    let mut before_threads = sqlx::migrate!("./migrations");
+    let threads_migration = 20261207000007;
+    before_threads.migrations = before_threads
+        .migrations
+        .iter()
+        .filter(|m| m.version < threads_migration)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    before_threads.dangerous_set_table_name(mews_outbox::store::sqlite::MIGRATIONS_TABLE);
+    before_threads.run(&db).await.unwrap();
+    let thread = "7f9325f6-ef44-4911-89a8-ae51010a5aa4";
+    for i in 0..5 {
+        sqlx::query("INSERT INTO outbox (message_thread_id, text) VALUES (?1, ?2)")
+            .bind(thread)
+            .bind(format!("m{i}"))
+            .execute(&db)
+            .await
+            .unwrap();
+    }
+    sqlx::query("DELETE FROM outbox WHERE id > 3")
+        .execute(&db)
+        .await
+        .unwrap();
+    db.close().await;
+
+    let before = snapshot(&env.db);
+    let (status, _, err) = env.cli(&["status"]).await;
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "has an older outbox schema (migrations [{threads_migration}] not applied)"
+        )),
+        "{err}"
+    );
+    assert!(snapshot(&env.db) == before, "the file was written");
+
+    let (status, _, err) = env.cli(&["migrate"]).await;
+    assert!(status.success(), "{err}");
+    let (status, out, err) = env.cli(&["status", "--json"]).await;
+    assert!(status.success(), "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["totals"]["pending"], 3, "{out}");
+    let db = env.producer().await;
+    let texts: Vec<(i64, String)> = sqlx::query_as("SELECT id, text FROM outbox ORDER BY id")
+        .fetch_all(&db)
+        .await
+        .unwrap();
+    assert_eq!(
+        texts,
+        [
+            (1, "m0".to_owned()),
+            (2, "m1".to_owned()),
+            (3, "m2".to_owned())
+        ]
+    );
+    let next: i64 = sqlx::query_scalar(
+        "INSERT INTO outbox (thread_key, text) VALUES ('booking-1', 'keyed') RETURNING id",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(next, 6, "above the pruned ids 4 and 5");
+}
+
 /// Runs the binary as user `nobody` (uid and gid 65534, no other groups).
 async fn as_nobody(config: &Path, args: &[&str]) -> (ExitStatus, String, String) {
     let bin = env!("CARGO_BIN_EXE_mews-outbox");

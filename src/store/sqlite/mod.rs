@@ -18,7 +18,7 @@ mod thread_tests;
 mod threads;
 mod wal_watch;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -32,7 +32,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::report;
 use crate::store::{
-    Acquired, DaemonStore, QueueSummary, StorageLost, StoreError, parse_timestamp, timestamp,
+    Acquired, DaemonStore, QueueSummary, StorageLost, StoreError, ThreadCounts, parse_timestamp,
+    timestamp,
 };
 use file::{DaemonLock, FileError};
 use wal_watch::WalWatch;
@@ -460,27 +461,29 @@ impl DaemonStore for SqliteStore {
         .fetch_one(self.pool())
         .await?;
         summary.delivered_since = u64::try_from(delivered).unwrap_or(0);
-        let threads = sqlx::query(
+        let rows = sqlx::query(
             "SELECT account, status, count(*) AS n FROM outbox_threads GROUP BY account, status",
         )
         .fetch_all(self.pool())
         .await?;
-        for row in threads {
-            let account: String = row.try_get("account")?;
-            let entry = summary.accounts.entry(account).or_default();
-            report::thread_count(
-                &mut entry.threads,
-                row.try_get("status")?,
-                row.try_get("n")?,
-            );
+        let mut threads: BTreeMap<String, ThreadCounts> = BTreeMap::new();
+        for row in rows {
+            let counts = threads.entry(row.try_get("account")?).or_default();
+            report::thread_count(counts, row.try_get("status")?, row.try_get("n")?);
         }
         for (account, n) in self.messages_waiting().await? {
-            summary
-                .accounts
-                .entry(account)
-                .or_default()
-                .threads
-                .messages_waiting = n;
+            threads.entry(account).or_default().messages_waiting = n;
+        }
+        // An account with only created threads has nothing to report (as
+        // one with only delivered rows), as on PostgreSQL.
+        for (account, counts) in threads {
+            let unfinished =
+                counts.pending + counts.creating + counts.dead + counts.messages_waiting;
+            match summary.accounts.get_mut(&account) {
+                Some(entry) => entry.threads = counts,
+                None if unfinished == 0 => {}
+                None => summary.accounts.entry(account).or_default().threads = counts,
+            }
         }
         Ok(summary)
     }

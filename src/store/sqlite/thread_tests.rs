@@ -1066,6 +1066,18 @@ async fn status_and_queue_summary_count_threads_and_waiting_messages() {
     );
     let summary = s.queue_summary(SystemTime::now()).await.unwrap();
     assert_eq!(summary.accounts["t"].threads, expected);
+    // An account with only created threads (and resolved messages, sent)
+    // has nothing to report in the summary; `status` still lists it.
+    insert_thread(&s, "only-created", "k").await;
+    claim_and_record(&s, "only-created", 6, created()).await;
+    let summary = s.queue_summary(SystemTime::now()).await.unwrap();
+    assert!(
+        !summary.accounts.contains_key("only-created"),
+        "{summary:?}"
+    );
+    let status = s.status(SystemTime::now()).await.unwrap();
+    assert_eq!(status[0].account, "only-created");
+    assert_eq!(status[0].threads.created, 1);
 }
 
 // ---------------------------------------------------------------------------
