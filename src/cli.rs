@@ -12,7 +12,7 @@ use crate::dead::DeadReport;
 use crate::status::StatusReport;
 use crate::store::postgres::{PgOptions, PgStore};
 use crate::store::{
-    DaemonStore, Enqueued, NewMessage, OperatorStore, Requeue, SqliteStore, ThreadRef,
+    DaemonStore, Enqueued, NewMessage, NewThread, OperatorStore, Requeue, SqliteStore, ThreadRef,
 };
 use secrecy::ExposeSecret;
 
@@ -36,9 +36,24 @@ pub enum Command {
     Run,
     /// Insert one message into the outbox and print its row id.
     Enqueue {
-        /// Mews message thread (a UUID).
-        #[arg(long)]
-        thread: uuid::Uuid,
+        /// Mews message thread (a UUID) that this client created.
+        #[arg(
+            long,
+            required_unless_present = "thread_key",
+            conflicts_with = "thread_key"
+        )]
+        thread: Option<uuid::Uuid>,
+        /// Instead of --thread: the `thread_key` of a thread of
+        /// `outbox_threads` (created by the daemon before the message goes).
+        #[arg(long, value_name = "KEY")]
+        thread_key: Option<String>,
+        /// With --thread-key: insert that thread (in the same transaction)
+        /// unless its key exists already for the account.
+        #[arg(long, requires_all = ["thread_key", "original_sender"], conflicts_with = "thread")]
+        subject: Option<String>,
+        /// With --thread-key and --subject: the thread's original sender.
+        #[arg(long, requires_all = ["thread_key", "subject"], conflicts_with = "thread")]
+        original_sender: Option<String>,
         /// Message text.
         #[arg(long)]
         text: String,
@@ -82,20 +97,29 @@ pub enum DeadCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Put dead rows back to `pending` (attempts reset, due now). Refuses,
-    /// changing nothing, if any named row is not dead.
+    /// Put dead rows (or dead threads) back to `pending` (attempts reset,
+    /// due now). Refuses, changing nothing, if any named row or thread is
+    /// not dead.
     Requeue {
         /// Row ids to requeue (`--id 3 --id 4` or `--id 3 4`).
-        #[arg(long = "id", value_name = "N", num_args = 1.., required_unless_present = "all", conflicts_with = "all")]
+        #[arg(long = "id", value_name = "N", num_args = 1.., required_unless_present_any = ["all", "threads", "all_threads"], conflicts_with = "all")]
         ids: Vec<i64>,
         /// Every dead row (of --account, if given).
         #[arg(long)]
         all: bool,
+        /// Dead thread ids (`outbox_threads.id`) to requeue: the messages
+        /// they hold follow once each is created.
+        #[arg(long = "thread", value_name = "N", num_args = 1.., conflicts_with = "all_threads")]
+        threads: Vec<i64>,
+        /// Every dead thread (of --account, if given).
+        #[arg(long)]
+        all_threads: bool,
         /// Only this account's rows.
         #[arg(long)]
         account: Option<String>,
     },
-    /// Delete dead rows that have been dead for longer than the given age.
+    /// Delete dead rows, and dead threads, that have been dead for longer
+    /// than the given age (the messages a purged thread held become dead).
     Purge {
         /// Age such as "30d" or "12h".
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -146,6 +170,9 @@ pub async fn execute(command: Command, settings: Settings, sources: Sources) -> 
         }
         Command::Enqueue {
             thread,
+            thread_key,
+            subject,
+            original_sender,
             text,
             identifier,
             account,
@@ -161,15 +188,18 @@ pub async fn execute(command: Command, settings: Settings, sources: Sources) -> 
                         .join(", ")
                 );
             }
+            let (thread, new_thread) =
+                enqueue_target(thread, thread_key, subject, original_sender)?;
             let message = NewMessage {
-                thread: ThreadRef::Id(thread.hyphenated().to_string()),
+                thread,
                 text,
                 identifier,
                 account,
             };
+            let new_thread = new_thread.as_ref();
             match open_postgres(&settings).await? {
-                Some(store) => enqueue(&store, &message).await?,
-                None => enqueue(&open(&settings).await?, &message).await?,
+                Some(store) => enqueue(&store, &message, new_thread).await?,
+                None => enqueue(&open(&settings).await?, &message, new_thread).await?,
             }
         }
         Command::Status { json } => match open_postgres(&settings).await? {
@@ -270,8 +300,52 @@ async fn open_postgres(settings: &Settings) -> anyhow::Result<Option<PgStore>> {
     }
 }
 
-async fn enqueue<S: OperatorStore>(store: &S, message: &NewMessage) -> anyhow::Result<()> {
-    match store.enqueue(message, None).await? {
+/// Where `enqueue` puts the message: `--thread` or `--thread-key`, and the
+/// thread to insert with it (`--subject` and `--original-sender`). clap
+/// already refuses the other combinations; this says what is wrong when a
+/// value is blank.
+fn enqueue_target(
+    thread: Option<uuid::Uuid>,
+    thread_key: Option<String>,
+    subject: Option<String>,
+    original_sender: Option<String>,
+) -> anyhow::Result<(ThreadRef, Option<NewThread>)> {
+    let key = match (thread, thread_key) {
+        (Some(id), None) => return Ok((ThreadRef::Id(id.hyphenated().to_string()), None)),
+        (None, Some(key)) => key,
+        _ => bail!("give exactly one of --thread and --thread-key"),
+    };
+    if key.is_empty() {
+        bail!("--thread-key must not be empty");
+    }
+    let new_thread = match (subject, original_sender) {
+        (None, None) => None,
+        (Some(subject), Some(original_sender)) => {
+            if subject.trim().is_empty() {
+                bail!("--subject must not be blank: Mews shows it as the conversation's subject");
+            }
+            if original_sender.trim().is_empty() {
+                bail!(
+                    "--original-sender must not be blank: Mews shows it as the conversation's guest"
+                );
+            }
+            Some(NewThread {
+                thread_key: key.clone(),
+                subject,
+                original_sender,
+            })
+        }
+        _ => bail!("--subject and --original-sender go together (with --thread-key)"),
+    };
+    Ok((ThreadRef::Key(key), new_thread))
+}
+
+async fn enqueue<S: OperatorStore>(
+    store: &S,
+    message: &NewMessage,
+    new_thread: Option<&NewThread>,
+) -> anyhow::Result<()> {
+    match store.enqueue(message, new_thread).await? {
         Enqueued::Inserted(id) => out(&id.to_string())?,
         Enqueued::AlreadyThere(id) => {
             eprintln!("a row with this identifier exists already; nothing inserted");
@@ -303,7 +377,44 @@ async fn dead<S: OperatorStore>(store: &S, command: DeadCommand) -> anyhow::Resu
                 out(&report.render_text())?;
             }
         }
-        DeadCommand::Requeue { ids, all, account } => {
+        DeadCommand::Requeue {
+            ids,
+            all,
+            threads,
+            all_threads,
+            account,
+        } => {
+            if all_threads || !threads.is_empty() {
+                let which = if all_threads {
+                    Requeue::All
+                } else {
+                    Requeue::Ids(threads)
+                };
+                let requeued = store
+                    .requeue_dead_threads(&which, account.as_deref(), now)
+                    .await?;
+                if requeued.is_empty() {
+                    out("no dead threads to requeue")?;
+                } else {
+                    tracing::warn!(
+                        target: "mews_outbox::audit",
+                        action = "dead requeue threads",
+                        threads = requeued.len(),
+                        ids = ?requeued,
+                        account = account.as_deref().unwrap_or("*"),
+                        user = std::env::var("USER").unwrap_or_default(),
+                        "an operator requeued dead threads: back to pending, attempts reset; their messages follow once each is created"
+                    );
+                    out(&format!(
+                        "requeued {} dead threads: {} (their held messages follow once each is created)",
+                        requeued.len(),
+                        ids_list(&requeued)
+                    ))?;
+                }
+                if !all && ids.is_empty() {
+                    return Ok(());
+                }
+            }
             let which = if all { Requeue::All } else { Requeue::Ids(ids) };
             let requeued = store.requeue_dead(&which, account.as_deref(), now).await?;
             if requeued.is_empty() {
@@ -332,8 +443,38 @@ async fn dead<S: OperatorStore>(store: &S, command: DeadCommand) -> anyhow::Resu
             let cutoff = now
                 .checked_sub(older_than)
                 .unwrap_or(SystemTime::UNIX_EPOCH);
-            let purged = store.purge_dead(cutoff, account.as_deref()).await?;
             let age = humantime::format_duration(older_than);
+            // The messages held by the threads about to go become dead with
+            // them (and are purged by a later purge, once old enough).
+            let held: u64 = store
+                .dead_threads(account.as_deref())
+                .await?
+                .iter()
+                .filter(|t| {
+                    t.dead_at
+                        .as_deref()
+                        .and_then(crate::store::parse_timestamp)
+                        .is_some_and(|at| at < cutoff)
+                })
+                .map(|t| t.messages_held)
+                .sum();
+            let threads = store.purge_dead_threads(cutoff, account.as_deref()).await?;
+            if threads > 0 {
+                tracing::warn!(
+                    target: "mews_outbox::audit",
+                    action = "dead purge threads",
+                    threads,
+                    messages_dead = held,
+                    older_than = %age,
+                    account = account.as_deref().unwrap_or("*"),
+                    user = std::env::var("USER").unwrap_or_default(),
+                    "an operator deleted dead threads; the messages they held are dead now"
+                );
+                out(&format!(
+                    "purged {threads} dead threads dead for more than {age}; {held} messages they held are dead now (never sent; see `mews-outbox dead list`)"
+                ))?;
+            }
+            let purged = store.purge_dead(cutoff, account.as_deref()).await?;
             if purged > 0 {
                 tracing::warn!(
                     target: "mews_outbox::audit",
@@ -428,6 +569,89 @@ async fn create_or_open(settings: &Settings) -> anyhow::Result<SqliteStore> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(["mews-outbox"].iter().chain(args))
+    }
+
+    #[test]
+    fn enqueue_takes_exactly_one_thread_and_a_new_thread_only_by_key() {
+        let uuid = "7f9325f6-ef44-4911-89a8-ae51010a5aa4";
+        assert!(parse(&["enqueue", "--thread", uuid, "--text", "t"]).is_ok());
+        assert!(parse(&["enqueue", "--thread-key", "k", "--text", "t"]).is_ok());
+        let full = [
+            "enqueue",
+            "--thread-key",
+            "k",
+            "--subject",
+            "S",
+            "--original-sender",
+            "O",
+            "--text",
+            "t",
+        ];
+        assert!(parse(&full).is_ok());
+        for wrong in [
+            &["enqueue", "--text", "t"][..],
+            &[
+                "enqueue",
+                "--thread",
+                uuid,
+                "--thread-key",
+                "k",
+                "--text",
+                "t",
+            ],
+            &[
+                "enqueue",
+                "--thread-key",
+                "k",
+                "--subject",
+                "S",
+                "--text",
+                "t",
+            ],
+            &[
+                "enqueue",
+                "--thread-key",
+                "k",
+                "--original-sender",
+                "O",
+                "--text",
+                "t",
+            ],
+            &[
+                "enqueue",
+                "--thread",
+                uuid,
+                "--subject",
+                "S",
+                "--original-sender",
+                "O",
+                "--text",
+                "t",
+            ],
+        ] {
+            assert!(parse(wrong).is_err(), "{wrong:?}");
+        }
+        assert!(
+            enqueue_target(None, Some("k".into()), Some(" ".into()), Some("O".into())).is_err()
+        );
+        assert!(enqueue_target(None, Some(String::new()), None, None).is_err());
+        let (to, new) =
+            enqueue_target(None, Some("k".into()), Some("S".into()), Some("O".into())).unwrap();
+        assert_eq!(to, ThreadRef::Key("k".into()));
+        assert_eq!(new.unwrap().thread_key, "k");
+    }
+
+    #[test]
+    fn dead_requeue_takes_rows_or_threads() {
+        assert!(parse(&["dead", "requeue", "--thread", "3", "4"]).is_ok());
+        assert!(parse(&["dead", "requeue", "--all-threads", "--account", "spa"]).is_ok());
+        assert!(parse(&["dead", "requeue", "--id", "1", "--thread", "3"]).is_ok());
+        assert!(parse(&["dead", "requeue"]).is_err());
+        assert!(parse(&["dead", "requeue", "--thread", "3", "--all-threads"]).is_err());
+    }
 
     #[test]
     fn the_cli_reads_the_packaged_configuration_only_when_none_is_given_and_it_exists() {

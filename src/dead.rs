@@ -4,7 +4,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::store::{DeadRow, OperatorStore, StoreError};
+use crate::store::{DeadRow, DeadThread, OperatorStore, StoreError};
 
 /// Characters of a text shown by the text listing (JSON has it whole).
 const TEXT_PREVIEW_CHARS: usize = 60;
@@ -14,6 +14,8 @@ const TEXT_PREVIEW_CHARS: usize = 60;
 pub struct DeadReport {
     pub generated_at: String,
     pub rows: Vec<DeadRow>,
+    /// Dead threads (`outbox_threads`), with the messages held behind each.
+    pub threads: Vec<DeadThread>,
 }
 
 impl DeadReport {
@@ -26,34 +28,72 @@ impl DeadReport {
         Ok(DeadReport {
             generated_at: crate::store::timestamp(now),
             rows: store.dead_rows(account).await?,
+            threads: store.dead_threads(account).await?,
         })
     }
 
-    /// One block per row: its identity, then its text and why it died.
+    /// One block per row: its identity, then its text and why it died;
+    /// then one block per dead thread.
     pub fn render_text(&self) -> String {
+        let mut out = String::new();
         if self.rows.is_empty() {
-            return "no dead rows".into();
-        }
-        let mut out = format!(
-            "{:>8}  {:<16} {:>8}  {:<24}  {}\n",
-            "ID", "ACCOUNT", "ATTEMPTS", "DEAD SINCE", "THREAD"
-        );
-        for row in &self.rows {
+            out += "no dead rows";
+        } else {
             out += &format!(
                 "{:>8}  {:<16} {:>8}  {:<24}  {}\n",
-                row.id,
-                row.account,
-                row.attempts,
-                row.dead_at.as_deref().unwrap_or("-"),
-                row.message_thread_id.as_deref().unwrap_or("-"),
+                "ID", "ACCOUNT", "ATTEMPTS", "DEAD SINCE", "THREAD"
             );
-            out += &format!("          text:  {}\n", preview(&row.text));
+            for row in &self.rows {
+                let thread = match (&row.message_thread_id, &row.thread_key) {
+                    (Some(id), Some(key)) => format!("{id} (key {key:?})"),
+                    (Some(id), None) => id.clone(),
+                    (None, Some(key)) => format!("key {key:?} (never created)"),
+                    (None, None) => "-".to_owned(),
+                };
+                out += &format!(
+                    "{:>8}  {:<16} {:>8}  {:<24}  {}\n",
+                    row.id,
+                    row.account,
+                    row.attempts,
+                    row.dead_at.as_deref().unwrap_or("-"),
+                    thread,
+                );
+                out += &format!("          text:  {}\n", preview(&row.text));
+                out += &format!(
+                    "          error: {}\n",
+                    row.last_error.as_deref().unwrap_or("-")
+                );
+            }
+            out += &format!("{} dead rows", self.rows.len());
+        }
+        if self.threads.is_empty() {
+            return out;
+        }
+        out += &format!(
+            "\n\ndead threads (their messages are held, not sent; `mews-outbox dead requeue --thread N` once the cause is fixed):\n{:>8}  {:<16} {:>8}  {:<24}  {:>13}  {}\n",
+            "THREAD", "ACCOUNT", "ATTEMPTS", "DEAD SINCE", "MESSAGES HELD", "THREAD KEY"
+        );
+        for t in &self.threads {
+            out += &format!(
+                "{:>8}  {:<16} {:>8}  {:<24}  {:>13}  {:?}\n",
+                t.id,
+                t.account,
+                t.attempts,
+                t.dead_at.as_deref().unwrap_or("-"),
+                t.messages_held,
+                t.thread_key,
+            );
+            out += &format!(
+                "          subject: {}  original sender: {}\n",
+                preview(&t.subject),
+                preview(&t.original_sender)
+            );
             out += &format!(
                 "          error: {}\n",
-                row.last_error.as_deref().unwrap_or("-")
+                t.last_error.as_deref().unwrap_or("-")
             );
         }
-        out += &format!("{} dead rows", self.rows.len());
+        out += &format!("{} dead threads", self.threads.len());
         out
     }
 }
@@ -90,6 +130,7 @@ mod tests {
                 created_at: "2026-11-28T07:00:00.000Z".into(),
                 dead_at: Some("2026-11-28T07:00:01.000Z".into()),
             }],
+            threads: vec![],
         };
         let text = report.render_text();
         assert!(text.contains("      17  default"), "{text}");
@@ -103,10 +144,40 @@ mod tests {
         assert_eq!(
             DeadReport {
                 generated_at: "now".into(),
-                rows: vec![]
+                rows: vec![],
+                threads: vec![],
             }
             .render_text(),
             "no dead rows"
         );
+    }
+
+    #[test]
+    fn dead_threads_follow_in_their_own_section() {
+        let report = DeadReport {
+            generated_at: "now".into(),
+            rows: vec![],
+            threads: vec![DeadThread {
+                id: 4,
+                account: "default".into(),
+                thread_key: "booking-42".into(),
+                subject: "Your stay".into(),
+                original_sender: "Ada".into(),
+                attempts: 1,
+                last_error: Some("HTTP 403: Scripted failure 403".into()),
+                created_at: "2026-11-28T07:00:00.000Z".into(),
+                dead_at: Some("2026-11-28T07:00:01.000Z".into()),
+                messages_held: 2,
+            }],
+        };
+        let text = report.render_text();
+        assert!(text.starts_with("no dead rows\n\ndead threads"), "{text}");
+        assert!(text.contains("dead requeue --thread N"), "{text}");
+        assert!(text.contains("\"booking-42\""), "{text}");
+        assert!(
+            text.contains("error: HTTP 403: Scripted failure 403"),
+            "{text}"
+        );
+        assert!(text.ends_with("1 dead threads"), "{text}");
     }
 }

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::notify::LastOutcome;
-use crate::store::QueueSummary;
 use crate::store::{AccountPause, DaemonStore, StoreError};
+use crate::store::{QueueSummary, ThreadCounts};
 
 /// Something in the queue an operator should look at.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,12 +20,20 @@ pub enum Alert {
         added: u64,
         total: u64,
     },
+    /// Threads of the account became dead since the last look (their
+    /// messages are held).
+    NewDeadThreads {
+        account: String,
+        added: u64,
+        total: u64,
+        messages_waiting: u64,
+    },
 }
 
 /// Compares a summary with the dead counts seen last time. Pure.
 pub fn alerts(
     summary: &QueueSummary,
-    dead_before: &BTreeMap<String, u64>,
+    dead_before: &BTreeMap<String, (u64, u64)>,
     max_pending_age: Duration,
     now: SystemTime,
 ) -> Vec<Alert> {
@@ -40,12 +48,20 @@ pub fn alerts(
                 });
             }
         }
-        let before = dead_before.get(account).copied().unwrap_or(0);
+        let (before, threads_before) = dead_before.get(account).copied().unwrap_or((0, 0));
         if queue.dead > before {
             alerts.push(Alert::NewDead {
                 account: account.clone(),
                 added: queue.dead - before,
                 total: queue.dead,
+            });
+        }
+        if queue.threads.dead > threads_before {
+            alerts.push(Alert::NewDeadThreads {
+                account: account.clone(),
+                added: queue.threads.dead - threads_before,
+                total: queue.threads.dead,
+                messages_waiting: queue.threads.messages_waiting,
             });
         }
     }
@@ -66,6 +82,15 @@ pub fn status_line(
         line += &format!(" (oldest {})", human(age));
     }
     line += &format!(", {} sending, {} dead", summary.sending(), summary.dead());
+    let threads = thread_totals(summary);
+    if threads != ThreadCounts::default() {
+        line += &format!(
+            "; threads: {} to create, {} dead, {} messages waiting for one",
+            threads.pending + threads.creating,
+            threads.dead,
+            threads.messages_waiting
+        );
+    }
     if !paused.is_empty() {
         line += &format!("; paused: {}", paused.join(", "));
     }
@@ -86,6 +111,20 @@ pub fn status_line(
     line
 }
 
+/// The threads of every account together.
+pub fn thread_totals(summary: &QueueSummary) -> ThreadCounts {
+    let mut total = ThreadCounts::default();
+    for queue in summary.accounts.values() {
+        let t = &queue.threads;
+        total.pending += t.pending;
+        total.creating += t.creating;
+        total.created += t.created;
+        total.dead += t.dead;
+        total.messages_waiting += t.messages_waiting;
+    }
+    total
+}
+
 fn human(d: Duration) -> String {
     humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
 }
@@ -95,8 +134,8 @@ fn human(d: Duration) -> String {
 pub struct Heartbeat {
     /// When the last heartbeat (or the start) looked.
     last_at: SystemTime,
-    /// Dead rows per account at the last look.
-    dead: BTreeMap<String, u64>,
+    /// Dead rows and dead threads per account at the last look.
+    dead: BTreeMap<String, (u64, u64)>,
 }
 
 impl Heartbeat {
@@ -115,11 +154,19 @@ impl Heartbeat {
             }
         };
         let dead = dead_counts(&summary);
-        let total: u64 = dead.values().sum();
+        let total: u64 = dead.values().map(|(rows, _)| rows).sum();
         if total > 0 {
             tracing::warn!(
                 dead = total,
                 "dead rows wait for an operator: see `mews-outbox dead list`, then `mews-outbox dead requeue` or `mews-outbox dead purge`"
+            );
+        }
+        let threads = thread_totals(&summary);
+        if threads.dead > 0 {
+            tracing::warn!(
+                dead_threads = threads.dead,
+                messages_waiting = threads.messages_waiting,
+                "dead threads hold their messages until an operator acts: see `mews-outbox dead list`, then `mews-outbox dead requeue --thread N` or `mews-outbox dead purge`"
             );
         }
         Heartbeat { last_at: now, dead }
@@ -137,10 +184,14 @@ impl Heartbeat {
         let oldest_pending_age_s = summary
             .oldest_pending()
             .map(|t| now.duration_since(t).unwrap_or_default().as_secs());
+        let threads = thread_totals(&summary);
         tracing::info!(
             pending = summary.pending(),
             sending = summary.sending(),
             dead = summary.dead(),
+            threads_pending = threads.pending + threads.creating,
+            threads_dead = threads.dead,
+            messages_waiting_for_thread = threads.messages_waiting,
             oldest_pending_age_s,
             delivered_since_last = summary.delivered_since,
             paused = %paused.join(","),
@@ -173,14 +224,26 @@ fn log_alert(alert: &Alert, max_pending_age: Duration) {
             dead = total,
             "rows became dead (Mews refused them or retries ran out): see `mews-outbox dead list`; fix the cause, then `mews-outbox dead requeue`"
         ),
+        Alert::NewDeadThreads {
+            account,
+            added,
+            total,
+            messages_waiting,
+        } => tracing::warn!(
+            %account,
+            added,
+            dead_threads = total,
+            messages_waiting,
+            "threads became dead (Mews refused to create them or retries ran out); their messages are held, not sent: see `mews-outbox dead list`; fix the cause, then `mews-outbox dead requeue --thread N`"
+        ),
     }
 }
 
-fn dead_counts(summary: &QueueSummary) -> BTreeMap<String, u64> {
+fn dead_counts(summary: &QueueSummary) -> BTreeMap<String, (u64, u64)> {
     summary
         .accounts
         .iter()
-        .map(|(name, queue)| (name.clone(), queue.dead))
+        .map(|(name, queue)| (name.clone(), (queue.dead, queue.threads.dead)))
         .collect()
 }
 
@@ -226,7 +289,7 @@ mod tests {
     #[test]
     fn old_pending_rows_and_new_dead_rows_raise_alerts() {
         let s = summary(&[("hotel", 3, 2, Some(t(0))), ("spa", 1, 0, Some(t(590)))]);
-        let before = BTreeMap::from([("hotel".to_owned(), 1)]);
+        let before = BTreeMap::from([("hotel".to_owned(), (1, 0))]);
         let found = alerts(&s, &before, Duration::from_secs(300), t(600));
         assert_eq!(
             found,
@@ -245,12 +308,45 @@ mod tests {
     }
 
     #[test]
+    fn a_new_dead_thread_raises_an_alert_and_threads_show_in_the_status_line() {
+        let mut s = summary(&[("hotel", 2, 0, None)]);
+        if let Some(q) = s.accounts.get_mut("hotel") {
+            q.threads = ThreadCounts {
+                pending: 3,
+                creating: 1,
+                created: 5,
+                dead: 2,
+                messages_waiting: 7,
+            };
+        }
+        let before = BTreeMap::from([("hotel".to_owned(), (0, 1))]);
+        assert_eq!(
+            alerts(&s, &before, Duration::ZERO, t(10)),
+            [Alert::NewDeadThreads {
+                account: "hotel".into(),
+                added: 1,
+                total: 2,
+                messages_waiting: 7
+            }]
+        );
+        let before = BTreeMap::from([("hotel".to_owned(), (0, 2))]);
+        assert!(alerts(&s, &before, Duration::ZERO, t(10)).is_empty());
+        let line = status_line(&s, &[], None, t(10), Instant::now());
+        assert!(
+            line.contains("threads: 4 to create, 2 dead, 7 messages waiting for one"),
+            "{line}"
+        );
+        let plain = summary(&[("hotel", 2, 0, None)]);
+        assert!(!status_line(&plain, &[], None, t(10), Instant::now()).contains("threads"));
+    }
+
+    #[test]
     fn no_alert_when_nothing_changed_or_the_age_alert_is_off() {
         let s = summary(&[("hotel", 3, 2, Some(t(0)))]);
-        let before = BTreeMap::from([("hotel".to_owned(), 2)]);
+        let before = BTreeMap::from([("hotel".to_owned(), (2, 0))]);
         assert!(alerts(&s, &before, Duration::ZERO, t(10_000)).is_empty());
         // Fewer dead rows (an operator requeued some) is not an alert either.
-        let before = BTreeMap::from([("hotel".to_owned(), 5)]);
+        let before = BTreeMap::from([("hotel".to_owned(), (5, 0))]);
         assert!(alerts(&s, &before, Duration::from_secs(60_000), t(10)).is_empty());
     }
 

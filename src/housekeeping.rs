@@ -1,5 +1,6 @@
 //! Housekeeping, in its own task so it never holds up delivery: flags rows of
-//! accounts that are not configured, deletes delivered rows older than
+//! accounts that are not configured and rows whose `thread_key` names no
+//! thread, deletes delivered rows older than
 //! `retention.delivered` in small batches (producers' inserts get the write
 //! lock between two batches), and gives the freed pages back so the file does
 //! not grow without bound. Dead rows are never deleted here.
@@ -96,6 +97,7 @@ pub async fn run<U: Upkeep>(
         }
         pulse.busy("housekeeping", BATCH_BUDGET);
         warn_unknown_accounts(&store, &accounts).await;
+        warn_threadless_rows(&store).await;
         match prune_and_vacuum(&store, retention, SystemTime::now(), Some(&pulse), &stop).await {
             Ok(pass) if pass != Pass::default() => tracing::info!(
                 pruned = pass.pruned,
@@ -126,5 +128,23 @@ pub async fn warn_unknown_accounts<U: Upkeep>(store: &U, configured: &[String]) 
             }
         }
         Err(e) => tracing::warn!(error = %e, "cannot check for unconfigured accounts"),
+    }
+}
+
+/// Flags and logs messages whose `thread_key` names no thread of their
+/// account in `outbox_threads`: they wait until a producer inserts it.
+pub async fn warn_threadless_rows<U: Upkeep>(store: &U) {
+    match store.flag_threadless_rows().await {
+        Ok(flagged) => {
+            for (account, thread_key, rows) in flagged {
+                tracing::warn!(
+                    %account, %thread_key, rows,
+                    "messages name a thread_key that no row of outbox_threads has for their account; they wait: insert the thread (account, thread_key, subject, original_sender) and they follow"
+                );
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot check for messages whose thread does not exist")
+        }
     }
 }

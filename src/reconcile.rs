@@ -14,8 +14,8 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::mews::{AddedMessage, TimeInterval};
-use crate::store::ClaimedRow;
+use crate::mews::{AddedMessage, MessageThread, TimeInterval};
+use crate::store::{ClaimedRow, ClaimedThread};
 
 /// Before any measurement of Mews's clock, the read-back window reaches
 /// this far past the first send on either side, so that a copy stored by a
@@ -125,12 +125,21 @@ pub const MAX_PAGES: usize = 10;
 /// [`CLOCK_SKEW`] for copies stored while we ask); without a measurement
 /// widened by [`CLOCK_SKEW`] on both sides. Cut to [`MAX_INTERVAL`].
 pub fn window(rows: &[ClaimedRow], now: SystemTime, clock: Option<&ClockOffset>) -> TimeInterval {
-    let first = rows
-        .iter()
-        .filter_map(|r| r.first_sent_at)
-        .min()
-        .unwrap_or(now)
-        .min(now);
+    window_since(
+        rows.iter().filter_map(|r| r.first_sent_at).min(),
+        now,
+        clock,
+    )
+}
+
+/// [`window`] for whatever was first sent at `first_sent` (a thread's
+/// `messageThreads/add`; `None`: now).
+pub fn window_since(
+    first_sent: Option<SystemTime>,
+    now: SystemTime,
+    clock: Option<&ClockOffset>,
+) -> TimeInterval {
+    let first = first_sent.unwrap_or(now).min(now);
     let (start, end) = match clock {
         Some(clock) => (
             earliest_copy(first, clock),
@@ -220,6 +229,116 @@ pub fn match_rows(
         }
     }
     matched
+}
+
+/// Whether `found` could be the thread that a `messageThreads/add` of
+/// `thread` created: the same `Subject` and `OriginalSender`, created no
+/// earlier than its first request could have reached Mews. A thread never
+/// sent, or a `CreatedUtc` that does not parse, is never matched.
+fn could_be_thread(thread: &ClaimedThread, found: &MessageThread, clock: &ClockOffset) -> bool {
+    let Some(first_sent) = thread.first_sent_at else {
+        return false;
+    };
+    found.subject == thread.subject
+        && found.original_sender == thread.original_sender
+        && humantime::parse_rfc3339_weak(found.created_utc.trim_end_matches('Z'))
+            .is_ok_and(|created| created >= earliest_copy(first_sent, clock))
+}
+
+/// Ids of the threads read back that could be `thread`'s: the ones to ask
+/// the store about ([`crate::store::Outbox::owned_thread_ids`]).
+pub fn thread_candidates<'a>(
+    thread: &ClaimedThread,
+    found: &'a [MessageThread],
+    clock: &ClockOffset,
+) -> Vec<&'a str> {
+    found
+        .iter()
+        .filter(|t| could_be_thread(thread, t, clock))
+        .map(|t| t.id.as_str())
+        .collect()
+}
+
+/// The thread of `found` (newest first, as Mews lists them) that Mews
+/// created for `thread`: among those that could be, and that no thread of
+/// ours owns already, the earliest created (the first request made it).
+pub fn match_thread<'a>(
+    thread: &ClaimedThread,
+    found: &'a [MessageThread],
+    owned: &HashSet<String>,
+    clock: &ClockOffset,
+) -> Option<&'a MessageThread> {
+    found
+        .iter()
+        .filter(|t| could_be_thread(thread, t, clock) && !owned.contains(&t.id))
+        .min_by_key(|t| {
+            humantime::parse_rfc3339_weak(t.created_utc.trim_end_matches('Z'))
+                .unwrap_or(SystemTime::UNIX_EPOCH)
+        })
+}
+
+#[cfg(test)]
+mod thread_tests {
+    use super::*;
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
+    }
+
+    fn found(id: &str, subject: &str, sender: &str, created: SystemTime) -> MessageThread {
+        MessageThread {
+            id: id.into(),
+            original_sender: sender.into(),
+            subject: subject.into(),
+            created_utc: humantime::format_rfc3339_seconds(created).to_string(),
+            updated_utc: None,
+            is_resolved: None,
+        }
+    }
+
+    fn ours() -> ClaimedThread {
+        ClaimedThread {
+            id: 7,
+            thread_key: "booking-1".into(),
+            subject: "Your stay".into(),
+            original_sender: "Ada".into(),
+            attempts: 1,
+            needs_reconcile: true,
+            first_sent_at: Some(at(100)),
+        }
+    }
+
+    #[test]
+    fn the_earliest_unowned_thread_with_the_same_subject_and_sender_is_adopted() {
+        let clock = ClockOffset::UNMEASURED;
+        let threads = [
+            found("newest", "Your stay", "Ada", at(130)),
+            found("other-subject", "Your visit", "Ada", at(120)),
+            found("other-sender", "Your stay", "Bob", at(115)),
+            found("owned", "Your stay", "Ada", at(105)),
+            found("earliest", "Your stay", "Ada", at(110)),
+            found("before-our-first-send", "Your stay", "Ada", at(10)),
+        ];
+        let owned: HashSet<String> = ["owned".to_owned()].into();
+        assert_eq!(
+            thread_candidates(&ours(), &threads, &clock),
+            ["newest", "owned", "earliest"]
+        );
+        assert_eq!(
+            match_thread(&ours(), &threads, &owned, &clock).map(|t| t.id.as_str()),
+            Some("earliest")
+        );
+        assert_eq!(
+            match_thread(&ours(), &threads[1..4], &owned, &clock),
+            None,
+            "nothing of ours: create it"
+        );
+        let never_sent = ClaimedThread {
+            first_sent_at: None,
+            ..ours()
+        };
+        assert_eq!(match_thread(&never_sent, &threads, &owned, &clock), None);
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::store::{AccountStatus, OperatorStore, StoreError, parse_timestamp};
+use crate::store::{AccountStatus, OperatorStore, StoreError, ThreadCounts, parse_timestamp};
 
 /// What `status --json` prints.
 #[derive(Debug, Serialize)]
@@ -20,6 +20,9 @@ pub struct Totals {
     pub sending: u64,
     pub delivered: u64,
     pub dead: u64,
+    /// Threads (`outbox_threads`) of every account by status, and the
+    /// messages waiting for one.
+    pub threads: ThreadCounts,
 }
 
 impl StatusReport {
@@ -38,6 +41,12 @@ impl StatusReport {
             totals.sending += a.sending;
             totals.delivered += a.delivered;
             totals.dead += a.dead;
+            let (t, a) = (&mut totals.threads, &a.threads);
+            t.pending += a.pending;
+            t.creating += a.creating;
+            t.created += a.created;
+            t.dead += a.dead;
+            t.messages_waiting += a.messages_waiting;
         }
         StatusReport {
             generated_at: crate::store::timestamp(now),
@@ -69,7 +78,36 @@ impl StatusReport {
             "{:<16} {:>9} {:>8} {:>10} {:>6}\n",
             "total", t.pending, t.sending, t.delivered, t.dead
         );
+        if self.totals.threads != ThreadCounts::default() {
+            out += &format!(
+                "\n{:<16} {:>9} {:>8} {:>10} {:>6}  {}\n",
+                "THREADS",
+                "PENDING",
+                "CREATING",
+                "CREATED",
+                "DEAD",
+                "MESSAGES WAITING FOR THEIR THREAD"
+            );
+            let rows = self
+                .accounts
+                .iter()
+                .map(|a| (a.account.as_str(), &a.threads))
+                .filter(|(_, t)| **t != ThreadCounts::default())
+                .chain([("total", &self.totals.threads)]);
+            for (name, t) in rows {
+                out += &format!(
+                    "{:<16} {:>9} {:>8} {:>10} {:>6}  {}\n",
+                    name, t.pending, t.creating, t.created, t.dead, t.messages_waiting
+                );
+            }
+        }
         for a in &self.accounts {
+            if a.threads.dead > 0 {
+                out += &format!(
+                    "\n{}: {} dead threads hold their messages: see `mews-outbox dead list`",
+                    a.account, a.threads.dead
+                );
+            }
             if let (Some(until), Some(reason)) = (&a.paused_until, &a.pause_reason) {
                 out += &format!("\n{}: PAUSED until {until}: {reason}", a.account);
             }

@@ -13,7 +13,7 @@ use url::Url;
 use crate::config::MewsSettings;
 use crate::reconcile::ClockOffset;
 use crate::retry::parse_retry_after;
-pub use wire::{AddedMessage, OutgoingMessage, Sender, TimeInterval};
+pub use wire::{AddedMessage, MessageThread, OutgoingMessage, Sender, TimeInterval};
 
 /// Largest response body read by a client without a request bound (see
 /// [`MewsClient::with_max_request_bytes`]); a reply echoes every text.
@@ -135,6 +135,8 @@ pub struct MewsClient {
     http: reqwest::Client,
     add_url: Url,
     get_all_url: Url,
+    threads_add_url: Url,
+    threads_get_all_url: Url,
     configuration_url: Url,
     client_token: SecretString,
     client: String,
@@ -162,6 +164,8 @@ impl MewsClient {
             http,
             add_url: join("api/connector/v1/messages/add")?,
             get_all_url: join("api/connector/v1/messages/getAll")?,
+            threads_add_url: join("api/connector/v1/messageThreads/add")?,
+            threads_get_all_url: join("api/connector/v1/messageThreads/getAll")?,
             configuration_url: join("api/connector/v1/configuration/get")?,
             client_token: settings.client_token.clone(),
             client: settings.client.clone(),
@@ -231,7 +235,12 @@ impl MewsClient {
     /// Error texts quote Mews's answer, which is not ours to trust: should it
     /// ever echo a token, the token must not reach the logs or `last_error`.
     fn redact(&self, mut reply: Reply, access_token: &SecretString) -> Reply {
-        if let Some(error) = reply.outcome.error_mut() {
+        self.redact_outcome(&mut reply.outcome, access_token);
+        reply
+    }
+
+    fn redact_outcome(&self, outcome: &mut Outcome, access_token: &SecretString) {
+        if let Some(error) = outcome.error_mut() {
             *error = crate::secrets::redact(
                 error,
                 &[
@@ -240,7 +249,135 @@ impl MewsClient {
                 ],
             );
         }
-        reply
+    }
+
+    /// Creates one thread with `messageThreads/add`. Never fails: every
+    /// failure is an [`Outcome`] (never `Accepted`), mapped as for
+    /// `messages/add` ([`classify`]); a 200 without a usable thread `Id`
+    /// is a [`Outcome::Transient`] that may have created it.
+    pub async fn add_thread(
+        &self,
+        access_token: &SecretString,
+        subject: &str,
+        original_sender: &str,
+    ) -> ThreadReply {
+        let body = wire::AddThreadRequest {
+            client_token: self.client_token.expose_secret(),
+            access_token: access_token.expose_secret(),
+            client: &self.client,
+            original_sender,
+            subject,
+        };
+        let (response, elapsed) = self.exchange(&self.threads_add_url, &body).await;
+        let clock = response.as_ref().ok().and_then(|r| r.clock);
+        let (http_status, request_id, mut outcome) = match response {
+            Err(outcome) => (None, None, Err(outcome)),
+            Ok(r) => {
+                let outcome = match r.body {
+                    _ if is_redirect(r.status) => Err(redirected(
+                        r.status,
+                        r.location.as_deref(),
+                        &self.threads_add_url,
+                    )),
+                    Ok(body) if r.status == 200 => created_thread(&body),
+                    Ok(body) => Err(classify(
+                        r.status,
+                        r.retry_after.as_deref(),
+                        &body,
+                        SystemTime::now(),
+                    )),
+                    Err(e) => Err(unreadable_body(
+                        r.status,
+                        &e,
+                        self.request_timeout,
+                        Stores::Thread,
+                    )),
+                };
+                (Some(r.status), r.request_id, outcome)
+            }
+        };
+        if let Err(failure) = &mut outcome {
+            self.redact_outcome(failure, access_token);
+        }
+        ThreadReply {
+            http_status,
+            request_id,
+            elapsed,
+            clock,
+            outcome,
+        }
+    }
+
+    /// Reads one page of `messageThreads/getAll`: the threads this client
+    /// created within `created`, newest first, older than `cursor`.
+    pub async fn get_threads(
+        &self,
+        access_token: &SecretString,
+        created: TimeInterval,
+        count: u32,
+        cursor: Option<&str>,
+    ) -> ThreadReadBack {
+        let body = wire::GetThreadsRequest {
+            client_token: self.client_token.expose_secret(),
+            access_token: access_token.expose_secret(),
+            client: &self.client,
+            created_utc: created,
+            limitation: wire::Limitation { count, cursor },
+        };
+        let (response, elapsed) = self.exchange(&self.threads_get_all_url, &body).await;
+        let clock = response.as_ref().ok().and_then(|r| r.clock);
+        let (http_status, request_id, mut page) = match response {
+            Err(outcome) => (None, None, Err(outcome)),
+            Ok(r) => {
+                let page = match r.body {
+                    _ if is_redirect(r.status) => Err(redirected(
+                        r.status,
+                        r.location.as_deref(),
+                        &self.threads_get_all_url,
+                    )),
+                    Ok(body) if r.status == 200 => {
+                        serde_json::from_slice::<wire::MessageThreadsResponse>(&body)
+                            .map(|p| ThreadPage {
+                                threads: p.message_threads,
+                                cursor: p.cursor,
+                            })
+                            .map_err(|e| Outcome::Transient {
+                                error: format!(
+                                    "HTTP 200 with an unreadable body ({e}): {}",
+                                    snippet(&body)
+                                ),
+                                retry_after: None,
+                                maybe_stored: false,
+                                smaller: false,
+                                settle: None,
+                            })
+                    }
+                    Ok(body) => Err(classify(
+                        r.status,
+                        r.retry_after.as_deref(),
+                        &body,
+                        SystemTime::now(),
+                    )),
+                    Err(e) => Err(unreadable_body(
+                        r.status,
+                        &e,
+                        self.request_timeout,
+                        Stores::Nothing,
+                    )),
+                };
+                (Some(r.status), r.request_id, page)
+            }
+        };
+        if let Err(failure) = &mut page {
+            self.redact_outcome(failure, access_token);
+        }
+        ThreadReadBack {
+            http_status,
+            request_id,
+            elapsed,
+            clock,
+            page,
+        }
     }
 
     /// Reads one page of `messages/getAll`: messages of `threads` created
@@ -403,6 +540,8 @@ impl MewsClient {
 enum Stores {
     /// `messages/add`.
     Messages,
+    /// `messageThreads/add`.
+    Thread,
     /// Read-only calls: `messages/getAll`, `configuration/get`.
     Nothing,
 }
@@ -429,6 +568,7 @@ fn unreadable_body(status: u16, e: &BodyError, timeout: Duration, stores: Stores
             humantime::format_duration(timeout),
             match stores {
                 Stores::Messages => "; Mews may have stored the messages",
+                Stores::Thread => "; Mews may have created the thread",
                 Stores::Nothing => "",
             }
         )
@@ -442,6 +582,57 @@ fn unreadable_body(status: u16, e: &BodyError, timeout: Duration, stores: Stores
         smaller: e.is_timeout(),
         settle: None,
     }
+}
+
+/// What a 200 of `messageThreads/add` says: the thread with its Id, or a
+/// [`Outcome::Transient`] that may have created it (unreadable, or no
+/// thread with a UUID `Id` in it).
+fn created_thread(body: &[u8]) -> Result<MessageThread, Outcome> {
+    let unusable = |why: String| Outcome::Transient {
+        error: format!("HTTP 200 {why}: {}", snippet(body)),
+        retry_after: None,
+        maybe_stored: true,
+        smaller: false,
+        settle: None,
+    };
+    let response = serde_json::from_slice::<wire::MessageThreadsResponse>(body)
+        .map_err(|e| unusable(format!("with an unreadable body ({e})")))?;
+    response
+        .message_threads
+        .into_iter()
+        .find(|t| uuid::Uuid::parse_str(&t.id).is_ok())
+        .ok_or_else(|| unusable("without a thread Id".to_owned()))
+}
+
+/// A `messageThreads/add` request's result and what to log about it.
+#[derive(Debug)]
+pub struct ThreadReply {
+    pub http_status: Option<u16>,
+    pub request_id: Option<String>,
+    pub elapsed: Duration,
+    /// Mews's clock against ours, from the response's `Date` header.
+    pub clock: Option<ClockOffset>,
+    /// The thread Mews created, or what went wrong (never `Accepted`).
+    pub outcome: Result<MessageThread, Outcome>,
+}
+
+/// One page of `messageThreads/getAll`.
+#[derive(Debug, Clone)]
+pub struct ThreadPage {
+    /// Newest first.
+    pub threads: Vec<MessageThread>,
+    /// Id of the oldest thread returned, to ask for older ones.
+    pub cursor: Option<String>,
+}
+
+/// A `messageThreads/getAll` request's result and what to log about it.
+#[derive(Debug)]
+pub struct ThreadReadBack {
+    pub http_status: Option<u16>,
+    pub request_id: Option<String>,
+    pub elapsed: Duration,
+    pub clock: Option<ClockOffset>,
+    pub page: Result<ThreadPage, Outcome>,
 }
 
 /// One page of `messages/getAll`.
@@ -696,6 +887,33 @@ mod tests {
             "the caller knows it never sent 999"
         );
         assert_eq!(unlabelled, 0);
+    }
+
+    #[test]
+    fn a_thread_200_needs_a_thread_id() {
+        let ok = br#"{"MessageThreads":[{"Id":"7f9325f6-ef44-4911-89a8-ae51010a5aa4","OriginalSender":"John Doe","Subject":"S","CreatedUtc":"2022-03-08T12:06:50Z","UpdatedUtc":"2022-03-08T12:06:50Z","IsResolved":false}]}"#;
+        assert_eq!(
+            created_thread(ok).unwrap().id,
+            "7f9325f6-ef44-4911-89a8-ae51010a5aa4"
+        );
+        for body in [
+            &br#"{"MessageThreads":[]}"#[..],
+            br#"{"MessageThreads":[{"Id":"","OriginalSender":"a","Subject":"b","CreatedUtc":"c"}]}"#,
+            b"<html>",
+            b"",
+        ] {
+            assert!(
+                matches!(
+                    created_thread(body),
+                    Err(Outcome::Transient {
+                        maybe_stored: true,
+                        ..
+                    })
+                ),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 
     #[test]

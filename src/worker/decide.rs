@@ -6,9 +6,9 @@
 use std::time::{Duration, SystemTime};
 
 use crate::config::RetrySettings;
-use crate::mews::{AddedMessage, Outcome};
+use crate::mews::{AddedMessage, MessageThread, Outcome};
 use crate::retry::{exponential, retry_delay, throttle_pause};
-use crate::store::{ClaimedRow, RowOutcome};
+use crate::store::{ClaimedRow, ClaimedThread, RowOutcome, ThreadOutcome};
 
 /// Why an account stops sending for a while.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,6 +221,113 @@ pub fn decide(
     decision
 }
 
+/// What one reply to `messageThreads/add` means for the thread and the
+/// account.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ThreadDecision {
+    pub thread: ThreadOutcome,
+    pub account: AccountAction,
+}
+
+/// Decides what to store for `thread` after a `messageThreads/add` came to
+/// `outcome`, with the rules of [`decide`] for a single message: 200 →
+/// created; 400/403/413 → dead with Mews's error (its messages are held);
+/// 401/404/3xx/429 → released, the account pauses, no attempt; unreachable
+/// → retried, no attempt; 408/5xx/timeouts → retried as an attempt that
+/// may have created it (read back first), after Mews had time to finish;
+/// dead after `max_attempts`. `jitter` is in `[0, 1)`.
+pub fn decide_thread(
+    thread: &ClaimedThread,
+    outcome: &Result<MessageThread, Outcome>,
+    retry: &RetrySettings,
+    now: SystemTime,
+    jitter: f64,
+) -> ThreadDecision {
+    let attempt = thread.attempts.saturating_add(1);
+    let delay = |floor: Option<Duration>| {
+        retry_delay(attempt, retry.base_delay, retry.max_delay, jitter, floor)
+    };
+    let pause = |kind: PauseKind, error: &str, at_least: Option<Duration>| ThreadDecision {
+        thread: ThreadOutcome::Release,
+        account: AccountAction::Pause {
+            kind,
+            reason: error.to_owned(),
+            at_least,
+        },
+    };
+    let alone = |thread: ThreadOutcome| ThreadDecision {
+        thread,
+        account: AccountAction::Continue,
+    };
+    let failure = match outcome {
+        Ok(created) => {
+            return alone(ThreadOutcome::Created {
+                mews_thread_id: created.id.clone(),
+                mews_created_utc: created.created_utc.clone(),
+            });
+        }
+        Err(failure) => failure,
+    };
+    match failure {
+        Outcome::Rejected { error } | Outcome::TooLarge { error } => alone(ThreadOutcome::Dead {
+            error: error.clone(),
+        }),
+        Outcome::Unauthorized { error } | Outcome::NotFound { error } => {
+            pause(PauseKind::Refused, error, None)
+        }
+        Outcome::Redirected { error } => pause(PauseKind::Redirected, error, None),
+        Outcome::Throttled { error, retry_after } => {
+            pause(PauseKind::Throttled, error, *retry_after)
+        }
+        Outcome::Unreachable { error } => alone(ThreadOutcome::Retry {
+            at: now + delay(None),
+            error: error.clone(),
+            attempt: false,
+            maybe_stored: false,
+        }),
+        Outcome::Transient {
+            error,
+            retry_after,
+            maybe_stored,
+            settle,
+            ..
+        } => {
+            let floor = match (retry_after, settle) {
+                (Some(a), Some(b)) => Some((*a).max(*b)),
+                (a, b) => a.or(*b),
+            };
+            let thread = if attempt >= retry.max_attempts {
+                ThreadOutcome::Dead {
+                    error: format!("{error} (gave up after {attempt} attempts)"),
+                }
+            } else {
+                ThreadOutcome::Retry {
+                    at: now + delay(floor),
+                    error: error.clone(),
+                    attempt: true,
+                    maybe_stored: *maybe_stored,
+                }
+            };
+            let account = match retry_after {
+                Some(after) => AccountAction::Pause {
+                    kind: PauseKind::RetryAfter,
+                    reason: error.clone(),
+                    at_least: Some(*after),
+                },
+                None => AccountAction::Continue,
+            };
+            ThreadDecision { thread, account }
+        }
+        // Never made by the client for a thread; as a 200 without an Id.
+        Outcome::Accepted { .. } => alone(ThreadOutcome::Retry {
+            at: now + delay(None),
+            error: "Mews answered 200 without a thread Id (it may have created it)".to_owned(),
+            attempt: true,
+            maybe_stored: true,
+        }),
+    }
+}
+
 /// A row Mews has, as this message.
 pub(super) fn delivered(message: &AddedMessage) -> RowOutcome {
     RowOutcome::Delivered {
@@ -277,6 +384,160 @@ mod tests {
 
     fn now() -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    }
+
+    fn thread(attempts: u32) -> ClaimedThread {
+        ClaimedThread {
+            id: 9,
+            thread_key: "k".into(),
+            subject: "S".into(),
+            original_sender: "O".into(),
+            attempts,
+            needs_reconcile: false,
+            first_sent_at: Some(now()),
+        }
+    }
+
+    fn thread_after(outcome: Outcome, attempts: u32) -> ThreadDecision {
+        decide_thread(&thread(attempts), &Err(outcome), &retry(), now(), 0.0)
+    }
+
+    #[test]
+    fn a_thread_200_is_created_with_mews_id() {
+        let created = MessageThread {
+            id: "7f9325f6-ef44-4911-89a8-ae51010a5aa4".into(),
+            original_sender: "O".into(),
+            subject: "S".into(),
+            created_utc: "2026-11-28T07:00:00Z".into(),
+            updated_utc: None,
+            is_resolved: None,
+        };
+        let d = decide_thread(&thread(0), &Ok(created), &retry(), now(), 0.0);
+        assert_eq!(
+            d.thread,
+            ThreadOutcome::Created {
+                mews_thread_id: "7f9325f6-ef44-4911-89a8-ae51010a5aa4".into(),
+                mews_created_utc: "2026-11-28T07:00:00Z".into(),
+            }
+        );
+        assert_eq!(d.account, AccountAction::Continue);
+    }
+
+    #[test]
+    fn a_refused_thread_is_dead_with_mews_error() {
+        for outcome in [
+            Outcome::Rejected {
+                error: "HTTP 403: nope".into(),
+            },
+            Outcome::TooLarge {
+                error: "HTTP 403: nope".into(),
+            },
+        ] {
+            let d = thread_after(outcome, 0);
+            assert_eq!(
+                d.thread,
+                ThreadOutcome::Dead {
+                    error: "HTTP 403: nope".into()
+                }
+            );
+            assert_eq!(d.account, AccountAction::Continue);
+        }
+    }
+
+    #[test]
+    fn account_level_failures_release_the_thread_and_pause() {
+        let cases = [
+            (
+                Outcome::Unauthorized { error: "e".into() },
+                PauseKind::Refused,
+                None,
+            ),
+            (
+                Outcome::NotFound { error: "e".into() },
+                PauseKind::Refused,
+                None,
+            ),
+            (
+                Outcome::Redirected { error: "e".into() },
+                PauseKind::Redirected,
+                None,
+            ),
+            (
+                Outcome::Throttled {
+                    error: "e".into(),
+                    retry_after: Some(Duration::from_secs(7)),
+                },
+                PauseKind::Throttled,
+                Some(Duration::from_secs(7)),
+            ),
+        ];
+        for (outcome, kind, at_least) in cases {
+            let d = thread_after(outcome, 1);
+            assert_eq!(d.thread, ThreadOutcome::Release);
+            assert_eq!(
+                d.account,
+                AccountAction::Pause {
+                    kind,
+                    reason: "e".into(),
+                    at_least
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn an_ambiguous_thread_failure_is_read_back_after_it_settled_and_dies_at_max_attempts() {
+        let timeout = Outcome::Transient {
+            error: "no response within 30s".into(),
+            retry_after: None,
+            maybe_stored: true,
+            smaller: true,
+            settle: Some(Duration::from_secs(30)),
+        };
+        let d = thread_after(timeout.clone(), 0);
+        let ThreadOutcome::Retry {
+            at,
+            attempt: true,
+            maybe_stored: true,
+            ..
+        } = d.thread
+        else {
+            panic!("{d:?}")
+        };
+        assert!(at >= now() + Duration::from_secs(30), "the settle delay");
+        assert!(matches!(
+            thread_after(timeout, 2).thread,
+            ThreadOutcome::Dead { error } if error.ends_with("(gave up after 3 attempts)")
+        ));
+        let unreachable = thread_after(Outcome::Unreachable { error: "e".into() }, 2);
+        assert!(
+            matches!(
+                unreachable.thread,
+                ThreadOutcome::Retry {
+                    attempt: false,
+                    maybe_stored: false,
+                    ..
+                }
+            ),
+            "Mews never saw it: not an attempt, never dead for it"
+        );
+        let busy = thread_after(
+            Outcome::Transient {
+                error: "HTTP 503".into(),
+                retry_after: Some(Duration::from_secs(20)),
+                maybe_stored: true,
+                smaller: false,
+                settle: None,
+            },
+            0,
+        );
+        assert!(matches!(
+            busy.account,
+            AccountAction::Pause {
+                kind: PauseKind::RetryAfter,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -13,12 +13,16 @@
 //! - `send`: admitting one `messages/add` request (rate limit, the shared
 //!   bound on requests in flight, the start stamp) and sending it
 //! - `read_back`: looking for ambiguous rows at Mews before sending them again
+//! - `threads`: creating the threads of `outbox_threads` (one
+//!   `messageThreads/add` per step, taking turns with message batches) and
+//!   reading a thread back before creating it again
 //! - `log`: the log lines of each request
 
 mod decide;
 mod log;
 mod read_back;
 mod send;
+mod threads;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -42,7 +46,10 @@ use crate::request_size;
 use crate::retry::retry_delay;
 use crate::store::{AccountPause, ClaimedRow, Outbox, RowOutcome, StoreError};
 
-pub use decide::{AccountAction, Decision, PauseKind, decide, not_sent, pause_length};
+pub use decide::{
+    AccountAction, Decision, PauseKind, ThreadDecision, decide, decide_thread, not_sent,
+    pause_length,
+};
 use log::warn_on_mismatch;
 use send::Sent;
 
@@ -141,6 +148,19 @@ pub struct AccountWorker<S: Outbox> {
     /// Set once a write was refused with [`StoreError::LeaseLost`]: another
     /// daemon owns the account now, this loop stops (logged once).
     lease_lost: std::sync::atomic::AtomicBool,
+    /// Whose turn it is when both a thread and messages are due: one
+    /// `messageThreads/add`, then one `messages/add` batch, and so on.
+    threads_first: bool,
+}
+
+/// What one kind of work (threads or messages) did in a step.
+enum Turn {
+    /// Sent (or settled) something.
+    Worked,
+    /// Nothing of this kind is due.
+    Nothing,
+    /// Stop this step with that.
+    Stop(Step),
 }
 
 impl<S: Outbox> AccountWorker<S> {
@@ -186,6 +206,7 @@ impl<S: Outbox> AccountWorker<S> {
             clock: None,
             started_by: None,
             lease_lost: std::sync::atomic::AtomicBool::new(false),
+            threads_first: false,
         }
     }
 
@@ -283,6 +304,46 @@ impl<S: Outbox> AccountWorker<S> {
             return Step::Stopping;
         }
         let now = SystemTime::now();
+        // Request-level round robin: the kind that did not go last goes
+        // first; when it has nothing due, the other goes alone.
+        for threads in [self.threads_first, !self.threads_first] {
+            let turn = if threads {
+                self.thread_turn(now).await
+            } else {
+                self.message_turn(now).await
+            };
+            match turn {
+                Turn::Worked => {
+                    self.threads_first = !threads;
+                    return Step::Worked;
+                }
+                Turn::Nothing => {}
+                Turn::Stop(step) => return step,
+            }
+        }
+        let next = match self.store.next_due(&self.account, now).await {
+            Ok(rows) => self
+                .store
+                .next_thread_due(&self.account, now)
+                .await
+                .map(|threads| match (rows, threads) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }),
+            Err(e) => Err(e),
+        };
+        match next {
+            Ok(next_due) => Step::Idle { next_due },
+            Err(e) if self.lost_lease(&e) => Step::Stopping,
+            Err(e) => {
+                self.store_failed("find the next due row or thread", &e);
+                Step::StoreFailed
+            }
+        }
+    }
+
+    /// Claims a batch of due rows and delivers it.
+    async fn message_turn(&mut self, now: SystemTime) -> Turn {
         // After a systemic pause one message probes: a batch would only be
         // bisected down to a single rejection again.
         let limit = if self.rejections.probing() {
@@ -301,24 +362,17 @@ impl<S: Outbox> AccountWorker<S> {
             .await
         {
             Ok(rows) => rows,
-            Err(e) if self.lost_lease(&e) => return Step::Stopping,
+            Err(e) if self.lost_lease(&e) => return Turn::Stop(Step::Stopping),
             Err(e) => {
                 self.store_failed("claim rows", &e);
-                return Step::StoreFailed;
+                return Turn::Stop(Step::StoreFailed);
             }
         };
         if rows.is_empty() {
-            return match self.store.next_due(&self.account, now).await {
-                Ok(next_due) => Step::Idle { next_due },
-                Err(e) if self.lost_lease(&e) => Step::Stopping,
-                Err(e) => {
-                    self.store_failed("find the next due row", &e);
-                    Step::StoreFailed
-                }
-            };
+            return Turn::Nothing;
         }
         self.deliver(rows).await;
-        Step::Worked
+        Turn::Worked
     }
 
     fn store_failed(&self, what: &str, e: &StoreError) {
@@ -599,10 +653,17 @@ impl<S: Outbox> AccountWorker<S> {
         } else if accepted && let Some((from, to)) = self.batch.success() {
             tracing::info!(account = %self.account, from, to, "batch limit raised after sustained success");
         }
-        let tripped = self.breaker.observe(&reply.outcome);
+        self.account_after(&reply.outcome, &decision.account).await;
+    }
+
+    /// The circuit breaker and the account's pause after a reply to any
+    /// request (`messages/add` or `messageThreads/add`).
+    async fn account_after(&mut self, outcome: &Outcome, account: &AccountAction) {
+        let accepted = matches!(outcome, Outcome::Accepted { .. });
+        let tripped = self.breaker.observe(outcome);
         let action = if tripped {
             // A Retry-After that came with the last failure still holds.
-            let at_least = match &decision.account {
+            let at_least = match account {
                 AccountAction::Pause { at_least, .. } => *at_least,
                 AccountAction::Continue => None,
             };
@@ -611,13 +672,19 @@ impl<S: Outbox> AccountWorker<S> {
                 reason: format!(
                     "{} failed requests in a row, the last: {}",
                     self.retry.breaker_failures,
-                    reply.outcome.error().unwrap_or("failed")
+                    outcome.error().unwrap_or("failed")
                 ),
                 at_least,
             }
         } else {
-            decision.account.clone()
+            account.clone()
         };
+        self.act(accepted, action).await;
+    }
+
+    /// Continues (clearing a remembered pause after an accepted request) or
+    /// pauses the account.
+    async fn act(&mut self, accepted: bool, action: AccountAction) {
         match action {
             AccountAction::Continue => {
                 if accepted && self.pause.is_some() {
@@ -824,12 +891,189 @@ mod tests {
                 .collect();
             axum::Json(serde_json::json!({ "Messages": added }))
         }
-        let app =
-            axum::Router::new().route("/api/connector/v1/messages/add", axum::routing::post(add));
+        async fn add_thread(body: String) -> axum::Json<serde_json::Value> {
+            let body: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            axum::Json(serde_json::json!({ "MessageThreads": [{
+                "Id": uuid::Uuid::new_v4(),
+                "OriginalSender": body["OriginalSender"],
+                "Subject": body["Subject"],
+                "CreatedUtc": "2026-01-01T00:00:00Z",
+                "UpdatedUtc": "2026-01-01T00:00:00Z",
+                "IsResolved": false,
+            }]}))
+        }
+        let app = axum::Router::new()
+            .route("/api/connector/v1/messages/add", axum::routing::post(add))
+            .route(
+                "/api/connector/v1/messageThreads/add",
+                axum::routing::post(add_thread),
+            );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         addr
+    }
+
+    async fn worker_on(
+        store: crate::store::memory::MemoryStore,
+    ) -> AccountWorker<crate::store::memory::MemoryStore> {
+        let addr = accepting_mews().await;
+        let mut settings = crate::config::Settings::load(&crate::config::Sources {
+            file: None,
+            env: Some(Default::default()),
+        })
+        .unwrap();
+        settings.mews.base_url = format!("http://{addr}/").parse().unwrap();
+        let (_changed, changes) = watch::channel(0);
+        let context = WorkerContext {
+            store,
+            client: MewsClient::new(&settings.mews).unwrap(),
+            delivery: settings.delivery.clone(),
+            retry: settings.retry.clone(),
+            requests: Arc::new(Semaphore::new(1)),
+            changes,
+            shutdown: CancellationToken::new(),
+        };
+        AccountWorker::new(
+            context,
+            "default".into(),
+            &settings.accounts["default"],
+            None,
+        )
+    }
+
+    #[tokio::test]
+    async fn thread_creations_and_message_batches_take_turns() {
+        use crate::store::memory::MemoryStore;
+        use crate::store::{Status, ThreadStatus};
+
+        let store = MemoryStore::default();
+        let existing = "7f9325f6-ef44-4911-89a8-ae51010a5aa4";
+        for n in 0..3 {
+            store.insert_thread("default", &format!("k{n}"), &format!("S{n}"), "Guest");
+            store.insert_keyed("default", &format!("k{n}"), &format!("keyed {n}"));
+        }
+        // Three messages in one thread: one batch each (thread order).
+        for n in 0..3 {
+            store.insert("default", existing, &format!("plain {n}"));
+        }
+        let mut worker = worker_on(store.clone()).await;
+        let created = |store: &MemoryStore| {
+            store
+                .threads()
+                .iter()
+                .filter(|t| t.status == ThreadStatus::Created)
+                .count()
+        };
+        let delivered = |store: &MemoryStore, prefix: &str| {
+            store
+                .rows()
+                .iter()
+                .filter(|r| r.status == Status::Delivered && r.text.starts_with(prefix))
+                .count()
+        };
+        // Messages first, then a thread, then messages (a keyed row whose
+        // thread exists now joins the claim), and so on.
+        let mut trace = Vec::new();
+        for _ in 0..6 {
+            assert_eq!(worker.step().await, Step::Worked);
+            trace.push((created(&store), delivered(&store, "plain")));
+        }
+        assert_eq!(
+            trace,
+            [(0, 1), (1, 1), (1, 2), (2, 2), (2, 3), (3, 3)],
+            "request-level round robin"
+        );
+        assert_eq!(worker.step().await, Step::Worked, "the last keyed row");
+        assert_eq!(delivered(&store, "keyed"), 3);
+        assert_eq!(worker.step().await, Step::Idle { next_due: None });
+        let ids: std::collections::HashSet<_> = store
+            .threads()
+            .into_iter()
+            .map(|t| t.mews_thread_id)
+            .collect();
+        assert_eq!(ids.len(), 3, "one Mews thread each");
+    }
+
+    #[tokio::test]
+    async fn a_thread_that_may_exist_is_read_back_and_adopted_not_created_again() {
+        use crate::store::ThreadStatus;
+        use crate::store::memory::MemoryStore;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        static ADDS: AtomicUsize = AtomicUsize::new(0);
+        let first_sent = SystemTime::now() - Duration::from_secs(60);
+        let created = humantime::format_rfc3339_seconds(first_sent + Duration::from_secs(1));
+        let listed = serde_json::json!({ "MessageThreads": [
+            // Newest first: ours is the older of the two with its subject.
+            {"Id": "0b8c8a58-1a60-4c5e-9f0e-3d6f2f2a9d11", "OriginalSender": "Ada", "Subject": "Stay",
+             "CreatedUtc": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+             "UpdatedUtc": "2026-01-01T00:00:00Z"},
+            {"Id": "7f9325f6-ef44-4911-89a8-ae51010a5aa4", "OriginalSender": "Ada", "Subject": "Stay",
+             "CreatedUtc": created.to_string(), "UpdatedUtc": "2026-01-01T00:00:00Z"},
+            {"Id": "3f0b1d0e-8a0e-4c1c-9e58-2b7d0c3c1a11", "OriginalSender": "Bob", "Subject": "Stay",
+             "CreatedUtc": created.to_string(), "UpdatedUtc": "2026-01-01T00:00:00Z"},
+        ]});
+        let app = axum::Router::new()
+            .route(
+                "/api/connector/v1/messageThreads/getAll",
+                axum::routing::post(move || {
+                    let listed = listed.clone();
+                    async move { axum::Json(listed) }
+                }),
+            )
+            .route(
+                "/api/connector/v1/messageThreads/add",
+                axum::routing::post(|| async {
+                    ADDS.fetch_add(1, Ordering::Relaxed);
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+        let store = MemoryStore::default();
+        let id = store.insert_thread("default", "k", "Stay", "Ada");
+        store.set_thread_needs_reconcile(id, first_sent);
+        let keyed = store.insert_keyed("default", "k", "hello");
+        let mut settings = crate::config::Settings::load(&crate::config::Sources {
+            file: None,
+            env: Some(Default::default()),
+        })
+        .unwrap();
+        settings.mews.base_url = format!("http://{addr}/").parse().unwrap();
+        let (_changed, changes) = watch::channel(0);
+        let context = WorkerContext {
+            store: store.clone(),
+            client: MewsClient::new(&settings.mews).unwrap(),
+            delivery: settings.delivery.clone(),
+            retry: settings.retry.clone(),
+            requests: Arc::new(Semaphore::new(1)),
+            changes,
+            shutdown: CancellationToken::new(),
+        };
+        let mut worker = AccountWorker::new(
+            context,
+            "default".into(),
+            &settings.accounts["default"],
+            None,
+        );
+        worker.threads_first = true;
+        assert_eq!(worker.step().await, Step::Worked);
+        let thread = &store.threads()[0];
+        assert_eq!(thread.status, ThreadStatus::Created);
+        assert_eq!(
+            thread.mews_thread_id.as_deref(),
+            Some("7f9325f6-ef44-4911-89a8-ae51010a5aa4"),
+            "the earliest with its subject and sender"
+        );
+        assert_eq!(ADDS.load(Ordering::Relaxed), 0, "not created again");
+        let row = store.rows().into_iter().find(|r| r.id == keyed).unwrap();
+        assert_eq!(
+            row.keyed_thread_id.as_deref(),
+            Some("7f9325f6-ef44-4911-89a8-ae51010a5aa4")
+        );
     }
 
     #[tokio::test]

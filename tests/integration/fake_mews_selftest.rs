@@ -1075,3 +1075,35 @@ async fn message_thread_requests_take_scripted_faults_and_count_in_the_window() 
     assert!((55..=60).contains(&wait), "Retry-After: {wait}");
     assert_eq!(fake.message_threads().len(), 1);
 }
+
+#[tokio::test]
+async fn a_thread_add_can_create_the_thread_and_then_lose_the_answer() {
+    use crate::support::fake_mews::THREADS_ADD_PATH;
+    let fake = start().await;
+    fake.script_threads_add([Fault::DropAfterStore, Fault::StoreThenStatus(503)]);
+    let add = thread_add_body("access", "Ada", "Your stay");
+    assert!(
+        post_raw(&fake, THREADS_ADD_PATH, serde_json::to_vec(&add).unwrap())
+            .await
+            .is_err(),
+        "the connection closes without an answer"
+    );
+    assert_eq!(post(&fake, THREADS_ADD_PATH, &add).await.status, 503);
+    let threads: Vec<_> = fake
+        .threads_of("access")
+        .into_iter()
+        .filter(|t| t.subject == "Your stay")
+        .collect();
+    assert_eq!(threads.len(), 2, "both were created before the failure");
+    assert_eq!(fake.threads_per_subject()["Your stay"], 2);
+    let records = fake.thread_add_requests();
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0].stored_ids, [threads[0].id]);
+    let unknown = json!({
+        "ClientToken": "client", "AccessToken": "access", "Client": "selftest 1.0",
+        "OriginalSender": "Ada", "Subject": "S", "Extra": 1,
+    });
+    post(&fake, THREADS_ADD_PATH, &unknown)
+        .await
+        .assert_error(400, "Invalid Extra");
+}

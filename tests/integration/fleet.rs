@@ -780,3 +780,70 @@ async fn four_producers_inserting_while_two_daemons_drain_every_row_once_in_thre
     stop(&mut a).await;
     stop(&mut b).await;
 }
+
+/// Threads on PostgreSQL (issue 13): the daemon owning the accounts is
+/// killed while Mews has created a thread but not answered; the standby
+/// takes the accounts over, finds the thread `creating`, reads it back
+/// after the settle delay and adopts it: one thread at Mews, its messages
+/// delivered once, in order.
+#[tokio::test]
+async fn a_thread_in_creation_when_its_daemon_dies_is_adopted_by_the_next_owner_not_created_twice()
+{
+    let db = database().await;
+    let fake = FakeMews::start().await;
+    let fleet = Fleet::new(&fake, &db, "3s", "40/1s", 10);
+    let pool = producer(&db).await;
+    let (mut a, mut b) = one_owner_and_a_standby(&fleet, &pool).await;
+
+    fake.script_threads_add([Fault::StoreThenDelay(Duration::from_secs(30))]);
+    let mut tx = pool.begin().await.expect("begin");
+    sqlx::query(
+        "INSERT INTO outbox_threads (thread_key, subject, original_sender, account)
+         VALUES ('pg-conv', 'Your stay (PostgreSQL)', 'Front desk', 'acc0')",
+    )
+    .execute(&mut *tx)
+    .await
+    .expect("insert thread");
+    for text in ["pg first", "pg second"] {
+        sqlx::query(
+            "INSERT INTO outbox (thread_key, text, account) VALUES ('pg-conv', $1, 'acc0')",
+        )
+        .bind(text)
+        .execute(&mut *tx)
+        .await
+        .expect("insert message");
+    }
+    tx.commit().await.expect("commit");
+
+    fake.wait_for_threads(1, DRAIN).await;
+    a.crash().await;
+    let creating: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox_threads WHERE status = 'creating'")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+    assert_eq!(creating, 1, "the killed daemon left its thread `creating`");
+
+    b.wait_for_log_count(TAKEN, ACCOUNTS.len()).await;
+    wait_delivered(&pool, 2, DRAIN).await;
+    b.wait_for_log("thread adopted").await;
+    let per_subject = fake.threads_per_subject();
+    assert_eq!(
+        per_subject.get("Your stay (PostgreSQL)"),
+        Some(&1),
+        "{per_subject:?}"
+    );
+    let (mews_id,): (String,) =
+        sqlx::query_as("SELECT mews_thread_id FROM outbox_threads WHERE thread_key = 'pg-conv'")
+            .fetch_one(&pool)
+            .await
+            .expect("thread");
+    let texts: Vec<String> = fake
+        .accepted()
+        .into_iter()
+        .filter(|m| m.message_thread_id.to_string() == mews_id)
+        .map(|m| m.text)
+        .collect();
+    assert_eq!(texts, ["pg first", "pg second"]);
+    stop(&mut b).await;
+}

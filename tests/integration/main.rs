@@ -29,3 +29,4 @@ mod settle;
 mod sqlite_threads;
 mod storage_faults;
 mod thread_heads;
+mod threads;

@@ -95,9 +95,33 @@ async fn no_token_appears_in_any_output_even_at_trace_level() {
             .await
             .unwrap();
     }
+    // Thread creation: a 500, then a 403, both echoing the AccessToken
+    // (the first thread is created on its retry; the second is dead and
+    // holds its message).
+    let echo = |code| Fault::Status {
+        code,
+        retry_after: None,
+        message: format!("no such token {ACCESS_TOKEN}"),
+    };
+    fake.script_threads_add([echo(500), echo(403)]);
+    for key in ["created-after-a-500", "dead-after-a-403"] {
+        sqlx::query(
+            "INSERT INTO outbox_threads (thread_key, subject, original_sender) VALUES (?1, 'S', 'O')",
+        )
+        .bind(key)
+        .execute(&db)
+        .await
+        .unwrap();
+        sqlx::query("INSERT INTO outbox (thread_key, text) VALUES (?1, 'keyed')")
+            .bind(key)
+            .execute(&db)
+            .await
+            .unwrap();
+    }
     let mut daemon = env.start_with_env(&vars);
     daemon.wait_for_log("ready: delivering").await;
-    wait_for_status(&db, "delivered", 5).await;
+    wait_for_status(&db, "delivered", 6).await;
+    daemon.wait_for_log("thread is dead").await;
     daemon
         .wait_for_log("Mews refused this account's requests")
         .await;
@@ -120,11 +144,16 @@ async fn no_token_appears_in_any_output_even_at_trace_level() {
     // The stored errors (`last_error`, pause reasons) are output too.
     let stored: Vec<String> = sqlx::query_scalar(
         "SELECT coalesce(last_error, '') FROM outbox
+         UNION ALL SELECT coalesce(last_error, '') FROM outbox_threads
          UNION ALL SELECT coalesce(pause_reason, '') FROM outbox_account_state",
     )
     .fetch_all(&db)
     .await
     .unwrap();
+    assert!(
+        stored.iter().any(|e| e.starts_with("held: thread")),
+        "a message is held behind the dead thread: {stored:?}"
+    );
     assert_no_token("the database", &stored.join("\n"));
 
     for args in [
@@ -132,6 +161,8 @@ async fn no_token_appears_in_any_output_even_at_trace_level() {
         &["check-config", "--online"],
         &["status"],
         &["status", "--json"],
+        &["dead", "list"],
+        &["dead", "list", "--json"],
     ] {
         let (_, stdout, stderr) = env.cli_with_env(args, &vars).await;
         assert!(!stdout.is_empty(), "{args:?} printed nothing: {stderr}");

@@ -484,6 +484,8 @@ async fn wait_for_rows_within(pool: &SqlitePool, condition: &str, n: i64, within
 #[derive(Debug, sqlx::FromRow)]
 pub struct Row {
     pub id: i64,
+    /// The row's effective thread: `message_thread_id`, or its
+    /// `thread_key`'s Mews thread once created (empty before).
     pub message_thread_id: String,
     /// Bytes, since a hostile producer can store text that is not UTF-8.
     pub text: Vec<u8>,
@@ -507,7 +509,7 @@ pub async fn rows_of(pool: &SqlitePool, account: &str) -> Vec<Row> {
 
 pub async fn rows(pool: &SqlitePool) -> Vec<Row> {
     sqlx::query_as(
-        "SELECT id, message_thread_id, CAST(text AS BLOB) AS text, status, account, attempts, last_error,
+        "SELECT id, coalesce(message_thread_id, keyed_thread_id, '') AS message_thread_id, CAST(text AS BLOB) AS text, status, account, attempts, last_error,
                 mews_message_id, mews_created_utc, mews_sender
          FROM outbox ORDER BY id",
     )

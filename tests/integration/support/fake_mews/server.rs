@@ -140,16 +140,18 @@ impl FakeMews {
         self.shared.state().configuration_faults.extend(faults);
     }
 
-    /// Queues faults for `messageThreads/add` requests, one per request.
-    /// Only those acting at arrival (`Status`, `StatusRetryAt`, `Raw`,
-    /// `Redirect`, `DropBeforeStore`, `DelayThenNormal`) mean something
-    /// there; any other fault is consumed and ignored.
+    /// Queues faults for `messageThreads/add` requests, one per request,
+    /// with the meaning they have on `messages/add` (the thread is what is
+    /// stored: `DropAfterStore`, `StoreThenDelay` and the like create it
+    /// and then fail to answer).
     pub fn script_threads_add(&self, faults: impl IntoIterator<Item = Fault>) {
         self.shared.state().threads_add_faults.extend(faults);
     }
 
-    /// Queues faults for `messageThreads/getAll` requests, one per request,
-    /// with the same meaning as [`FakeMews::script_threads_add`].
+    /// Queues faults for `messageThreads/getAll` requests, one per request.
+    /// Only those acting at arrival (`Status`, `StatusRetryAt`, `Raw`,
+    /// `Redirect`, `DropBeforeStore`, `DelayThenNormal`) mean something
+    /// there; any other fault is consumed and ignored.
     pub fn script_threads_get_all(&self, faults: impl IntoIterator<Item = Fault>) {
         self.shared.state().threads_get_all_faults.extend(faults);
     }
@@ -184,6 +186,44 @@ impl FakeMews {
             .iter()
             .map(|e| e.thread.clone())
             .collect()
+    }
+
+    /// Threads created (or registered) with `access_token`, in creation order.
+    pub fn threads_of(&self, access_token: &str) -> Vec<StoredThread> {
+        self.message_threads()
+            .into_iter()
+            .filter(|t| t.access_token == access_token)
+            .collect()
+    }
+
+    /// How many threads were created (or registered) per `Subject`.
+    pub fn threads_per_subject(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for t in self.message_threads() {
+            *counts.entry(t.subject).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Only the `messageThreads/add` requests, in arrival order.
+    pub fn thread_add_requests(&self) -> Vec<RequestRecord> {
+        self.shared.records(|p| p == super::THREADS_ADD_PATH)
+    }
+
+    /// Waits until at least `n` threads exist (created or registered) and
+    /// returns them. Panics after `timeout`.
+    pub async fn wait_for_threads(&self, n: usize, timeout: Duration) -> Vec<StoredThread> {
+        if self
+            .wait_until(timeout, |st| st.threads.len() >= n)
+            .await
+            .is_err()
+        {
+            panic!(
+                "FakeMews::wait_for_threads: {} of {n} threads within {timeout:?}",
+                self.message_threads().len()
+            );
+        }
+        self.message_threads()
     }
 
     /// Number of scripted faults not consumed yet.

@@ -177,7 +177,7 @@ async fn handle_detached(
     } else if path == GET_ALL_PATH {
         get_all::get_all(&shared, &conn, json.as_ref(), &mut record).await
     } else if path == THREADS_ADD_PATH {
-        threads::add(&shared, &conn, json.as_ref(), &mut record).await
+        threads::add(&shared, &conn, json.as_ref(), &mut record, arrived).await
     } else if path == THREADS_GET_ALL_PATH {
         threads::get_all(&shared, &conn, json.as_ref(), &mut record).await
     } else {
@@ -216,7 +216,10 @@ async fn handle_detached(
             );
         }
     }
-    record.stored_ids = stored.iter().map(|m| m.id).collect();
+    if path == ADD_PATH {
+        // messageThreads/add sets its own (the thread it created).
+        record.stored_ids = stored.iter().map(|m| m.id).collect();
+    }
     shared.record(seq, record);
     reply.into_response(&request_id, shared.now())
 }

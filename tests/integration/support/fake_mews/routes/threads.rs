@@ -2,16 +2,17 @@
 //! a client created, kept per `AccessToken` (only those may get messages).
 
 use std::collections::HashSet;
+use std::time::Instant;
 
 use axum::http::StatusCode;
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
 use super::super::connections::ConnHandle;
-use super::super::reply::Reply;
+use super::super::reply::{Reply, status_or_500};
 use super::super::state::{Shared, ThreadEntry};
 use super::super::{
-    FAKE_ENTERPRISE_ID, MAX_ITEMS, MAX_THREADS_GET_ALL_INTERVAL, RequestRecord, StoredThread,
+    FAKE_ENTERPRISE_ID, Fault, MAX_ITEMS, MAX_THREADS_GET_ALL_INTERVAL, RequestRecord, StoredThread,
 };
 use super::get_all::TimeFilter;
 use super::{Route, limitation, newest_first_page, open, parse_uuid};
@@ -54,15 +55,21 @@ fn uuid_list(map: &Map<String, Value>, key: &str) -> Result<Option<HashSet<Uuid>
 /// `POST messageThreads/add`: `OriginalSender` and `Subject` (both
 /// required, non-empty) make a thread owned by the request's `AccessToken`.
 ///
-/// Faults other than those acting at arrival are consumed and ignored.
+/// Faults act as on `messages/add`: those acting at arrival before anything
+/// is created; `DropAfterStore`, `StoreThenStatus`, `StoreThenDelay`,
+/// `SlowStore` and `StoreThenStallBody` after the thread is created (a
+/// client that gives up meanwhile never learns its Id; a read-back finds
+/// it). `OmitIdentifiers` answers `200` without the thread (an empty
+/// `MessageThreads`); `ExtraIdentifier` is ignored.
 pub(super) async fn add(
     shared: &Shared,
     conn: &ConnHandle,
     json: Option<&Value>,
     record: &mut RequestRecord,
+    arrived: Instant,
 ) -> Reply {
-    let env = match open(Route::ThreadsAdd, shared, conn, json, record).await {
-        Ok((env, _ignored)) => env,
+    let (env, after_store) = match open(Route::ThreadsAdd, shared, conn, json, record).await {
+        Ok(opened) => opened,
         Err(reply) => return reply,
     };
     let sender = match required_text(env.map, "OriginalSender") {
@@ -73,12 +80,59 @@ pub(super) async fn add(
         Ok(s) => s,
         Err(reply) => return reply,
     };
+    // MessageThreadAddParameters: additionalProperties: false.
+    const KNOWN: [&str; 5] = [
+        "ClientToken",
+        "AccessToken",
+        "Client",
+        "OriginalSender",
+        "Subject",
+    ];
+    if let Some(unknown) = env.map.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Reply::bad_request(format!(
+            "Invalid {unknown}: not a parameter of messageThreads/add"
+        ));
+    }
+    if let Some(Fault::SlowStore { store_after, .. }) = &after_store {
+        tokio::time::sleep_until((arrived + *store_after).into()).await;
+    }
     let thread = shared.add_thread(&env.access_token, Uuid::new_v4(), &sender, &subject);
     record.stored_ids = vec![thread.id];
-    Reply::Json(
-        StatusCode::OK,
-        json!({"MessageThreads": [thread_json(&thread)]}),
-    )
+    let mut threads = vec![thread_json(&thread)];
+    match after_store {
+        Some(Fault::DropAfterStore) => {
+            conn.drop_connection();
+            return Reply::Dropped;
+        }
+        Some(Fault::StoreThenStatus(code)) => {
+            return Reply::error(
+                status_or_500(code),
+                "Unexpected error (scripted after creating the thread)",
+            );
+        }
+        Some(Fault::StoreThenDelay(delay)) => tokio::time::sleep(delay).await,
+        Some(Fault::SlowStore { answer_after, .. }) => match answer_after {
+            Some(after) => tokio::time::sleep_until((arrived + after).into()).await,
+            None => std::future::pending().await,
+        },
+        Some(Fault::OmitIdentifiers(_)) => threads.clear(),
+        _ => {}
+    }
+    let body = json!({"MessageThreads": threads});
+    if let Some(Fault::StoreThenStallBody(stall)) = after_store {
+        let body = body.to_string();
+        let mut head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        head.extend_from_slice(&body.as_bytes()[..body.len() / 2]);
+        conn.write_raw(&head);
+        tokio::time::sleep(stall).await;
+        conn.drop_connection();
+        return Reply::Stalled;
+    }
+    Reply::Json(StatusCode::OK, body)
 }
 
 /// `POST messageThreads/getAll`: the threads created with the request's
