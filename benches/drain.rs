@@ -14,6 +14,9 @@
 //!    `delivered`; peak RSS from `/proc/<pid>/status`;
 //! 4. **latency**: a producer process (this binary, `--producer`) inserts
 //!    rows one at a time, 5–20 ms apart; commit → arrival at the fake;
+//!    then **thread latency**: the same for a new conversation, a thread of
+//!    `outbox_threads` and its first message in one transaction; commit →
+//!    arrival of the message (after `messageThreads/add`) at the fake;
 //! 5. **idle**: the daemon's CPU time over 10 s with an empty queue;
 //! 6. **startup**: spawn → "ready" on the database now holding N delivered rows.
 //!
@@ -49,6 +52,7 @@ use tokio::sync::watch;
 
 const DAEMON: &str = env!("CARGO_BIN_EXE_mews-outbox");
 const ADD_PATH: &str = "/api/connector/v1/messages/add";
+const ADD_THREAD_PATH: &str = "/api/connector/v1/messageThreads/add";
 const THREADS: usize = 1000;
 const ACCOUNTS: [&str; 4] = ["a0", "a1", "a2", "a3"];
 /// Extra `key = value` lines for every `[accounts.<name>]` section. The
@@ -200,20 +204,13 @@ async fn run(options: Options) {
     println!("drain_to_floor_ratio={:.2}", drain_rate / floor_rate);
 
     // Latency: the daemon is caught up and idle.
-    let latencies = latency(
-        &fake,
-        &db,
-        &threads,
-        options.latency_rows(),
-        options.messages,
-    )
-    .await;
-    println!("latency_p50_ms={:.2}", percentile(&latencies, 0.50));
-    println!("latency_p99_ms={:.2}", percentile(&latencies, 0.99));
-    println!(
-        "latency_max_ms={:.2}",
-        latencies.last().copied().unwrap_or(0.0)
-    );
+    let rows = options.latency_rows();
+    let latencies = latency(&fake, &db, &threads[0], rows, options.messages).await;
+    print_latencies("latency", &latencies);
+    // A new conversation: one messageThreads/add, then the message.
+    let latencies = latency(&fake, &db, NEW_THREADS, rows, options.messages + rows).await;
+    print_latencies("thread_latency", &latencies);
+    eprintln!("threads created by the fake: {}", fake.threads());
 
     // Idle.
     let window = options.idle_window();
@@ -460,12 +457,22 @@ fn wait_delivered(db: &Path, n: u64) {
     }
 }
 
-/// Runs the producer process and matches its commits to the fake's arrivals.
-/// Returns the latencies in ms, sorted.
+fn print_latencies(name: &str, sorted: &[f64]) {
+    println!("{name}_p50_ms={:.2}", percentile(sorted, 0.50));
+    println!("{name}_p99_ms={:.2}", percentile(sorted, 0.99));
+    println!("{name}_max_ms={:.2}", sorted.last().copied().unwrap_or(0.0));
+}
+
+/// The producer's THREAD argument for "each row in a new thread of its own".
+const NEW_THREADS: &str = "new";
+
+/// Runs the producer process (rows into `thread`, or each into a new thread
+/// when it is [`NEW_THREADS`]) and matches its commits to the fake's
+/// arrivals. Returns the latencies in ms, sorted.
 async fn latency(
     fake: &LeanMews,
     db: &Path,
-    threads: &[String],
+    thread: &str,
     rows: usize,
     delivered_before: usize,
 ) -> Vec<f64> {
@@ -475,7 +482,7 @@ async fn latency(
         .arg("--producer")
         .arg(db)
         .arg(rows.to_string())
-        .arg(&threads[0])
+        .arg(thread)
         .output()
         .await
         .expect("run the producer");
@@ -506,24 +513,45 @@ async fn latency(
 
 /// `--producer DB ROWS THREAD`: inserts ROWS rows one at a time, 5–20 ms
 /// apart, printing `id commit_time_ns` (CLOCK_REALTIME) after each commit.
+/// With THREAD `new`, each row starts a conversation: a thread of
+/// `outbox_threads` and the row naming its `thread_key`, in one transaction.
 fn producer(args: &[String]) {
     let [db, rows, thread] = args else {
-        eprintln!("usage: drain --producer DB ROWS THREAD");
+        eprintln!("usage: drain --producer DB ROWS THREAD|new");
         std::process::exit(2);
     };
     let rows: usize = rows.parse().expect("rows");
-    let conn = open(Path::new(db));
-    let mut insert = conn
-        .prepare(
-            "INSERT INTO outbox (message_thread_id, text, account) VALUES (?1, ?2, 'a0') RETURNING id",
-        )
-        .expect("prepare");
+    let mut conn = open(Path::new(db));
     let mut out = std::io::stdout().lock();
     for i in 0..rows {
         std::thread::sleep(Duration::from_millis(fastrand::u64(5..=20)));
-        let id: i64 = insert
-            .query_row((thread, format!("latency probe {i}")), |r| r.get(0))
-            .expect("insert");
+        let text = format!("latency probe {i}");
+        let id: i64 = if thread == NEW_THREADS {
+            let key = format!("bench-conversation-{i}");
+            let tx = conn.transaction().expect("begin");
+            tx.execute(
+                "INSERT INTO outbox_threads (thread_key, subject, original_sender, account)
+                 VALUES (?1, 'Your stay', 'Front desk', 'a0')",
+                [&key],
+            )
+            .expect("insert the thread");
+            let id = tx
+                .query_row(
+                    "INSERT INTO outbox (thread_key, text, account) VALUES (?1, ?2, 'a0') RETURNING id",
+                    (&key, &text),
+                    |r| r.get(0),
+                )
+                .expect("insert the message");
+            tx.commit().expect("commit");
+            id
+        } else {
+            conn.prepare_cached(
+                "INSERT INTO outbox (message_thread_id, text, account) VALUES (?1, ?2, 'a0') RETURNING id",
+            )
+            .expect("prepare")
+            .query_row((thread, &text), |r| r.get(0))
+            .expect("insert")
+        };
         let committed = now_ns();
         writeln!(out, "{id} {committed}").expect("stdout");
     }
@@ -659,6 +687,7 @@ struct FakeState {
     first_request: OnceLock<Instant>,
     requests: AtomicU64,
     messages: AtomicU64,
+    threads: AtomicU64,
     serial: AtomicU64,
     recording: AtomicBool,
     arrivals: Mutex<Vec<(i64, u128)>>,
@@ -690,6 +719,7 @@ impl LeanMews {
         let _ = state.answered.set(tx);
         let app = Router::new()
             .route(ADD_PATH, post(add))
+            .route(ADD_THREAD_PATH, post(add_thread))
             .layer(DefaultBodyLimit::max(64 * 1024 * 1024))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -718,6 +748,10 @@ impl LeanMews {
         self.state.messages.load(Ordering::SeqCst)
     }
 
+    fn threads(&self) -> u64 {
+        self.state.threads.load(Ordering::Relaxed)
+    }
+
     fn record_arrivals(&self, on: bool) {
         self.state.recording.store(on, Ordering::SeqCst);
     }
@@ -735,6 +769,45 @@ impl LeanMews {
             _ => panic!("the fake saw {} of {n} messages", self.messages()),
         }
     }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct AddThreadRequest<'a> {
+    #[serde(borrow)]
+    original_sender: Cow<'a, str>,
+    #[serde(borrow)]
+    subject: Cow<'a, str>,
+}
+
+/// `messageThreads/add`: a new thread, numbered in its own uuid range.
+async fn add_thread(State(state): State<Arc<FakeState>>, body: Bytes) -> Response {
+    state.requests.fetch_add(1, Ordering::Relaxed);
+    let request: AddThreadRequest<'_> = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => {
+            return (StatusCode::BAD_REQUEST, format!(r#"{{"Message":"{e}"}}"#)).into_response();
+        }
+    };
+    let n = state.threads.fetch_add(1, Ordering::Relaxed);
+    let created = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let thread = serde_json::json!({
+        "Id": format!("7f9325f6-0000-4000-8000-{n:012x}"),
+        "OriginalSender": request.original_sender,
+        "Subject": request.subject,
+        "CreatedUtc": created,
+        "UpdatedUtc": created,
+        "IsResolved": false,
+    });
+    (
+        StatusCode::OK,
+        [
+            ("content-type", "application/json"),
+            ("request-id", "bench"),
+        ],
+        serde_json::json!({ "MessageThreads": [thread] }).to_string(),
+    )
+        .into_response()
 }
 
 async fn add(State(state): State<Arc<FakeState>>, body: Bytes) -> Response {
