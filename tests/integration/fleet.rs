@@ -780,3 +780,97 @@ async fn four_producers_inserting_while_two_daemons_drain_every_row_once_in_thre
     stop(&mut a).await;
     stop(&mut b).await;
 }
+
+/// Tables in the database's `public` schema.
+async fn public_tables(url: &str) -> i64 {
+    let pool = PgPool::connect(url).await.expect("pool");
+    let n = sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+        .fetch_one(&pool)
+        .await
+        .expect("count tables");
+    pool.close().await;
+    n
+}
+
+/// Issue 12: `status` and `dead list` on PostgreSQL read without migrating,
+/// as on SQLite: on an empty database they say the schema is missing and
+/// create nothing; a role that may only SELECT runs both; a schema newer
+/// than the binary is refused with SQLite's line.
+#[tokio::test]
+async fn status_and_dead_list_read_postgresql_without_migrating_even_as_a_select_only_role() {
+    let db = database().await;
+    let fake = FakeMews::start().await;
+    let fleet = Fleet::new(&fake, &db, "3s", "off", 10);
+    for args in [&["status"][..], &["dead", "list"]] {
+        let (ok, stdout, stderr) = fleet.cli(args).await;
+        assert!(!ok, "{args:?} on an empty database: {stdout}");
+        assert!(
+            stderr.contains("has no outbox tables yet") && stderr.contains("postgres://"),
+            "{args:?}: {stderr}"
+        );
+        assert_eq!(public_tables(&db.url).await, 0, "{args:?} created tables");
+    }
+
+    let pool = producer(&db).await;
+    let threads = fleet_threads(&fake, 2);
+    let rows = insert(&pool, 2, &threads).await;
+    sqlx::query(
+        "UPDATE outbox SET status = 'dead', dead_at = now(), last_error = 'gone' WHERE id = $1",
+    )
+    .bind(rows[1].0)
+    .execute(&pool)
+    .await
+    .expect("kill a row");
+    // A role that may only read (roles are the cluster's: a fresh name).
+    let role = format!("reader_{:08x}", fastrand::u32(..));
+    for statement in [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&pool)
+            .await
+            .expect("create the reader role");
+    }
+    let mut url = url::Url::parse(&db.url).expect("url");
+    url.set_username(&role).expect("user");
+    let reader_db = TestDb {
+        url: url.to_string(),
+        name: db.name.clone(),
+    };
+    let reader = Fleet::new(&fake, &reader_db, "3s", "off", 10);
+    let (ok, stdout, stderr) = reader.cli(&["status", "--json"]).await;
+    assert!(ok, "status as a SELECT-only role: {stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    assert!(
+        stdout.contains("acc0") && stdout.contains("acc1"),
+        "{status:#}"
+    );
+    let (ok, stdout, stderr) = reader.cli(&["dead", "list", "--json"]).await;
+    assert!(ok, "dead list as a SELECT-only role: {stderr}");
+    assert!(
+        stdout.contains(&threads[1]) && stdout.contains("gone"),
+        "{stdout}"
+    );
+    // Writing commands still need a writer.
+    let (ok, _, stderr) = reader
+        .cli(&["dead", "requeue", "--id", &rows[1].0.to_string()])
+        .await;
+    assert!(!ok, "a SELECT-only role requeued a row");
+    assert!(stderr.contains("permission denied"), "{stderr}");
+
+    sqlx::query(
+        "INSERT INTO _mews_outbox_migrations (version, description, success, checksum, execution_time)
+         VALUES (29991231000001, 'from the future', true, '\\x00'::bytea, 0)",
+    )
+    .execute(&pool)
+    .await
+    .expect("a migration from the future");
+    let (ok, _, stderr) = reader.cli(&["status"]).await;
+    assert!(!ok);
+    assert!(
+        stderr
+            .contains("was migrated by a newer mews-outbox (unknown migrations [29991231000001])"),
+        "{stderr}"
+    );
+}

@@ -175,6 +175,15 @@ fn refused(e: sqlx::Error) -> StoreError {
     }
 }
 
+/// The versions of `migrations/postgres` this binary applies.
+fn known_migrations() -> Vec<i64> {
+    sqlx::migrate!("./migrations/postgres")
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .map(|m| m.version)
+        .collect()
+}
+
 fn lease_lost(accounts: Vec<String>) -> Result<(), StoreError> {
     if accounts.is_empty() {
         Ok(())
@@ -206,6 +215,53 @@ impl PgStore {
         store.check_encoding().await?;
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// Connects to `url` for the commands that only look (`status`, `dead
+    /// list`): never migrates (no advisory lock, no DDL: every transaction
+    /// of the session is read-only, `default_transaction_read_only`), and
+    /// refuses a schema that is missing, older or newer than this binary's
+    /// migrations with the SQLite store's lines
+    /// ([`StoreError::Schema`]). Works for a role that may only SELECT.
+    pub async fn connect_read_only(url: &str, options: PgOptions) -> Result<PgStore, StoreError> {
+        let connect: PgConnectOptions = url.parse()?;
+        let connect = connect.options([("default_transaction_read_only", "on")]);
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(options.connect_timeout)
+            .connect_with(connect)
+            .await?;
+        let store = PgStore {
+            pool,
+            owner: new_owner(),
+            options,
+            held: Arc::new(Mutex::new(HashMap::new())),
+            target: redact_url(url),
+        };
+        store.check_schema().await?;
+        Ok(store)
+    }
+
+    /// Compares the applied migrations with the binary's, changing nothing.
+    async fn check_schema(&self) -> Result<(), StoreError> {
+        let table: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(MIGRATIONS_TABLE)
+            .fetch_one(&self.pool)
+            .await?;
+        let applied: Vec<i64> = match table {
+            None => Vec::new(),
+            Some(_) => {
+                sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT version FROM {MIGRATIONS_TABLE} WHERE success ORDER BY version"
+                )))
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        schema_verdict(&applied, &known_migrations()).map_err(|problem| StoreError::Schema {
+            path: self.target.clone(),
+            problem,
+        })
     }
 
     /// Another handle (another "daemon") on the same database and pool,
@@ -254,12 +310,7 @@ impl PgStore {
                 )))
                 .fetch_all(&self.pool)
                 .await?;
-                let known: Vec<i64> = migrator
-                    .iter()
-                    .filter(|m| !m.migration_type.is_down_migration())
-                    .map(|m| m.version)
-                    .collect();
-                let problem = schema_verdict(&applied, &known)
+                let problem = schema_verdict(&applied, &known_migrations())
                     .err()
                     .unwrap_or(SchemaProblem::Newer { unknown: applied });
                 Err(StoreError::Schema {
