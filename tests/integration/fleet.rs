@@ -299,14 +299,28 @@ async fn two_daemons_share_the_accounts_and_deliver_every_row_once_in_thread_ord
 }
 
 /// Starts a daemon alone and waits until it holds all four accounts, then
-/// a second one (holding none) beside it; returns (first, second).
-async fn one_owner_and_a_standby(fleet: &Fleet, pool: &PgPool) -> (Daemon, Daemon) {
+/// a second one beside it, and waits until the first has handed two over
+/// (rebalancing); returns (first, second, the first one's two accounts).
+async fn two_balanced_daemons(fleet: &Fleet, pool: &PgPool) -> (Daemon, Daemon, Vec<&'static str>) {
     let mut first = fleet.start();
     first.wait_for_log_count(TAKEN, ACCOUNTS.len()).await;
-    let second = fleet.start().ready().await;
-    let held = owners(pool).await;
-    assert_eq!(held.len(), 1, "{held:?}");
-    (first, second)
+    let mut second = fleet.start().ready().await;
+    second.wait_for_log_count(TAKEN, 2).await;
+    wait_for_owners(pool, Duration::from_secs(30), |held| {
+        held.len() == 2 && held.values().all(|accounts| accounts.len() == 2)
+    })
+    .await;
+    let log = second.log();
+    let kept: Vec<&'static str> = ACCOUNTS
+        .iter()
+        .copied()
+        .filter(|a| {
+            !log.lines()
+                .any(|l| l.contains(TAKEN) && l.contains(&format!("account={a}")))
+        })
+        .collect();
+    assert_eq!(kept.len(), 2, "{log}");
+    (first, second, kept)
 }
 
 #[tokio::test]
@@ -315,12 +329,13 @@ async fn a_killed_daemons_accounts_move_to_the_other_after_the_lease_and_nothing
     let fake = FakeMews::start().await;
     let fleet = Fleet::new(&fake, &db, "3s", "40/1s", 10);
     let pool = producer(&db).await;
-    let (mut a, mut b) = one_owner_and_a_standby(&fleet, &pool).await;
+    let (mut a, mut b, of_a) = two_balanced_daemons(&fleet, &pool).await;
 
-    // The first request is stored by Mews but answered late: the daemon
-    // dies with its rows `sending` and a copy at Mews.
+    // Rows of the first daemon's accounts only. The first request is
+    // stored by Mews but answered late: the daemon dies with its rows
+    // `sending` and a copy at Mews.
     fake.script([Fault::StoreThenDelay(Duration::from_secs(30))]);
-    let rows = insert(&pool, 2000, &fleet_threads(&fake, 100)).await;
+    let rows = insert_for(&pool, 2000, &fleet_threads(&fake, 100), &of_a).await;
     fake.wait_for_accepted(1, DRAIN).await;
     a.crash().await;
     let stranded: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = 'sending'")
@@ -351,12 +366,13 @@ async fn a_daemon_frozen_past_its_lease_is_refused_when_it_wakes_and_nothing_is_
     // (with one, saving the limiter's memory is refused first).
     let fleet = Fleet::new(&fake, &db, "3s", "off", 10);
     let pool = producer(&db).await;
-    let (mut a, mut b) = one_owner_and_a_standby(&fleet, &pool).await;
+    let (mut a, mut b, of_a) = two_balanced_daemons(&fleet, &pool).await;
 
-    // A request in flight when the daemon freezes: Mews stores it and
-    // answers while the daemon is stopped.
+    // Rows of the first daemon's accounts only. A request in flight when
+    // the daemon freezes: Mews stores it and answers while the daemon is
+    // stopped.
     fake.script([Fault::StoreThenDelay(Duration::from_millis(300))]);
-    let rows = insert(&pool, 1000, &fleet_threads(&fake, 100)).await;
+    let rows = insert_for(&pool, 1000, &fleet_threads(&fake, 100), &of_a).await;
     fake.wait_for_accepted(1, DRAIN).await;
     a.signal("STOP");
 
@@ -365,8 +381,8 @@ async fn a_daemon_frozen_past_its_lease_is_refused_when_it_wakes_and_nothing_is_
     wait_delivered(&pool, rows.len() as i64, DRAIN).await;
 
     a.signal("CONT");
-    // It learns at its next renewal that all four are gone, and takes none back.
-    a.wait_for_log_count("lost the lease on this account", ACCOUNTS.len())
+    // It learns at its next renewal that both of its accounts are gone.
+    a.wait_for_log_count("lost the lease on this account", of_a.len())
         .await;
     assert_delivered_once(&pool, &fake, &rows).await;
     // Its request in flight came back; the outcome was refused once, not
@@ -379,8 +395,6 @@ async fn a_daemon_frozen_past_its_lease_is_refused_when_it_wakes_and_nothing_is_
         "{}",
         a.log()
     );
-    let held = owners(&pool).await;
-    assert_eq!(held.len(), 1, "{held:?}");
     stop(&mut a).await;
     stop(&mut b).await;
     assert_delivered_once(&pool, &fake, &rows).await;
@@ -873,4 +887,172 @@ async fn status_and_dead_list_read_postgresql_without_migrating_even_as_a_select
             .contains("was migrated by a newer mews-outbox (unknown migrations [29991231000001])"),
         "{stderr}"
     );
+}
+
+/// Waits (up to `within`) until the accounts' owners satisfy `done`.
+async fn wait_for_owners(
+    pool: &PgPool,
+    within: Duration,
+    done: impl Fn(&BTreeMap<String, Vec<String>>) -> bool,
+) -> BTreeMap<String, Vec<String>> {
+    let found = tokio::time::timeout(within, async {
+        loop {
+            let held = owners(pool).await;
+            if done(&held) {
+                return held;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    match found {
+        Ok(held) => held,
+        Err(_) => panic!(
+            "the owners never got there within {within:?}: {:?}",
+            owners(pool).await
+        ),
+    }
+}
+
+/// Issue 12: an account removed from a daemon's configuration by a reload
+/// is given up at once: a daemon configured for it takes it at its next
+/// round, not after the lease (which the first one would otherwise renew
+/// forever). A holds acc0 and acc1; B, configured for acc1 and acc2,
+/// holds acc2 (each at its share: no rebalancing); A's reload drops acc1.
+#[tokio::test]
+async fn an_account_removed_by_a_reload_is_given_up_at_once_and_taken_by_a_daemon_configured_for_it()
+ {
+    let db = database().await;
+    let fake = FakeMews::start().await;
+    let fleet_a = Fleet::with_accounts(&fake, &db, "3s", "off", 10, &ACCOUNTS[..2]);
+    let fleet_b = Fleet::with_accounts(&fake, &db, "3s", "off", 10, &ACCOUNTS[1..3]);
+    let pool = producer(&db).await;
+    let mut a = fleet_a.start();
+    a.wait_for_log_count(TAKEN, 2).await;
+    let mut b = fleet_b.start();
+    b.wait_for_log_count(TAKEN, 1).await;
+    assert!(b.log().contains("account=acc2"), "{}", b.log());
+
+    let config = std::fs::read_to_string(&fleet_a.config).expect("config");
+    let start = config.find("\n[accounts.acc1]").expect("acc1 configured");
+    let mut without = config[..start].to_owned();
+    without.push('\n');
+    fleet_a.rewrite(&without);
+    a.signal("HUP");
+    a.wait_for_log("configuration reloaded").await;
+    a.wait_for_log("this account is no longer configured: gave up its lease")
+        .await;
+    b.wait_for_log_count(TAKEN, 2).await;
+    let held = owners(&pool).await;
+    assert_eq!(held.len(), 2, "{held:?}");
+    assert!(
+        held.values()
+            .any(|accounts| accounts == &["acc1".to_owned(), "acc2".to_owned()]),
+        "B holds acc1 and acc2: {held:?}"
+    );
+    // B delivers acc1's rows; A, which kept acc0, delivers acc0's.
+    let rows = insert_for(&pool, 40, &fleet_threads(&fake, 4), &ACCOUNTS[..2]).await;
+    fake.wait_for_accepted(rows.len(), DRAIN).await;
+    wait_delivered(&pool, rows.len() as i64, DRAIN).await;
+    assert_delivered_once(&pool, &fake, &rows).await;
+    stop(&mut a).await;
+    stop(&mut b).await;
+    for daemon in [&a, &b] {
+        assert_eq!(daemon.count_log("lost the lease"), 0, "{}", daemon.log());
+    }
+}
+
+/// Issue 12: the ownership round itself stops the loop of an account
+/// another daemon took: here an idle account (its loop waiting, with no
+/// write of its own to be refused) whose lease is taken in the database
+/// (a new owner and token). The loop ends after the next renewal.
+#[tokio::test]
+async fn the_renewal_round_stops_the_loop_of_an_idle_account_taken_away() {
+    let db = database().await;
+    let fake = FakeMews::start().await;
+    let fleet = Fleet::with_accounts(&fake, &db, "3s", "off", 10, &ACCOUNTS[..1]);
+    let pool = producer(&db).await;
+    let mut daemon = fleet.start().ready().await;
+    daemon.wait_for_log_count(TAKEN, 1).await;
+    sqlx::query(
+        "UPDATE outbox_account_state
+         SET lease_owner = gen_random_uuid(), lease_token = lease_token + 1,
+             lease_until = clock_timestamp() + interval '1 hour'
+         WHERE account = 'acc0'",
+    )
+    .execute(&pool)
+    .await
+    .expect("steal the lease");
+    daemon.wait_for_log("lost the lease on this account").await;
+    let ended = daemon
+        .wait_for_log("the account's delivery loop has ended")
+        .await;
+    assert!(ended.contains("account=acc0"), "{ended}");
+    assert_eq!(
+        daemon.count_log("this daemon no longer owns the account"),
+        0,
+        "the loop stopped on a refused write of its own, not the round: {}",
+        daemon.log()
+    );
+    assert_eq!(fake.add_requests().len(), 0);
+    stop(&mut daemon).await;
+}
+
+/// Issue 12: rebalancing toward a daemon started late. A alone takes the
+/// four accounts and drains them under the fake's enforced rate limit; B
+/// starts; A hands accounts over one at a time until each holds two. The
+/// new owner honours the limiter's window saved by the old one: 0 × 429,
+/// no row sent twice, thread order kept.
+#[tokio::test]
+async fn a_daemon_started_late_gets_its_share_one_account_at_a_time_without_duplicates_or_429() {
+    const LIMIT: usize = 10;
+    const WINDOW: Duration = Duration::from_secs(3);
+    let db = database().await;
+    let fake = FakeMews::start_with(FakeOptions {
+        rate_limit: Some((LIMIT, WINDOW)),
+        ..FakeOptions::default()
+    })
+    .await;
+    let fleet = Fleet::new(&fake, &db, "3s", "10/3s", 5);
+    let pool = producer(&db).await;
+    let mut a = fleet.start();
+    a.wait_for_log_count(TAKEN, ACCOUNTS.len()).await;
+    // 50 rows per account per window: about 25 s of work in all.
+    let rows = insert(&pool, 1600, &fleet_threads(&fake, 80)).await;
+    fake.wait_for_accepted(20, DRAIN).await;
+    let mut b = fleet.start();
+
+    let held = wait_for_owners(&pool, Duration::from_secs(40), |held| {
+        held.len() == 2 && held.values().all(|accounts| accounts.len() == 2)
+    })
+    .await;
+    let balanced_at = fake.accepted().len();
+    println!(
+        "balanced {held:?} with {balanced_at} of {} rows at Mews",
+        rows.len()
+    );
+    assert!(balanced_at < rows.len(), "balanced only after the drain");
+    assert_eq!(
+        a.count_log("handing this one over"),
+        2,
+        "one account at a time, two in all: {}",
+        a.log()
+    );
+    b.wait_for_log_count(TAKEN, 2).await;
+
+    fake.wait_for_accepted(rows.len(), DRAIN).await;
+    wait_delivered(&pool, rows.len() as i64, DRAIN).await;
+    assert_delivered_once(&pool, &fake, &rows).await;
+    let limited = fake.requests().iter().filter(|r| r.status == 429).count();
+    assert_eq!(
+        limited, 0,
+        "429s from the fake's limiter ({LIMIT} per {WINDOW:?})"
+    );
+    // Still balanced, nobody lost a lease.
+    assert_eq!(a.count_log("handing this one over"), 2, "{}", a.log());
+    stop(&mut a).await;
+    stop(&mut b).await;
+    for daemon in [&a, &b] {
+        assert_eq!(daemon.count_log("lost the lease"), 0, "{}", daemon.log());
+    }
 }

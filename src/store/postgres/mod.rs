@@ -32,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::schema::{SchemaProblem, schema_verdict};
 use super::{
-    AccountPause, Acquired, ClaimedRow, Enqueued, NewMessage, Outbox, RowOutcome, StoreError,
-    timestamp,
+    AccountPause, Acquired, ClaimedRow, Enqueued, Fleet, FleetMember, NewMessage, Outbox,
+    RowOutcome, StoreError, timestamp,
 };
 
 /// The daemon's migration bookkeeping table, as in the SQLite store.
@@ -457,7 +457,86 @@ impl PgStore {
             .execute(&self.pool)
             .await?;
         self.forget(&names);
+        // No longer one of the live daemons: the others' shares grow now.
+        sqlx::query("DELETE FROM outbox_daemons WHERE owner = $1::uuid")
+            .bind(self.owner.to_string())
+            .execute(&self.pool)
+            .await?;
         Ok(())
+    }
+
+    /// Gives up the leases on `accounts` this handle holds (the others are
+    /// ignored); with `to`, reserves them for that owner for one lease (a
+    /// hand-over: nobody else, this handle included, takes them meanwhile).
+    /// Returns (and forgets) those of `accounts` it held: given up, or
+    /// lost already.
+    pub async fn release_some(
+        &self,
+        accounts: &[String],
+        to: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
+        let held = self.held();
+        let (names, tokens): (Vec<String>, Vec<i64>) = accounts
+            .iter()
+            .filter_map(|a| held.get(a).map(|t| (a.clone(), *t)))
+            .unzip();
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let to = match to {
+            Some(id) => Some(uuid::Uuid::parse_str(id).map_err(|e| {
+                StoreError::Database(sqlx::Error::Protocol(format!(
+                    "not a daemon id: {id:?}: {e}"
+                )))
+            })?),
+            None => None,
+        };
+        let released: Vec<String> = sqlx::query_scalar(sql::RELEASE_SOME)
+            .bind(self.owner.to_string())
+            .bind(&names)
+            .bind(&tokens)
+            .bind(to.map(|u| u.to_string()))
+            .bind(millis(self.options.lease))
+            .fetch_all(&self.pool)
+            .await?;
+        if released.len() < names.len() {
+            tracing::debug!(given_up = ?released, of = ?names, "some accounts were lost already");
+        }
+        // Given up or lost already: either way no longer this handle's.
+        self.forget(&names);
+        Ok(names)
+    }
+
+    /// Registers this handle as a live daemon for one lease, configured for
+    /// `configured`, forgets daemons whose registration ran out, and
+    /// returns the live ones with the number of accounts each holds.
+    pub async fn fleet(&self, configured: &[String]) -> Result<Fleet, StoreError> {
+        let lease = millis(self.options.lease);
+        sqlx::query(sql::REGISTER)
+            .bind(self.owner.to_string())
+            .bind(configured)
+            .bind(lease)
+            .execute(&self.pool)
+            .await?;
+        sqlx::query("DELETE FROM outbox_daemons WHERE seen_until <= clock_timestamp()")
+            .execute(&self.pool)
+            .await?;
+        let rows = sqlx::query(sql::FLEET).fetch_all(&self.pool).await?;
+        let mut members = Vec::with_capacity(rows.len());
+        for row in rows {
+            members.push(FleetMember {
+                id: row.try_get("owner")?,
+                accounts: row
+                    .try_get::<Vec<String>, _>("accounts")?
+                    .into_iter()
+                    .collect(),
+                held: usize::try_from(row.try_get::<i64, _>("held")?).unwrap_or(0),
+            });
+        }
+        Ok(Fleet {
+            me: self.owner.to_string(),
+            members,
+        })
     }
 
     /// Leases due rows of `account` as the SQLite store's `claim_within`

@@ -112,6 +112,21 @@ impl DaemonStore for PgStore {
         PgStore::release_accounts(self).await
     }
 
+    async fn release_some(
+        &self,
+        accounts: &[String],
+        to: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
+        PgStore::release_some(self, accounts, to).await
+    }
+
+    async fn fleet(
+        &self,
+        configured: &[String],
+    ) -> Result<Option<crate::store::Fleet>, StoreError> {
+        PgStore::fleet(self, configured).await.map(Some)
+    }
+
     /// Rows left `sending` by a previous owner are recovered at each
     /// takeover ([`PgStore::acquire_accounts`]); nothing to do at start-up.
     async fn recover_abandoned(
