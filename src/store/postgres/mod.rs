@@ -49,6 +49,10 @@ pub const MESSAGE_ENVELOPE_BYTES: usize = 128;
 /// How long an account lease lasts unless renewed.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
+/// How often the change watcher wakes the loops without a notification
+/// (as the SQLite store's safety poll beside its WAL watch).
+pub const SAFETY_POLL: Duration = Duration::from_secs(1);
+
 /// Connections per handle: a claim, a record and a read side by side, plus
 /// the listener.
 const CONNECTIONS: u32 = 6;
@@ -636,8 +640,12 @@ impl PgStore {
 
     /// Watches for new rows: LISTEN on [`CHANNEL`], which the insert trigger
     /// notifies at the producer's commit (never before); the receiver
-    /// changes on each notification, and every `poll_interval` all the same
-    /// (the safety net: a notification lost while the listener reconnected).
+    /// changes on each notification, and every [`SAFETY_POLL`] (or
+    /// `poll_interval` if longer) all the same: the safety net for a
+    /// notification lost while the listener reconnected. Not every
+    /// `poll_interval` (10 ms by default, SQLite's fallback when its WAL
+    /// cannot be watched): each change wakes every account loop for a
+    /// claim, which kept an idle daemon busy.
     pub async fn watch_changes(
         &self,
         poll_interval: Duration,
@@ -646,11 +654,9 @@ impl PgStore {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(CHANNEL).await?;
         let (tx, rx) = watch::channel(0u64);
+        let safety = SAFETY_POLL.max(poll_interval);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval_at(
-                tokio::time::Instant::now() + poll_interval,
-                poll_interval,
-            );
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + safety, safety);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
