@@ -129,7 +129,12 @@ async fn run(options: Options) {
     let threads = thread_ids();
 
     let db = cluster.database().await;
-    let store = PgStore::connect(&db.url, PgOptions::default())
+    // A lease longer than the floor takes (it does not renew).
+    let floor_options = PgOptions {
+        lease: Duration::from_secs(3600),
+        ..PgOptions::default()
+    };
+    let store = PgStore::connect(&db.url, floor_options)
         .await
         .expect("migrate the floor's database");
     let filled = Instant::now();

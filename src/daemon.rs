@@ -218,6 +218,12 @@ impl<S: DaemonStore + Upkeep> Generation<S> {
             .watch_changes(settings.delivery.poll_interval, stop.clone())
             .await?;
         let requests = Arc::new(Semaphore::new(settings.delivery.max_concurrent_requests));
+        // Registered among the live daemons (shared stores) before
+        // housekeeping first looks for accounts nobody configured.
+        let configured: Vec<String> = settings.accounts.keys().cloned().collect();
+        if let Err(e) = store.fleet(&configured).await {
+            tracing::warn!(error = %e, "cannot register among the daemons sharing the outbox; trying again at the next round");
+        }
         let mut tasks = JoinSet::new();
         let context = WorkerContext {
             store: store.clone(),

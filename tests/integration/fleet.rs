@@ -1056,3 +1056,81 @@ async fn a_daemon_started_late_gets_its_share_one_account_at_a_time_without_dupl
         assert_eq!(daemon.count_log("lost the lease"), 0, "{}", daemon.log());
     }
 }
+
+/// Issue 12: `flag_unknown_accounts` on a fleet flags only accounts that
+/// no live daemon is configured for: daemons configured for different
+/// accounts do not flag each other's rows; once the other daemon is gone
+/// (its registration ran out), its accounts are flagged.
+#[tokio::test]
+async fn unknown_accounts_are_those_no_live_daemon_is_configured_for() {
+    use mews_outbox::store::{DaemonStore, Upkeep};
+    let db = database().await;
+    let lease = Duration::from_millis(500);
+    let options = PgOptions {
+        lease,
+        settle: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(10),
+    };
+    let a = PgStore::connect(&db.url, options.clone())
+        .await
+        .expect("connect");
+    let b = a.new_handle(options);
+    let pool = PgPool::connect(&db.url).await.expect("pool");
+    for account in ["acc0", "acc1", "acc9"] {
+        sqlx::query("INSERT INTO outbox (message_thread_id, text, account) VALUES ($1, 'x', $2)")
+            .bind(uuid::Uuid::new_v4().to_string())
+            .bind(account)
+            .execute(&pool)
+            .await
+            .expect("insert");
+    }
+    a.fleet(&["acc0".to_owned()]).await.expect("register a");
+    b.fleet(&["acc1".to_owned()]).await.expect("register b");
+    let unknown = a.flag_unknown_accounts(&["acc0"]).await.expect("flag");
+    assert_eq!(unknown, vec![("acc9".to_owned(), 1)], "acc1 is b's");
+    let flagged: Vec<String> = sqlx::query_scalar(
+        "SELECT account FROM outbox WHERE last_error IS NOT NULL ORDER BY account",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("flagged");
+    assert_eq!(flagged, vec!["acc9".to_owned()]);
+
+    // b stops renewing its registration: after its lease acc1 is unknown.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let live: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM outbox_daemons WHERE seen_until > clock_timestamp()",
+            )
+            .fetch_one(&pool)
+            .await
+            .expect("live");
+            a.fleet(&["acc0".to_owned()]).await.expect("renew a");
+            if live == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("b's registration ran out");
+    let unknown = a.flag_unknown_accounts(&["acc0"]).await.expect("flag");
+    assert_eq!(
+        unknown,
+        vec![("acc1".to_owned(), 1), ("acc9".to_owned(), 1)]
+    );
+    // A daemon stopping deregisters at once.
+    b.fleet(&["acc1".to_owned()])
+        .await
+        .expect("register b again");
+    assert!(
+        a.flag_unknown_accounts(&["acc0"])
+            .await
+            .expect("flag")
+            .iter()
+            .all(|(x, _)| x != "acc1")
+    );
+    DaemonStore::release_accounts(&b).await.expect("release");
+    let unknown = a.flag_unknown_accounts(&["acc0"]).await.expect("flag");
+    assert!(unknown.iter().any(|(x, _)| x == "acc1"), "{unknown:?}");
+}

@@ -451,17 +451,17 @@ impl PgStore {
     /// its rows): another daemon may take the accounts at once.
     pub async fn release_accounts(&self) -> Result<(), StoreError> {
         let (names, tokens): (Vec<String>, Vec<i64>) = self.held().into_iter().unzip();
-        if names.is_empty() {
-            return Ok(());
+        if !names.is_empty() {
+            sqlx::query(sql::RELEASE)
+                .bind(self.owner.to_string())
+                .bind(&names)
+                .bind(&tokens)
+                .execute(&self.pool)
+                .await?;
+            self.forget(&names);
         }
-        sqlx::query(sql::RELEASE)
-            .bind(self.owner.to_string())
-            .bind(&names)
-            .bind(&tokens)
-            .execute(&self.pool)
-            .await?;
-        self.forget(&names);
-        // No longer one of the live daemons: the others' shares grow now.
+        // No longer one of the live daemons: the others' shares grow now
+        // (also when this one held nothing).
         sqlx::query("DELETE FROM outbox_daemons WHERE owner = $1::uuid")
             .bind(self.owner.to_string())
             .execute(&self.pool)

@@ -39,6 +39,10 @@ const PRUNE_DELIVERED: &str = "
         LIMIT $2
         FOR UPDATE SKIP LOCKED)";
 
+/// The accounts the live daemons are configured for.
+const FLEET_ACCOUNTS: &str = "
+    SELECT DISTINCT unnest(accounts) FROM outbox_daemons WHERE seen_until > clock_timestamp()";
+
 /// Pending rows per account not in `$1`.
 const UNKNOWN_ACCOUNTS: &str = "
     SELECT account, count(*) AS n FROM outbox
@@ -183,7 +187,18 @@ impl Upkeep for PgStore {
         &self,
         configured: &[&str],
     ) -> Result<Vec<(String, u64)>, StoreError> {
-        let configured = names(configured);
+        // The fleet's accounts: those of this daemon and of every live
+        // daemon registered beside it (`outbox_daemons`), so that daemons
+        // configured for different accounts do not flag each other's.
+        let mut configured = names(configured);
+        let fleet: Vec<String> = sqlx::query_scalar(FLEET_ACCOUNTS)
+            .fetch_all(self.pool())
+            .await?;
+        for account in fleet {
+            if !configured.contains(&account) {
+                configured.push(account);
+            }
+        }
         let rows = sqlx::query(UNKNOWN_ACCOUNTS)
             .bind(&configured)
             .fetch_all(self.pool())
