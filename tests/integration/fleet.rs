@@ -1134,3 +1134,96 @@ async fn unknown_accounts_are_those_no_live_daemon_is_configured_for() {
     let unknown = a.flag_unknown_accounts(&["acc0"]).await.expect("flag");
     assert!(unknown.iter().any(|(x, _)| x == "acc1"), "{unknown:?}");
 }
+
+/// Issue 12, the hand-over at store level: an account released reserved
+/// for one daemon is taken by that daemon only (not by the giver, not by a
+/// third) until the reservation ends (one lease), then by anyone; a
+/// release under a lease since lost gives nothing up.
+#[tokio::test]
+async fn an_account_handed_over_is_reserved_for_its_receiver_for_one_lease() {
+    let db = database().await;
+    let lease = Duration::from_millis(800);
+    let options = PgOptions {
+        lease,
+        settle: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(10),
+    };
+    let giver = PgStore::connect(&db.url, options.clone())
+        .await
+        .expect("connect");
+    let receiver = giver.new_handle(options.clone());
+    let third = giver.new_handle(options.clone());
+    let taken = giver.acquire_accounts(&["acc0"], 1).await.expect("acquire");
+    assert_eq!(taken.len(), 1);
+    let token = taken[0].token;
+
+    let given = giver
+        .release_some(&["acc0".to_owned()], Some(&receiver.owner().to_string()))
+        .await
+        .expect("hand over");
+    assert_eq!(given, vec!["acc0".to_owned()]);
+    assert!(giver.held().is_empty());
+    for other in [&giver, &third] {
+        let got = other.acquire_accounts(&["acc0"], 1).await.expect("acquire");
+        assert!(got.is_empty(), "reserved for the receiver: {got:?}");
+    }
+    let got = receiver
+        .acquire_accounts(&["acc0"], 1)
+        .await
+        .expect("acquire");
+    assert_eq!(got.len(), 1);
+    assert!(got[0].token > token, "a new fencing token");
+
+    // The receiver hands it to the third daemon, which never comes: after
+    // the reservation (one lease) anyone may take it.
+    receiver
+        .release_some(&["acc0".to_owned()], Some(&third.owner().to_string()))
+        .await
+        .expect("hand over");
+    assert!(
+        giver
+            .acquire_accounts(&["acc0"], 1)
+            .await
+            .expect("acquire")
+            .is_empty()
+    );
+    let retaken = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let got = giver.acquire_accounts(&["acc0"], 1).await.expect("acquire");
+            if !got.is_empty() {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the reservation ended");
+    assert_eq!(retaken[0].account, "acc0");
+
+    // A stale handle (its lease taken over) gives nothing up.
+    let usurper = receiver.new_handle(options);
+    let pool = PgPool::connect(&db.url).await.expect("pool");
+    sqlx::query(
+        "UPDATE outbox_account_state SET lease_owner = $1::uuid, lease_token = lease_token + 1
+         WHERE account = 'acc0'",
+    )
+    .bind(usurper.owner().to_string())
+    .execute(&pool)
+    .await
+    .expect("take it over");
+    giver
+        .release_some(&["acc0".to_owned()], None)
+        .await
+        .expect("release");
+    let owner: Option<String> = sqlx::query_scalar(
+        "SELECT lease_owner::text FROM outbox_account_state WHERE account = 'acc0'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("owner");
+    assert_eq!(
+        owner,
+        Some(usurper.owner().to_string()),
+        "the stale release changed nothing"
+    );
+}
