@@ -202,13 +202,21 @@ pub async fn execute(command: Command, settings: Settings, sources: Sources) -> 
                 None => enqueue(&open(&settings).await?, &message, new_thread).await?,
             }
         }
-        Command::Status { json } => match open_postgres(&settings).await? {
+        Command::Status { json } => match open_postgres_read_only(&settings).await? {
             Some(store) => status(&store, json).await?,
             None => status(&open_read_only(&settings).await?, json).await?,
         },
-        Command::Dead { command } => match open_postgres(&settings).await? {
-            Some(store) => dead(&store, command).await?,
-            None => {
+        Command::Dead { command } => match settings.database.target() {
+            DatabaseTarget::Postgres(postgres) => {
+                let store = match &command {
+                    DeadCommand::List { .. } => {
+                        connect_postgres_read_only(postgres, &settings).await?
+                    }
+                    _ => connect_postgres(postgres, &settings).await?,
+                };
+                dead(&store, command).await?;
+            }
+            DatabaseTarget::Sqlite { .. } => {
                 let store = match &command {
                     DeadCommand::List { .. } => open_read_only(&settings).await?,
                     _ => open(&settings).await?,
@@ -276,12 +284,7 @@ async fn connect_postgres(
     postgres: &PostgresSettings,
     settings: &Settings,
 ) -> anyhow::Result<PgStore> {
-    let options = PgOptions {
-        lease: postgres.lease,
-        settle: settings.mews.request_timeout,
-        connect_timeout: postgres.connect_timeout,
-    };
-    PgStore::connect(postgres.url.expose_secret(), options)
+    PgStore::connect(postgres.url.expose_secret(), pg_options(postgres, settings))
         .await
         .with_context(|| {
             format!(
@@ -291,8 +294,50 @@ async fn connect_postgres(
         })
 }
 
+/// The options of a PostgreSQL handle from the settings.
+fn pg_options(postgres: &PostgresSettings, settings: &Settings) -> PgOptions {
+    PgOptions {
+        lease: postgres.lease,
+        settle: settings.mews.request_timeout,
+        connect_timeout: postgres.connect_timeout,
+    }
+}
+
+/// Connects to the PostgreSQL outbox for reading only (`status`, `dead
+/// list`): no migration, every transaction read-only, a schema of another
+/// version (or none) refused with the SQLite store's lines. Works for a
+/// role that may only SELECT.
+async fn connect_postgres_read_only(
+    postgres: &PostgresSettings,
+    settings: &Settings,
+) -> anyhow::Result<PgStore> {
+    match PgStore::connect_read_only(postgres.url.expose_secret(), pg_options(postgres, settings))
+        .await
+    {
+        Ok(store) => Ok(store),
+        // The schema problems name the database and say what to do.
+        Err(e @ crate::store::StoreError::Schema { .. }) => Err(e.into()),
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "cannot open the PostgreSQL outbox {} read-only",
+                postgres.redacted_url()
+            )
+        }),
+    }
+}
+
+/// [`connect_postgres_read_only`] when `database.url` is set, else `None`.
+async fn open_postgres_read_only(settings: &Settings) -> anyhow::Result<Option<PgStore>> {
+    match settings.database.target() {
+        DatabaseTarget::Postgres(postgres) => {
+            Ok(Some(connect_postgres_read_only(postgres, settings).await?))
+        }
+        DatabaseTarget::Sqlite { .. } => Ok(None),
+    }
+}
+
 /// The PostgreSQL outbox when `database.url` is set (connected and
-/// migrated, for every command alike), else `None`: the SQLite file.
+/// migrated: the commands that write), else `None`: the SQLite file.
 async fn open_postgres(settings: &Settings) -> anyhow::Result<Option<PgStore>> {
     match settings.database.target() {
         DatabaseTarget::Postgres(postgres) => Ok(Some(connect_postgres(postgres, settings).await?)),

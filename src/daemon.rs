@@ -168,6 +168,10 @@ struct Generation<S> {
     /// What a new account loop is started with.
     context: WorkerContext<S>,
     liveness: Liveness,
+    /// An account being handed over to another daemon while rebalancing
+    /// (account, that daemon's id): its loop was told to stop; once it has
+    /// ended, the account is released, reserved for that daemon.
+    handing_over: Option<(String, String)>,
 }
 
 /// One account's delivery loop.
@@ -214,6 +218,12 @@ impl<S: DaemonStore + Upkeep> Generation<S> {
             .watch_changes(settings.delivery.poll_interval, stop.clone())
             .await?;
         let requests = Arc::new(Semaphore::new(settings.delivery.max_concurrent_requests));
+        // Registered among the live daemons (shared stores) before
+        // housekeeping first looks for accounts nobody configured.
+        let configured: Vec<String> = settings.accounts.keys().cloned().collect();
+        if let Err(e) = store.fleet(&configured).await {
+            tracing::warn!(error = %e, "cannot register among the daemons sharing the outbox; trying again at the next round");
+        }
         let mut tasks = JoinSet::new();
         let context = WorkerContext {
             store: store.clone(),
@@ -238,6 +248,7 @@ impl<S: DaemonStore + Upkeep> Generation<S> {
             workers: BTreeMap::new(),
             context,
             liveness: liveness.clone(),
+            handing_over: None,
         };
         generation.take_accounts(store, settings, held).await?;
         Ok(generation)
@@ -265,8 +276,73 @@ impl<S: DaemonStore + Upkeep> Generation<S> {
                 return;
             }
         }
+        self.rebalance(store, settings, held).await;
         if let Err(e) = self.take_accounts(store, settings, held).await {
             tracing::warn!(error = %e, "cannot take free accounts; trying again at the next round");
+        }
+    }
+
+    /// Rebalancing (shared stores only): registers this daemon among the
+    /// live ones; finishes a hand-over whose loop has ended (the account is
+    /// released, reserved for the daemon it goes to); otherwise, when this
+    /// daemon holds more than its share and a live daemon configured for
+    /// one of its accounts holds less ([`crate::store::Fleet::one_to_give`]),
+    /// stops that account's loop (after its request in flight) to hand it
+    /// over at the next round. One account at a time.
+    async fn rebalance(&mut self, store: &S, settings: &Settings, held: &mut BTreeSet<String>) {
+        let configured: Vec<String> = settings.accounts.keys().cloned().collect();
+        let fleet = match store.fleet(&configured).await {
+            Ok(Some(fleet)) => fleet,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the other daemons for rebalancing; trying again at the next round");
+                return;
+            }
+        };
+        if let Some((account, to)) = self.handing_over.clone() {
+            let ended = self
+                .workers
+                .get(&account)
+                .is_none_or(|worker| worker.task.is_finished());
+            if !held.contains(&account) {
+                self.handing_over = None;
+            } else if ended {
+                match store
+                    .release_some(std::slice::from_ref(&account), Some(&to))
+                    .await
+                {
+                    Ok(released) => {
+                        if released.contains(&account) {
+                            tracing::info!(
+                                account = %account,
+                                to = %to,
+                                "handed this account over to a daemon holding fewer accounts (rebalancing); it takes it at its next round"
+                            );
+                            held.remove(&account);
+                        }
+                        self.workers.remove(&account);
+                        self.handing_over = None;
+                    }
+                    Err(e) => {
+                        tracing::warn!(account = %account, error = %e, "cannot hand this account over; trying again at the next round");
+                    }
+                }
+            }
+            return;
+        }
+        if let Some((account, to)) = fleet.one_to_give(held) {
+            tracing::info!(
+                account = %account,
+                to = %to,
+                held = held.len(),
+                share = fleet.share(),
+                daemons = fleet.members.len(),
+                "this daemon holds more than its share of the accounts: handing this one over to a daemon holding fewer, after its request in flight"
+            );
+            if let Some(worker) = self.workers.get(&account) {
+                worker.stop.cancel();
+            }
+            self.handing_over = Some((account, to));
         }
     }
 
@@ -304,10 +380,13 @@ impl<S: DaemonStore + Upkeep> Generation<S> {
                 "rows left `sending` by the accounts' previous owner are pending again; they are read back before being sent again"
             );
         }
+        let handing_over = self.handing_over.as_ref().map(|(account, _)| account);
         let to_start: Vec<&String> = settings
             .accounts
             .keys()
-            .filter(|a| held.contains(*a) && !self.workers.contains_key(*a))
+            .filter(|a| {
+                held.contains(*a) && !self.workers.contains_key(*a) && Some(*a) != handing_over
+            })
             .collect();
         if to_start.is_empty() {
             return Ok(());
@@ -330,7 +409,11 @@ impl<S: DaemonStore + Upkeep> Generation<S> {
                 pauses.iter().find(|p| &p.account == name).cloned(),
             )
             .with_pulse(self.liveness.register(format!("account {name}")));
-            let task = tokio::spawn(worker.run());
+            let account = name.clone();
+            let task = tokio::spawn(async move {
+                worker.run().await;
+                tracing::info!(account = %account, "the account's delivery loop has ended");
+            });
             self.workers.insert(name.clone(), Worker { stop, task });
         }
         Ok(())
@@ -396,6 +479,7 @@ async fn reload<S: DaemonStore + Upkeep>(
     }
 
     let drained = generation.stop(current.delivery.drain_timeout).await;
+    release_removed(store, &new, held).await;
     // An aborted request may still be stored by Mews: its rows settle for the
     // timeout it was sent with before the new generation reads them back.
     let abandoned = store
@@ -425,6 +509,37 @@ async fn reload<S: DaemonStore + Upkeep>(
             let generation = Generation::start(store, &current, client, liveness, held).await?;
             Ok((current, generation))
         }
+    }
+}
+
+/// After a reload stopped the loops: gives up at once the accounts held
+/// but no longer configured, so that a daemon configured for them takes
+/// them at its next round instead of after the lease (SQLite gives up
+/// none: nobody else could take them).
+async fn release_removed<S: DaemonStore>(store: &S, new: &Settings, held: &mut BTreeSet<String>) {
+    let removed: Vec<String> = held
+        .iter()
+        .filter(|account| !new.accounts.contains_key(*account))
+        .cloned()
+        .collect();
+    if removed.is_empty() {
+        return;
+    }
+    match store.release_some(&removed, None).await {
+        Ok(released) => {
+            for account in released {
+                tracing::info!(
+                    account = %account,
+                    "this account is no longer configured: gave up its lease; a daemon configured for it takes it at its next round"
+                );
+                held.remove(&account);
+            }
+        }
+        Err(e) => tracing::warn!(
+            error = %e,
+            accounts = ?removed,
+            "cannot give up the accounts no longer configured; another daemon takes them once their lease expires"
+        ),
     }
 }
 

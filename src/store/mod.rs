@@ -6,6 +6,7 @@
 //! several daemons over one database, account leases with fencing tokens
 //! instead of a file lock and start-up recovery).
 
+pub mod fleet;
 #[cfg(test)]
 pub mod memory;
 pub mod postgres;
@@ -20,6 +21,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
+pub use fleet::{Fleet, FleetMember};
 pub use sqlite::SqliteStore;
 pub use thread::{
     ClaimedThread, DeadThread, NewThread, ThreadCounts, ThreadOutcome, ThreadRef, ThreadStatus,
@@ -472,6 +474,30 @@ pub trait DaemonStore: Outbox {
     /// database file was deleted or replaced under a daemon that holds its
     /// lock. PostgreSQL: never (`None`).
     fn storage_lost(&self) -> Option<StorageLost>;
+
+    /// Gives up `accounts` at once (their loops have stopped), so that
+    /// another daemon takes them at its next round instead of after the
+    /// lease; `to` (a [`FleetMember::id`]) reserves them for that daemon
+    /// for one lease (a hand-over when rebalancing). Returns the accounts
+    /// this daemon no longer holds (given up, or lost already). SQLite:
+    /// none (one daemon holds everything, and keeps it).
+    fn release_some(
+        &self,
+        _accounts: &[String],
+        _to: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send {
+        async { Ok(Vec::new()) }
+    }
+
+    /// Registers this daemon as alive, configured for `configured`, and
+    /// returns the live daemons sharing the store, for rebalancing. None:
+    /// the store is not shared (SQLite).
+    fn fleet(
+        &self,
+        _configured: &[String],
+    ) -> impl Future<Output = Result<Option<Fleet>, StoreError>> + Send {
+        async { Ok(None) }
+    }
 }
 
 /// Why a daemon stops: its storage is gone from under it.

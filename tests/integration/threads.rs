@@ -590,4 +590,3 @@ async fn purging_a_dead_thread_makes_its_held_messages_dead_and_says_how_many() 
     );
     assert!(listing.contains("2 dead rows"), "{listing}");
 }
-

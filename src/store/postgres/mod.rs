@@ -33,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::schema::{SchemaProblem, schema_verdict};
 use super::{
-    AccountPause, Acquired, ClaimedRow, ClaimedThread, Enqueued, NewMessage, NewThread, Outbox,
-    RowOutcome, StoreError, ThreadOutcome, ThreadRef, timestamp,
+    AccountPause, Acquired, ClaimedRow, ClaimedThread, Enqueued, Fleet, FleetMember, NewMessage,
+    NewThread, Outbox, RowOutcome, StoreError, ThreadOutcome, ThreadRef, timestamp,
 };
 
 /// The daemon's migration bookkeeping table, as in the SQLite store.
@@ -49,6 +49,10 @@ pub const MESSAGE_ENVELOPE_BYTES: usize = 128;
 
 /// How long an account lease lasts unless renewed.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+
+/// How often the change watcher wakes the loops without a notification
+/// (as the SQLite store's safety poll beside its WAL watch).
+pub const SAFETY_POLL: Duration = Duration::from_secs(1);
 
 /// Connections per handle: a claim, a record and a read side by side, plus
 /// the listener.
@@ -176,6 +180,15 @@ fn refused(e: sqlx::Error) -> StoreError {
     }
 }
 
+/// The versions of `migrations/postgres` this binary applies.
+fn known_migrations() -> Vec<i64> {
+    sqlx::migrate!("./migrations/postgres")
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .map(|m| m.version)
+        .collect()
+}
+
 fn lease_lost(accounts: Vec<String>) -> Result<(), StoreError> {
     if accounts.is_empty() {
         Ok(())
@@ -207,6 +220,53 @@ impl PgStore {
         store.check_encoding().await?;
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// Connects to `url` for the commands that only look (`status`, `dead
+    /// list`): never migrates (no advisory lock, no DDL: every transaction
+    /// of the session is read-only, `default_transaction_read_only`), and
+    /// refuses a schema that is missing, older or newer than this binary's
+    /// migrations with the SQLite store's lines
+    /// ([`StoreError::Schema`]). Works for a role that may only SELECT.
+    pub async fn connect_read_only(url: &str, options: PgOptions) -> Result<PgStore, StoreError> {
+        let connect: PgConnectOptions = url.parse()?;
+        let connect = connect.options([("default_transaction_read_only", "on")]);
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(options.connect_timeout)
+            .connect_with(connect)
+            .await?;
+        let store = PgStore {
+            pool,
+            owner: new_owner(),
+            options,
+            held: Arc::new(Mutex::new(HashMap::new())),
+            target: redact_url(url),
+        };
+        store.check_schema().await?;
+        Ok(store)
+    }
+
+    /// Compares the applied migrations with the binary's, changing nothing.
+    async fn check_schema(&self) -> Result<(), StoreError> {
+        let table: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(MIGRATIONS_TABLE)
+            .fetch_one(&self.pool)
+            .await?;
+        let applied: Vec<i64> = match table {
+            None => Vec::new(),
+            Some(_) => {
+                sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT version FROM {MIGRATIONS_TABLE} WHERE success ORDER BY version"
+                )))
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        schema_verdict(&applied, &known_migrations()).map_err(|problem| StoreError::Schema {
+            path: self.target.clone(),
+            problem,
+        })
     }
 
     /// Another handle (another "daemon") on the same database and pool,
@@ -255,12 +315,7 @@ impl PgStore {
                 )))
                 .fetch_all(&self.pool)
                 .await?;
-                let known: Vec<i64> = migrator
-                    .iter()
-                    .filter(|m| !m.migration_type.is_down_migration())
-                    .map(|m| m.version)
-                    .collect();
-                let problem = schema_verdict(&applied, &known)
+                let problem = schema_verdict(&applied, &known_migrations())
                     .err()
                     .unwrap_or(SchemaProblem::Newer { unknown: applied });
                 Err(StoreError::Schema {
@@ -404,17 +459,96 @@ impl PgStore {
     /// its rows): another daemon may take the accounts at once.
     pub async fn release_accounts(&self) -> Result<(), StoreError> {
         let (names, tokens): (Vec<String>, Vec<i64>) = self.held().into_iter().unzip();
-        if names.is_empty() {
-            return Ok(());
+        if !names.is_empty() {
+            sqlx::query(sql::RELEASE)
+                .bind(self.owner.to_string())
+                .bind(&names)
+                .bind(&tokens)
+                .execute(&self.pool)
+                .await?;
+            self.forget(&names);
         }
-        sqlx::query(sql::RELEASE)
+        // No longer one of the live daemons: the others' shares grow now
+        // (also when this one held nothing).
+        sqlx::query("DELETE FROM outbox_daemons WHERE owner = $1::uuid")
+            .bind(self.owner.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Gives up the leases on `accounts` this handle holds (the others are
+    /// ignored); with `to`, reserves them for that owner for one lease (a
+    /// hand-over: nobody else, this handle included, takes them meanwhile).
+    /// Returns (and forgets) those of `accounts` it held: given up, or
+    /// lost already.
+    pub async fn release_some(
+        &self,
+        accounts: &[String],
+        to: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
+        let held = self.held();
+        let (names, tokens): (Vec<String>, Vec<i64>) = accounts
+            .iter()
+            .filter_map(|a| held.get(a).map(|t| (a.clone(), *t)))
+            .unzip();
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let to = match to {
+            Some(id) => Some(uuid::Uuid::parse_str(id).map_err(|e| {
+                StoreError::Database(sqlx::Error::Protocol(format!(
+                    "not a daemon id: {id:?}: {e}"
+                )))
+            })?),
+            None => None,
+        };
+        let released: Vec<String> = sqlx::query_scalar(sql::RELEASE_SOME)
             .bind(self.owner.to_string())
             .bind(&names)
             .bind(&tokens)
+            .bind(to.map(|u| u.to_string()))
+            .bind(millis(self.options.lease))
+            .fetch_all(&self.pool)
+            .await?;
+        if released.len() < names.len() {
+            tracing::debug!(given_up = ?released, of = ?names, "some accounts were lost already");
+        }
+        // Given up or lost already: either way no longer this handle's.
+        self.forget(&names);
+        Ok(names)
+    }
+
+    /// Registers this handle as a live daemon for one lease, configured for
+    /// `configured`, forgets daemons whose registration ran out, and
+    /// returns the live ones with the number of accounts each holds.
+    pub async fn fleet(&self, configured: &[String]) -> Result<Fleet, StoreError> {
+        let lease = millis(self.options.lease);
+        sqlx::query(sql::REGISTER)
+            .bind(self.owner.to_string())
+            .bind(configured)
+            .bind(lease)
             .execute(&self.pool)
             .await?;
-        self.forget(&names);
-        Ok(())
+        sqlx::query("DELETE FROM outbox_daemons WHERE seen_until <= clock_timestamp()")
+            .execute(&self.pool)
+            .await?;
+        let rows = sqlx::query(sql::FLEET).fetch_all(&self.pool).await?;
+        let mut members = Vec::with_capacity(rows.len());
+        for row in rows {
+            members.push(FleetMember {
+                id: row.try_get("owner")?,
+                accounts: row
+                    .try_get::<Vec<String>, _>("accounts")?
+                    .into_iter()
+                    .collect(),
+                held: usize::try_from(row.try_get::<i64, _>("held")?).unwrap_or(0),
+            });
+        }
+        Ok(Fleet {
+            me: self.owner.to_string(),
+            members,
+        })
     }
 
     /// Leases due rows of `account` as the SQLite store's `claim_within`
@@ -521,8 +655,12 @@ impl PgStore {
 
     /// Watches for new rows: LISTEN on [`CHANNEL`], which the insert trigger
     /// notifies at the producer's commit (never before); the receiver
-    /// changes on each notification, and every `poll_interval` all the same
-    /// (the safety net: a notification lost while the listener reconnected).
+    /// changes on each notification, and every [`SAFETY_POLL`] (or
+    /// `poll_interval` if longer) all the same: the safety net for a
+    /// notification lost while the listener reconnected. Not every
+    /// `poll_interval` (10 ms by default, SQLite's fallback when its WAL
+    /// cannot be watched): each change wakes every account loop for a
+    /// claim, which kept an idle daemon busy.
     pub async fn watch_changes(
         &self,
         poll_interval: Duration,
@@ -531,11 +669,9 @@ impl PgStore {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(CHANNEL).await?;
         let (tx, rx) = watch::channel(0u64);
+        let safety = SAFETY_POLL.max(poll_interval);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval_at(
-                tokio::time::Instant::now() + poll_interval,
-                poll_interval,
-            );
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + safety, safety);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {

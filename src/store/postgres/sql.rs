@@ -10,18 +10,23 @@
 
 /// Takes up to `$3` of the accounts `$1` whose lease is free or expired for
 /// owner `$2`, for `$4` ms of the database's clock, incrementing the token.
+/// An account handed over to another daemon (`reserved_for`) is left to it
+/// until the reservation ends.
 pub const ACQUIRE: &str = "
     WITH free AS (
         SELECT account FROM outbox_account_state
         WHERE account = ANY($1::text[])
           AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until <= clock_timestamp())
+          AND (reserved_for IS NULL OR reserved_for = $2::uuid
+               OR reserved_until <= clock_timestamp())
         ORDER BY account
         LIMIT $3
         FOR UPDATE SKIP LOCKED)
     UPDATE outbox_account_state s
     SET lease_owner = $2::uuid,
         lease_token = s.lease_token + 1,
-        lease_until = clock_timestamp() + $4 * interval '1 millisecond'
+        lease_until = clock_timestamp() + $4 * interval '1 millisecond',
+        reserved_for = NULL, reserved_until = NULL
     FROM free
     WHERE s.account = free.account
     RETURNING s.account, s.lease_token";
@@ -60,6 +65,41 @@ pub const RENEW: &str = "
     FROM mine
     WHERE s.account = mine.account
     RETURNING s.account";
+
+/// Gives up owner `$1`'s leases on accounts `$2` with tokens `$3`;
+/// `$4`, when not NULL, is the daemon they are reserved for during `$5` ms.
+pub const RELEASE_SOME: &str = "
+    WITH mine AS (
+        SELECT s.account FROM outbox_account_state s
+        JOIN unnest($2::text[], $3::bigint[]) AS h(account, token)
+          ON s.account = h.account AND s.lease_token = h.token
+        WHERE s.lease_owner = $1::uuid
+        ORDER BY s.account
+        FOR UPDATE OF s)
+    UPDATE outbox_account_state s
+    SET lease_owner = NULL, lease_until = NULL, reserved_for = $4::uuid,
+        reserved_until = CASE WHEN $4::uuid IS NULL THEN NULL
+                              ELSE clock_timestamp() + $5 * interval '1 millisecond' END
+    FROM mine
+    WHERE s.account = mine.account
+    RETURNING s.account";
+
+/// Registers owner `$1` as alive for `$3` ms, configured for accounts `$2`.
+pub const REGISTER: &str = "
+    INSERT INTO outbox_daemons (owner, accounts, seen_until)
+    VALUES ($1::uuid, $2::text[], clock_timestamp() + $3 * interval '1 millisecond')
+    ON CONFLICT (owner) DO UPDATE
+    SET accounts = excluded.accounts, seen_until = excluded.seen_until";
+
+/// The live daemons, with how many accounts each holds (or has reserved).
+pub const FLEET: &str = "
+    SELECT d.owner::text AS owner, d.accounts,
+           (SELECT count(*) FROM outbox_account_state s
+            WHERE (s.lease_owner = d.owner AND s.lease_until > clock_timestamp())
+               OR (s.reserved_for = d.owner AND s.reserved_until > clock_timestamp())) AS held
+    FROM outbox_daemons d
+    WHERE d.seen_until > clock_timestamp()
+    ORDER BY d.owner";
 
 /// Gives up owner `$1`'s leases on accounts `$2` with tokens `$3`.
 pub const RELEASE: &str = "

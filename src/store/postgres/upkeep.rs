@@ -39,6 +39,10 @@ const PRUNE_DELIVERED: &str = "
         LIMIT $2
         FOR UPDATE SKIP LOCKED)";
 
+/// The accounts the live daemons are configured for.
+const FLEET_ACCOUNTS: &str = "
+    SELECT DISTINCT unnest(accounts) FROM outbox_daemons WHERE seen_until > clock_timestamp()";
+
 /// Pending rows per account not in `$1`.
 const UNKNOWN_ACCOUNTS: &str = "
     SELECT account, count(*) AS n FROM outbox
@@ -116,6 +120,21 @@ impl DaemonStore for PgStore {
         PgStore::release_accounts(self).await
     }
 
+    async fn release_some(
+        &self,
+        accounts: &[String],
+        to: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
+        PgStore::release_some(self, accounts, to).await
+    }
+
+    async fn fleet(
+        &self,
+        configured: &[String],
+    ) -> Result<Option<crate::store::Fleet>, StoreError> {
+        PgStore::fleet(self, configured).await.map(Some)
+    }
+
     /// Rows left `sending` and threads left `creating` by a previous owner
     /// are recovered at each takeover ([`PgStore::acquire_accounts`]);
     /// nothing to do at start-up.
@@ -174,7 +193,18 @@ impl Upkeep for PgStore {
         &self,
         configured: &[&str],
     ) -> Result<Vec<(String, u64)>, StoreError> {
-        let configured = names(configured);
+        // The fleet's accounts: those of this daemon and of every live
+        // daemon registered beside it (`outbox_daemons`), so that daemons
+        // configured for different accounts do not flag each other's.
+        let mut configured = names(configured);
+        let fleet: Vec<String> = sqlx::query_scalar(FLEET_ACCOUNTS)
+            .fetch_all(self.pool())
+            .await?;
+        for account in fleet {
+            if !configured.contains(&account) {
+                configured.push(account);
+            }
+        }
         let rows = sqlx::query(UNKNOWN_ACCOUNTS)
             .bind(&configured)
             .fetch_all(self.pool())

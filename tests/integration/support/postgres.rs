@@ -210,6 +210,44 @@ impl OwnCluster {
     }
 }
 
+impl OwnCluster {
+    /// `pg_ctl stop -m fast` (as the server user): every connection is cut
+    /// and the server stays down until [`OwnCluster::start_again`].
+    /// Blocking.
+    pub fn stop(&self) {
+        let mut pg_ctl = as_server_user(&self.cluster.pg_ctl);
+        pg_ctl
+            .arg("-D")
+            .arg(&self.cluster.data)
+            .args(["-m", "fast", "-w", "stop"]);
+        run(pg_ctl, "pg_ctl stop");
+    }
+
+    /// Starts the stopped server again with the options it was first
+    /// started with (`postmaster.opts`, as `pg_ctl restart` does). Blocking;
+    /// returns once it accepts connections.
+    pub fn start_again(&self) {
+        let opts = std::fs::read_to_string(self.cluster.data.join("postmaster.opts"))
+            .expect("postmaster.opts");
+        // `postmaster.opts` is the command line: `/path/postgres "-D" "…" "-k" …`.
+        let options: String = opts
+            .trim()
+            .split_once(' ')
+            .map(|(_, rest)| rest.to_owned())
+            .unwrap_or_default();
+        let mut pg_ctl = as_server_user(&self.cluster.pg_ctl);
+        pg_ctl
+            .arg("-D")
+            .arg(&self.cluster.data)
+            .arg("-o")
+            .arg(options)
+            .arg("-l")
+            .arg(self.cluster.data.with_file_name("server.log"))
+            .args(["-w", "start"]);
+        run(pg_ctl, "pg_ctl start (again)");
+    }
+}
+
 impl Drop for OwnCluster {
     fn drop(&mut self) {
         // The watchdog removes the folder once the test process is gone.
