@@ -324,60 +324,12 @@ impl MewsClient {
             created_utc: created,
             limitation: wire::Limitation { count, cursor },
         };
-        let (response, elapsed) = self.exchange(&self.threads_get_all_url, &body).await;
-        let clock = response.as_ref().ok().and_then(|r| r.clock);
-        let (http_status, request_id, mut page) = match response {
-            Err(outcome) => (None, None, Err(outcome)),
-            Ok(r) => {
-                let page = match r.body {
-                    _ if is_redirect(r.status) => Err(redirected(
-                        r.status,
-                        r.location.as_deref(),
-                        &self.threads_get_all_url,
-                    )),
-                    Ok(body) if r.status == 200 => {
-                        serde_json::from_slice::<wire::MessageThreadsResponse>(&body)
-                            .map(|p| ThreadPage {
-                                threads: p.message_threads,
-                                cursor: p.cursor,
-                            })
-                            .map_err(|e| Outcome::Transient {
-                                error: format!(
-                                    "HTTP 200 with an unreadable body ({e}): {}",
-                                    snippet(&body)
-                                ),
-                                retry_after: None,
-                                maybe_stored: false,
-                                smaller: false,
-                                settle: None,
-                            })
-                    }
-                    Ok(body) => Err(classify(
-                        r.status,
-                        r.retry_after.as_deref(),
-                        &body,
-                        SystemTime::now(),
-                    )),
-                    Err(e) => Err(unreadable_body(
-                        r.status,
-                        &e,
-                        self.request_timeout,
-                        Stores::Nothing,
-                    )),
-                };
-                (Some(r.status), r.request_id, page)
-            }
-        };
-        if let Err(failure) = &mut page {
-            self.redact_outcome(failure, access_token);
-        }
-        ThreadReadBack {
-            http_status,
-            request_id,
-            elapsed,
-            clock,
-            page,
-        }
+        self.read_page(&self.threads_get_all_url, &body, access_token)
+            .await
+            .map_page(|p: wire::MessageThreadsResponse| ThreadPage {
+                threads: p.message_threads,
+                cursor: p.cursor,
+            })
     }
 
     /// Reads one page of `messages/getAll`: messages of `threads` created
@@ -398,30 +350,44 @@ impl MewsClient {
             created_utc: created,
             limitation: wire::Limitation { count, cursor },
         };
-        let (response, elapsed) = self.exchange(&self.get_all_url, &body).await;
+        self.read_page(&self.get_all_url, &body, access_token)
+            .await
+            .map_page(|p: wire::GetMessagesResponse| MessagePage {
+                messages: p.messages,
+                cursor: p.cursor,
+            })
+    }
+
+    /// One page of a `getAll`: the 200's body read as `P`, or the outcome
+    /// that says why not (as for `messages/add`, with the tokens redacted;
+    /// a read creates nothing at Mews, so nothing here may have been stored).
+    async fn read_page<P: serde::de::DeserializeOwned>(
+        &self,
+        url: &Url,
+        body: &impl serde::Serialize,
+        access_token: &SecretString,
+    ) -> ReadBack<P> {
+        let (response, elapsed) = self.exchange(url, body).await;
         let clock = response.as_ref().ok().and_then(|r| r.clock);
-        let (http_status, request_id, page) = match response {
+        let (http_status, request_id, mut page) = match response {
             Err(outcome) => (None, None, Err(outcome)),
             Ok(r) => {
                 let page = match r.body {
-                    _ if is_redirect(r.status) => Err(redirected(
-                        r.status,
-                        r.location.as_deref(),
-                        &self.get_all_url,
-                    )),
-                    Ok(body) if r.status == 200 => serde_json::from_slice::<
-                        wire::GetMessagesResponse,
-                    >(&body)
-                    .map_err(|e| Outcome::Transient {
-                        error: format!(
-                            "HTTP 200 with an unreadable body ({e}): {}",
-                            snippet(&body)
-                        ),
-                        retry_after: None,
-                        maybe_stored: false,
-                        smaller: false,
-                        settle: None,
-                    }),
+                    _ if is_redirect(r.status) => {
+                        Err(redirected(r.status, r.location.as_deref(), url))
+                    }
+                    Ok(body) if r.status == 200 => {
+                        serde_json::from_slice::<P>(&body).map_err(|e| Outcome::Transient {
+                            error: format!(
+                                "HTTP 200 with an unreadable body ({e}): {}",
+                                snippet(&body)
+                            ),
+                            retry_after: None,
+                            maybe_stored: false,
+                            smaller: false,
+                            settle: None,
+                        })
+                    }
                     Ok(body) => Err(classify(
                         r.status,
                         r.retry_after.as_deref(),
@@ -438,15 +404,15 @@ impl MewsClient {
                 (Some(r.status), r.request_id, page)
             }
         };
+        if let Err(failure) = &mut page {
+            self.redact_outcome(failure, access_token);
+        }
         ReadBack {
             http_status,
             request_id,
             elapsed,
             clock,
-            page: page.map(|p| MessagePage {
-                messages: p.messages,
-                cursor: p.cursor,
-            }),
+            page,
         }
     }
 
@@ -625,15 +591,8 @@ pub struct ThreadPage {
     pub cursor: Option<String>,
 }
 
-/// A `messageThreads/getAll` request's result and what to log about it.
-#[derive(Debug)]
-pub struct ThreadReadBack {
-    pub http_status: Option<u16>,
-    pub request_id: Option<String>,
-    pub elapsed: Duration,
-    pub clock: Option<ClockOffset>,
-    pub page: Result<ThreadPage, Outcome>,
-}
+/// A `messageThreads/getAll` request's result.
+pub type ThreadReadBack = ReadBack<ThreadPage>;
 
 /// One page of `messages/getAll`.
 #[derive(Debug, Clone)]
@@ -644,16 +603,29 @@ pub struct MessagePage {
     pub cursor: Option<String>,
 }
 
-/// A `messages/getAll` request's result and what to log about it.
+/// A `getAll` request's result (a page of `messages/getAll` unless said
+/// otherwise) and what to log about it.
 #[derive(Debug)]
-pub struct ReadBack {
+pub struct ReadBack<P = MessagePage> {
     pub http_status: Option<u16>,
     pub request_id: Option<String>,
     pub elapsed: Duration,
     /// Mews's clock against ours, from the response's `Date` header.
     pub clock: Option<ClockOffset>,
     /// The page, or what went wrong (as for `messages/add`).
-    pub page: Result<MessagePage, Outcome>,
+    pub page: Result<P, Outcome>,
+}
+
+impl<P> ReadBack<P> {
+    fn map_page<Q>(self, f: impl FnOnce(P) -> Q) -> ReadBack<Q> {
+        ReadBack {
+            http_status: self.http_status,
+            request_id: self.request_id,
+            elapsed: self.elapsed,
+            clock: self.clock,
+            page: self.page.map(f),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

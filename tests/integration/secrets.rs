@@ -104,6 +104,13 @@ async fn no_token_appears_in_any_output_even_at_trace_level() {
         message: format!("no such token {ACCESS_TOKEN}"),
     };
     fake.script_threads_add([echo(500), echo(403)]);
+    // The read-back of the rows the 500 may have stored fails too, echoing
+    // the ClientToken (whichever account's read-back it is, it sent that).
+    fake.script_get_all([Fault::Status {
+        code: 500,
+        retry_after: None,
+        message: format!("no such client {CLIENT_TOKEN}"),
+    }]);
     for key in ["created-after-a-500", "dead-after-a-403"] {
         sqlx::query(
             "INSERT INTO outbox_threads (thread_key, subject, original_sender) VALUES (?1, 'S', 'O')",
@@ -129,6 +136,12 @@ async fn no_token_appears_in_any_output_even_at_trace_level() {
         fake.add_requests().iter().any(|r| r.status == 500)
             && fake.add_requests().iter().any(|r| r.status == 0),
         "the 500 and the dropped connection happened"
+    );
+    assert!(
+        fake.all_requests()
+            .iter()
+            .any(|r| r.path.ends_with("/messages/getAll") && r.status == 500),
+        "the read-back's 500 happened"
     );
     daemon.signal("HUP");
     daemon.wait_for_log("configuration reloaded").await;
