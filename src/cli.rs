@@ -60,7 +60,7 @@ pub enum Command {
         /// Idempotency key: enqueueing the same key twice inserts one row.
         #[arg(long)]
         identifier: Option<String>,
-        /// Account (configured under [accounts.<name>]).
+        /// Account (configured under [accounts.NAME]).
         #[arg(long, default_value = "default")]
         account: String,
     },

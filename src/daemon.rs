@@ -3,13 +3,13 @@
 //! plus housekeeping, reports to systemd (ready, status, watchdog), reloads
 //! the configuration on request and stops cleanly when told to.
 //!
-//! The loops of one configuration form a [`Generation`]. A reload builds the
+//! The loops of one configuration form a `Generation`. A reload builds the
 //! new configuration first (a bad one is refused and the running one kept),
 //! then lets the old generation finish its requests in flight, and starts a
 //! new one: no request is cut off and no row is left `sending`.
 //!
 //! On a shared store (PostgreSQL) accounts are leased: every
-//! `renew_every` an ownership round ([`Generation::own`]) renews them,
+//! `renew_every` an ownership round (`Generation::own`) renews them,
 //! stops the loops of those another daemon took over, and takes a share of
 //! the free ones. A loop whose write is refused for a lost lease stops
 //! itself. SQLite takes every account at start and never runs a round.

@@ -58,7 +58,7 @@ pub enum SecretError {
     /// `database.url` holds a password and a file or credential gives one too.
     #[error("configuration: `database.url` holds a password and {other} gives one too: keep one")]
     PasswordTwice {
-        /// "`database.password_file`" or "the systemd credential <path>".
+        /// "`database.password_file`" or "the systemd credential `<path>`".
         other: String,
     },
     /// The path is neither shown nor kept (`Debug`): it may be a token

@@ -410,7 +410,7 @@ impl DaemonStore for SqliteStore {
     /// processes, and this process's own writes); the returned receiver
     /// changes on each.
     ///
-    /// Wakes on writes to the WAL file ([`WalWatch`]): no cost while idle,
+    /// Wakes on writes to the WAL file (`wal_watch::WalWatch`): no cost while idle,
     /// well under a millisecond from a producer's commit. A write can be seen
     /// a moment before the commit is (SQLite publishes it in the shared WAL
     /// index right after), so each burst of writes is followed, after
