@@ -155,6 +155,30 @@ fn micros_to_time(us: i64) -> SystemTime {
     }
 }
 
+/// A count or size as the `bigint` a statement takes.
+fn to_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The rows a claim statement returned.
+fn decode_claimed(rows: Vec<sqlx::postgres::PgRow>) -> Result<Vec<ClaimedRow>, StoreError> {
+    rows.into_iter()
+        .map(|row| {
+            Ok(ClaimedRow {
+                id: row.try_get("id")?,
+                message_thread_id: row.try_get("message_thread_id")?,
+                text: Ok(row.try_get("text")?),
+                attempts: u32::try_from(row.try_get::<i32, _>("attempts")?).unwrap_or(0),
+                needs_reconcile: row.try_get::<i32, _>("needs_reconcile")? != 0,
+                first_sent_at: row
+                    .try_get::<Option<i64>, _>("first_sent_us")?
+                    .map(micros_to_time),
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .map_err(StoreError::from)
+}
+
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -560,6 +584,16 @@ impl PgStore {
     /// the claim runs, and a claim meeting a takeover in progress waits for
     /// it and then finds the lease gone); otherwise claims nothing. Rows are
     /// marked with the account's token.
+    ///
+    /// The heads are looked for among the first `limit` due rows of the
+    /// account ([`sql::CLAIM`]); when that window
+    /// was full but gave fewer than half of `limit` (the backlog is mostly
+    /// rows waiting behind their heads), the rest come from a walk over the
+    /// account's threads ([`sql::CLAIM_WALK`]), within the bytes left. Both
+    /// take the earliest due heads they see, so together they take what one
+    /// scan of the whole backlog would (short of a full `limit` only when
+    /// the window gave at least half), at a cost bounded by the window plus
+    /// one index descent per thread with unfinished rows.
     /// [`Outbox::claim_within`] delegates here.
     pub async fn claim_within(
         &self,
@@ -571,31 +605,53 @@ impl PgStore {
         let Some(token) = self.token(account) else {
             return Ok(Vec::new());
         };
-        let rows = sqlx::query(sql::CLAIM)
-            .bind(account)
-            .bind(timestamp(now))
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .bind(self.owner.to_string())
-            .bind(token)
-            .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
-            .bind(i64::try_from(MESSAGE_ENVELOPE_BYTES).unwrap_or(128))
-            .fetch_all(&self.pool)
-            .await?;
-        let mut claimed = rows
-            .into_iter()
-            .map(|row| {
-                Ok(ClaimedRow {
-                    id: row.try_get("id")?,
-                    message_thread_id: row.try_get("message_thread_id")?,
-                    text: Ok(row.try_get("text")?),
-                    attempts: u32::try_from(row.try_get::<i32, _>("attempts")?).unwrap_or(0),
-                    needs_reconcile: row.try_get::<i32, _>("needs_reconcile")? != 0,
-                    first_sent_at: row
-                        .try_get::<Option<i64>, _>("first_sent_us")?
-                        .map(micros_to_time),
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let window = limit;
+        let claim = |sql: &'static str, limit: usize, max_bytes: usize, at_least_one: bool| {
+            sqlx::query(sql)
+                .bind(account)
+                .bind(timestamp(now))
+                .bind(to_i64(limit))
+                .bind(self.owner.to_string())
+                .bind(token)
+                .bind(to_i64(max_bytes))
+                .bind(to_i64(MESSAGE_ENVELOPE_BYTES))
+                .bind(at_least_one)
+        };
+        let mut claimed = decode_claimed(
+            claim(sql::CLAIM, limit, max_bytes, true)
+                .bind(to_i64(window))
+                .fetch_all(&self.pool)
+                .await?,
+        )?;
+        let used: usize = claimed
+            .iter()
+            .map(|row| row.text.as_ref().map_or(0, String::len) + MESSAGE_ENVELOPE_BYTES)
+            .sum();
+        let bytes_left = max_bytes.saturating_sub(used);
+        if claimed.len() < limit.div_ceil(2)
+            && (claimed.is_empty() || bytes_left > MESSAGE_ENVELOPE_BYTES)
+        {
+            // The window held `window` rows, `claimed` of which it took:
+            // it was full when at least the rest are still due.
+            let rest = window - claimed.len();
+            let due: i64 = sqlx::query_scalar(sql::DUE_AT_LEAST)
+                .bind(account)
+                .bind(timestamp(now))
+                .bind(to_i64(rest))
+                .fetch_one(&self.pool)
+                .await?;
+            if due >= to_i64(rest) {
+                let more = claim(
+                    sql::CLAIM_WALK,
+                    limit - claimed.len(),
+                    bytes_left,
+                    claimed.is_empty(),
+                )
+                .fetch_all(&self.pool)
+                .await?;
+                claimed.extend(decode_claimed(more)?);
+            }
+        }
         claimed.sort_by_key(|row| row.id);
         Ok(claimed)
     }

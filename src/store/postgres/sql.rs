@@ -115,34 +115,38 @@ pub const RELEASE: &str = "
     FROM mine
     WHERE s.account = mine.account";
 
-/// Leases up to `$3` due pending rows of account `$1` (due at `$2`) as
-/// `sending` under token `$5`, for owner `$4`, only while that lease is
-/// held and unexpired. Only a thread's oldest unfinished row qualifies, so
-/// at most one per thread and in thread order. A row's thread is its
-/// effective thread, `coalesce(message_thread_id, keyed_thread_id)`; a keyed
-/// row whose thread is not created yet is never claimed and blocks nothing. `$6` bounds the claim by
-/// bytes as the SQLite store's claim does: rows are taken, in claim order,
-/// while their texts plus `$7` (the message envelope) each add up to at
-/// most `$6`, and always at least one.
-pub const CLAIM: &str = "
-    WITH lease AS (
+/// The claim's common head and tail: `lease` (the owner's lease on account
+/// `$1` under token `$5`, share-locked) before the candidates, and after
+/// `picked` (at most `$3` heads, locked) the byte window and the update.
+/// `$6` bounds the claim by bytes as the SQLite store's claim does: rows are
+/// taken, in claim order, while their texts plus `$7` (the message
+/// envelope) each add up to at most `$6`, and always at least one when `$8`.
+macro_rules! claim_lease {
+    () => {
+        "lease AS (
         SELECT account FROM outbox_account_state
         WHERE account = $1 AND lease_owner = $4::uuid AND lease_token = $5
           AND lease_until > clock_timestamp()
-        FOR SHARE),
+        FOR SHARE),"
+    };
+}
+macro_rules! claim_picked_and_update {
+    () => {
+        "
     picked AS (
         SELECT p.id, p.next_attempt_at FROM outbox p
-        WHERE p.account = $1 AND p.status = 'pending' AND p.next_attempt_at <= $2::timestamptz
-          AND coalesce(p.message_thread_id, p.keyed_thread_id) IS NOT NULL
+        WHERE p.id = ANY (ARRAY(SELECT id FROM candidates)) AND p.account = $1 AND p.status = 'pending' AND p.next_attempt_at <= $2::timestamptz
           AND EXISTS (SELECT 1 FROM lease)
-          AND NOT EXISTS (
-              SELECT 1 FROM outbox e
+          AND p.id = (
+              SELECT e.id FROM outbox e
               WHERE coalesce(e.message_thread_id, e.keyed_thread_id)
                     = coalesce(p.message_thread_id, p.keyed_thread_id)
-                AND e.status IN ('pending', 'sending') AND e.id < p.id)
+                AND e.status IN ('pending', 'sending')
+              ORDER BY e.id
+              LIMIT 1)
         ORDER BY p.next_attempt_at, p.id
         LIMIT $3
-        FOR UPDATE SKIP LOCKED),
+        FOR UPDATE OF p SKIP LOCKED),
     within AS (
         SELECT id FROM (
             SELECT picked.id,
@@ -151,14 +155,89 @@ pub const CLAIM: &str = "
             FROM picked JOIN outbox o ON o.id = picked.id
             WINDOW w AS (ORDER BY picked.next_attempt_at, picked.id ROWS UNBOUNDED PRECEDING)
         ) AS c
-        WHERE n = 1 OR running_bytes <= $6)
+        WHERE (n = 1 AND $8::boolean) OR running_bytes <= $6)
     UPDATE outbox o
     SET status = 'sending', lease_token = $5, claimed_at = clock_timestamp(),
         first_sent_at = coalesce(o.first_sent_at, $2::timestamptz)
     FROM within
     WHERE o.id = within.id AND o.status = 'pending'
     RETURNING o.id, coalesce(o.message_thread_id, o.keyed_thread_id) AS message_thread_id, o.text, o.attempts, o.needs_reconcile,
-              (extract(epoch FROM o.first_sent_at) * 1000000)::bigint AS first_sent_us";
+              (extract(epoch FROM o.first_sent_at) * 1000000)::bigint AS first_sent_us"
+    };
+}
+
+/// Leases up to `$3` due pending rows of account `$1` (due at `$2`) as
+/// `sending` under token `$5`, for owner `$4`, only while that lease is
+/// held and unexpired, choosing among the account's first `$9` due pending
+/// rows (the scan window). Only a thread's oldest unfinished row qualifies
+/// (one `LIMIT 1` descent of `outbox_thread_unfinished` per candidate: an
+/// anti-join there was planned as a bitmap scan of the thread's every
+/// unfinished and not yet vacuumed entry), so at most one per thread and in
+/// thread order. A row's thread is its
+/// effective thread, `coalesce(message_thread_id, keyed_thread_id)`; a keyed
+/// row whose thread is not created yet is never claimed and blocks nothing.
+///
+/// The window keeps the claim's cost bounded by `$9` probes however deep
+/// the backlog: rows behind their thread's head are passed over one probe
+/// each, and a backlog of a few deep threads would otherwise be scanned
+/// whole at every claim. When the window was full and gave fewer than half
+/// of `$3` heads, [`CLAIM_WALK`] finds the heads beyond it
+/// (`PgStore::claim_within`). The candidates are looked up by id
+/// (`= ANY (ARRAY(…))`), so the plan cannot turn into a scan of every
+/// pending row of the account, dead versions included, to join them.
+pub const CLAIM: &str = concat!(
+    "
+    WITH ",
+    claim_lease!(),
+    "
+    candidates AS (
+        SELECT b.id FROM outbox b
+        WHERE b.account = $1 AND b.status = 'pending' AND b.next_attempt_at <= $2::timestamptz
+          AND coalesce(b.message_thread_id, b.keyed_thread_id) IS NOT NULL
+        ORDER BY b.next_attempt_at, b.id
+        LIMIT $9),",
+    claim_picked_and_update!()
+);
+
+/// How many of account `$1`'s pending rows due at `$2` with a known thread
+/// there are, counting no further than `$3`: whether a [`CLAIM`]'s window
+/// was full.
+pub const DUE_AT_LEAST: &str = "
+    SELECT count(*) FROM (
+        SELECT 1 FROM outbox b
+        WHERE b.account = $1 AND b.status = 'pending' AND b.next_attempt_at <= $2::timestamptz
+          AND coalesce(b.message_thread_id, b.keyed_thread_id) IS NOT NULL
+        LIMIT $3) AS due";
+
+/// [`CLAIM`] over every thread of the account instead of a window of rows:
+/// a loose index scan (`outbox_account_thread_unfinished`) walks the
+/// account's threads with unfinished rows, one index descent each, and takes
+/// each one's oldest unfinished row as its candidate. It costs per active
+/// thread, not per row, so it is the claim behind a few deep threads; the
+/// window is the claim over many shallow ones. The same parameters but `$9`.
+pub const CLAIM_WALK: &str = concat!(
+    "
+    WITH RECURSIVE ",
+    claim_lease!(),
+    "
+    walk AS (
+        (SELECT coalesce(o.message_thread_id, o.keyed_thread_id) AS thread, o.id
+         FROM outbox o
+         WHERE o.account = $1 AND o.status IN ('pending', 'sending')
+           AND coalesce(o.message_thread_id, o.keyed_thread_id) IS NOT NULL
+         ORDER BY coalesce(o.message_thread_id, o.keyed_thread_id), o.id
+         LIMIT 1)
+        UNION ALL
+        SELECT n.thread, n.id FROM walk w CROSS JOIN LATERAL (
+            SELECT coalesce(o.message_thread_id, o.keyed_thread_id) AS thread, o.id
+            FROM outbox o
+            WHERE o.account = $1 AND o.status IN ('pending', 'sending')
+              AND coalesce(o.message_thread_id, o.keyed_thread_id) > w.thread
+            ORDER BY coalesce(o.message_thread_id, o.keyed_thread_id), o.id
+            LIMIT 1) AS n),
+    candidates AS (SELECT id FROM walk),",
+    claim_picked_and_update!()
+);
 
 /// When the next row of account `$1` not blocked by its thread (nor waiting
 /// for it to be created) becomes due after `$2`, in microseconds since the epoch.
