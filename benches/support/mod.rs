@@ -131,6 +131,13 @@ impl Daemon {
             .arg(self.pid().to_string())
             .status();
         let status = self.child.wait().expect("wait for the daemon");
+        // What the daemon warned about is part of the figures' story
+        // (a lease lost under load, a takeover mid-drain).
+        for line in self.tail.lock().expect("tail").iter() {
+            if line.contains("WARN") || line.contains("ERROR") {
+                eprintln!("daemon {}: {line}", self.child.id());
+            }
+        }
         assert!(
             status.success(),
             "the daemon exited with {status}:\n{}",
