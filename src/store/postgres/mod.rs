@@ -160,23 +160,30 @@ fn to_i64(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// The rows a claim statement returned.
-fn decode_claimed(rows: Vec<sqlx::postgres::PgRow>) -> Result<Vec<ClaimedRow>, StoreError> {
-    rows.into_iter()
-        .map(|row| {
-            Ok(ClaimedRow {
-                id: row.try_get("id")?,
-                message_thread_id: row.try_get("message_thread_id")?,
-                text: Ok(row.try_get("text")?),
-                attempts: u32::try_from(row.try_get::<i32, _>("attempts")?).unwrap_or(0),
-                needs_reconcile: row.try_get::<i32, _>("needs_reconcile")? != 0,
-                first_sent_at: row
-                    .try_get::<Option<i64>, _>("first_sent_us")?
-                    .map(micros_to_time),
-            })
-        })
-        .collect::<Result<Vec<_>, sqlx::Error>>()
-        .map_err(StoreError::from)
+/// The rows a claim statement returned, and how many candidates it looked
+/// at (a row without an `id` only carries that count).
+fn decode_claimed(
+    rows: Vec<sqlx::postgres::PgRow>,
+) -> Result<(Vec<ClaimedRow>, usize), StoreError> {
+    let mut looked_at = 0;
+    let mut claimed = Vec::with_capacity(rows.len());
+    for row in rows {
+        looked_at = usize::try_from(row.try_get::<i64, _>("candidates")?).unwrap_or(0);
+        let Some(id) = row.try_get::<Option<i64>, _>("id")? else {
+            continue;
+        };
+        claimed.push(ClaimedRow {
+            id,
+            message_thread_id: row.try_get("message_thread_id")?,
+            text: Ok(row.try_get("text")?),
+            attempts: u32::try_from(row.try_get::<i32, _>("attempts")?).unwrap_or(0),
+            needs_reconcile: row.try_get::<i32, _>("needs_reconcile")? != 0,
+            first_sent_at: row
+                .try_get::<Option<i64>, _>("first_sent_us")?
+                .map(micros_to_time),
+        });
+    }
+    Ok((claimed, looked_at))
 }
 
 fn millis(d: Duration) -> i64 {
@@ -617,7 +624,7 @@ impl PgStore {
                 .bind(to_i64(MESSAGE_ENVELOPE_BYTES))
                 .bind(at_least_one)
         };
-        let mut claimed = decode_claimed(
+        let (mut claimed, looked_at) = decode_claimed(
             claim(sql::CLAIM, limit, max_bytes, true)
                 .bind(to_i64(window))
                 .fetch_all(&self.pool)
@@ -628,29 +635,21 @@ impl PgStore {
             .map(|row| row.text.as_ref().map_or(0, String::len) + MESSAGE_ENVELOPE_BYTES)
             .sum();
         let bytes_left = max_bytes.saturating_sub(used);
-        if claimed.len() < limit.div_ceil(2)
+        if looked_at >= window
+            && claimed.len() < limit.div_ceil(2)
             && (claimed.is_empty() || bytes_left > MESSAGE_ENVELOPE_BYTES)
         {
-            // The window held `window` rows, `claimed` of which it took:
-            // it was full when at least the rest are still due.
-            let rest = window - claimed.len();
-            let due: i64 = sqlx::query_scalar(sql::DUE_AT_LEAST)
-                .bind(account)
-                .bind(timestamp(now))
-                .bind(to_i64(rest))
-                .fetch_one(&self.pool)
-                .await?;
-            if due >= to_i64(rest) {
-                let more = claim(
+            let (more, _) = decode_claimed(
+                claim(
                     sql::CLAIM_WALK,
                     limit - claimed.len(),
                     bytes_left,
                     claimed.is_empty(),
                 )
                 .fetch_all(&self.pool)
-                .await?;
-                claimed.extend(decode_claimed(more)?);
-            }
+                .await?,
+            )?;
+            claimed.extend(more);
         }
         claimed.sort_by_key(|row| row.id);
         Ok(claimed)

@@ -118,6 +118,10 @@ pub const RELEASE: &str = "
 /// The claim's common head and tail: `lease` (the owner's lease on account
 /// `$1` under token `$5`, share-locked) before the candidates, and after
 /// `picked` (at most `$3` heads, locked) the byte window and the update.
+/// The result is one row per claimed row, each with `candidates` (how many
+/// rows were looked at), or a single row of `candidates` alone when none
+/// was claimed: so the caller learns whether the window was full without
+/// scanning it a second time.
 /// `$6` bounds the claim by bytes as the SQLite store's claim does: rows are
 /// taken, in claim order, while their texts plus `$7` (the message
 /// envelope) each add up to at most `$6`, and always at least one when `$8`.
@@ -155,14 +159,18 @@ macro_rules! claim_picked_and_update {
             FROM picked JOIN outbox o ON o.id = picked.id
             WINDOW w AS (ORDER BY picked.next_attempt_at, picked.id ROWS UNBOUNDED PRECEDING)
         ) AS c
-        WHERE (n = 1 AND $8::boolean) OR running_bytes <= $6)
-    UPDATE outbox o
-    SET status = 'sending', lease_token = $5, claimed_at = clock_timestamp(),
-        first_sent_at = coalesce(o.first_sent_at, $2::timestamptz)
-    FROM within
-    WHERE o.id = within.id AND o.status = 'pending'
-    RETURNING o.id, coalesce(o.message_thread_id, o.keyed_thread_id) AS message_thread_id, o.text, o.attempts, o.needs_reconcile,
-              (extract(epoch FROM o.first_sent_at) * 1000000)::bigint AS first_sent_us"
+        WHERE (n = 1 AND $8::boolean) OR running_bytes <= $6),
+    claimed AS (
+        UPDATE outbox o
+        SET status = 'sending', lease_token = $5, claimed_at = clock_timestamp(),
+            first_sent_at = coalesce(o.first_sent_at, $2::timestamptz)
+        FROM within
+        WHERE o.id = within.id AND o.status = 'pending'
+        RETURNING o.id, coalesce(o.message_thread_id, o.keyed_thread_id) AS message_thread_id,
+                  o.text, o.attempts, o.needs_reconcile,
+                  (extract(epoch FROM o.first_sent_at) * 1000000)::bigint AS first_sent_us)
+    SELECT s.candidates, c.* FROM (SELECT count(*) AS candidates FROM candidates) AS s
+    LEFT JOIN claimed AS c ON true"
     };
 }
 
@@ -198,16 +206,6 @@ pub const CLAIM: &str = concat!(
         LIMIT $9),",
     claim_picked_and_update!()
 );
-
-/// How many of account `$1`'s pending rows due at `$2` with a known thread
-/// there are, counting no further than `$3`: whether a [`CLAIM`]'s window
-/// was full.
-pub const DUE_AT_LEAST: &str = "
-    SELECT count(*) FROM (
-        SELECT 1 FROM outbox b
-        WHERE b.account = $1 AND b.status = 'pending' AND b.next_attempt_at <= $2::timestamptz
-          AND coalesce(b.message_thread_id, b.keyed_thread_id) IS NOT NULL
-        LIMIT $3) AS due";
 
 /// [`CLAIM`] over every thread of the account instead of a window of rows:
 /// a loose index scan (`outbox_account_thread_unfinished`) walks the
