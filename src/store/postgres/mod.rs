@@ -639,17 +639,27 @@ impl PgStore {
             && claimed.len() < limit.div_ceil(2)
             && (claimed.is_empty() || bytes_left > MESSAGE_ENVELOPE_BYTES)
         {
-            let (more, _) = decode_claimed(
-                claim(
-                    sql::CLAIM_WALK,
-                    limit - claimed.len(),
-                    bytes_left,
-                    claimed.is_empty(),
-                )
-                .fetch_all(&self.pool)
-                .await?,
-            )?;
-            claimed.extend(more);
+            let walked = claim(
+                sql::CLAIM_WALK,
+                limit - claimed.len(),
+                bytes_left,
+                claimed.is_empty(),
+            )
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::from)
+            .and_then(decode_claimed);
+            match walked {
+                Ok((more, _)) => claimed.extend(more),
+                // The window's rows are `sending` already: an error here
+                // must not lose them (they would wait for a takeover).
+                Err(e) if !claimed.is_empty() => tracing::warn!(
+                    account,
+                    error = %e,
+                    "the claim's walk over the threads failed; sending what the window found"
+                ),
+                Err(e) => return Err(e),
+            }
         }
         claimed.sort_by_key(|row| row.id);
         Ok(claimed)
