@@ -593,10 +593,10 @@ impl PgStore {
     /// marked with the account's token.
     ///
     /// The heads are looked for among the first `limit` due rows of the
-    /// account ([`sql::CLAIM`]); when that window was full but gave fewer
+    /// account (`sql::CLAIM`); when that window was full but gave fewer
     /// than half of `limit` (the backlog is mostly rows waiting behind their
     /// heads), the rest come from a walk over the account's threads
-    /// ([`sql::CLAIM_WALK`]), within the bytes left. Both
+    /// (`sql::CLAIM_WALK`), within the bytes left. Both
     /// take the earliest due heads they see, so together they take what one
     /// scan of the whole backlog would (short of a full `limit` only when
     /// the window gave at least half), at a cost bounded by the window plus
