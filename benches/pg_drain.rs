@@ -146,6 +146,10 @@ async fn run(options: Options) {
     );
     let floor_rate = floor(&store, options.messages).await;
     store.close().await;
+    // Each phase on a cluster of its own making: the previous phase's
+    // churned database, left in place, is vacuumed beside the next drain
+    // and made the fleet figures swing threefold between runs.
+    cluster.drop_database(db).await;
     println!("floor_msgs_per_s={floor_rate:.0}");
 
     for &daemons in &options.fleets {
@@ -241,6 +245,7 @@ async fn fleet(
         daemon.stop();
     }
     store.close().await;
+    cluster.drop_database(db).await;
 }
 
 /// The daemons' configuration: the shared database, the fake, six

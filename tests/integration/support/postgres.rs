@@ -192,6 +192,24 @@ impl OwnCluster {
         database_on(&self.cluster.admin_url).await
     }
 
+    /// Drops `db` (its connections too), so that its autovacuum does not
+    /// run beside what comes next on the same cores. Used by
+    /// `benches/pg_drain.rs`, which includes this file; no test needs it.
+    #[allow(dead_code)]
+    pub async fn drop_database(&self, db: TestDb) {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&self.cluster.admin_url)
+            .await
+            .expect("connect to the cluster");
+        // The name is ours (`t_` and hex digits, made by `database_on`).
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE {} WITH (FORCE)",
+            db.name
+        )))
+        .execute(&mut conn)
+        .await
+        .expect("drop the database");
+    }
+
     /// `pg_ctl restart -m fast` (as the server user): every connection is
     /// cut, the server comes back with the options it was started with
     /// (`postmaster.opts`). Blocking; returns once it accepts connections.
