@@ -612,7 +612,6 @@ impl PgStore {
         let Some(token) = self.token(account) else {
             return Ok(Vec::new());
         };
-        let window = limit;
         let claim = |sql: &'static str, limit: usize, max_bytes: usize, at_least_one: bool| {
             sqlx::query(sql)
                 .bind(account)
@@ -626,7 +625,6 @@ impl PgStore {
         };
         let (mut claimed, looked_at) = decode_claimed(
             claim(sql::CLAIM, limit, max_bytes, true)
-                .bind(to_i64(window))
                 .fetch_all(&self.pool)
                 .await?,
         )?;
@@ -635,7 +633,8 @@ impl PgStore {
             .map(|row| row.text.as_ref().map_or(0, String::len) + MESSAGE_ENVELOPE_BYTES)
             .sum();
         let bytes_left = max_bytes.saturating_sub(used);
-        if looked_at >= window
+        // The window is the first `limit` due rows: full when it saw as many.
+        if looked_at >= limit
             && claimed.len() < limit.div_ceil(2)
             && (claimed.is_empty() || bytes_left > MESSAGE_ENVELOPE_BYTES)
         {

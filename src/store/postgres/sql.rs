@@ -176,8 +176,8 @@ macro_rules! claim_picked_and_update {
 
 /// Leases up to `$3` due pending rows of account `$1` (due at `$2`) as
 /// `sending` under token `$5`, for owner `$4`, only while that lease is
-/// held and unexpired, choosing among the account's first `$9` due pending
-/// rows (the scan window). Only a thread's oldest unfinished row qualifies
+/// held and unexpired, choosing among the account's first `$3` due pending
+/// rows (the window). Only a thread's oldest unfinished row qualifies
 /// (one `LIMIT 1` descent of `outbox_thread_unfinished` per candidate: an
 /// anti-join there was planned as a bitmap scan of the thread's every
 /// unfinished and not yet vacuumed entry), so at most one per thread and in
@@ -185,7 +185,7 @@ macro_rules! claim_picked_and_update {
 /// effective thread, `coalesce(message_thread_id, keyed_thread_id)`; a keyed
 /// row whose thread is not created yet is never claimed and blocks nothing.
 ///
-/// The window keeps the claim's cost bounded by `$9` probes however deep
+/// The window keeps the claim's cost bounded by `$3` probes however deep
 /// the backlog: rows behind their thread's head are passed over one probe
 /// each, and a backlog of a few deep threads would otherwise be scanned
 /// whole at every claim. When the window was full and gave fewer than half
@@ -203,7 +203,7 @@ pub const CLAIM: &str = concat!(
         WHERE b.account = $1 AND b.status = 'pending' AND b.next_attempt_at <= $2::timestamptz
           AND coalesce(b.message_thread_id, b.keyed_thread_id) IS NOT NULL
         ORDER BY b.next_attempt_at, b.id
-        LIMIT $9),",
+        LIMIT $3),",
     claim_picked_and_update!()
 );
 
@@ -212,7 +212,7 @@ pub const CLAIM: &str = concat!(
 /// account's threads with unfinished rows, one index descent each, and takes
 /// each one's oldest unfinished row as its candidate. It costs per active
 /// thread, not per row, so it is the claim behind a few deep threads; the
-/// window is the claim over many shallow ones. The same parameters but `$9`.
+/// window is the claim over many shallow ones. The same parameters.
 pub const CLAIM_WALK: &str = concat!(
     "
     WITH RECURSIVE ",
